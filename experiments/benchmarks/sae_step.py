@@ -1,0 +1,140 @@
+r"""SAE train-step throughput against the bare encoder matmul (and the PyTorch peers).
+
+Prints one JSON object per line: ``name``, ``tokens_per_s``, and for steps the ratio to the
+encoder matmul ``relu(x @ W_enc)`` measured in the same run. With ``--peer_python`` it also
+runs ``shared/bench/peer_sae_step.py`` (sparsify, SAELens) in that interpreter at the same
+shape and reports our step's speed-up over each.
+
+  python experiments/benchmarks/sae_step.py                       # d_in=512 d_sae=8192 k=32
+  python experiments/benchmarks/sae_step.py --paper_shape         # (2048, 32768, 32), scaled
+  python experiments/benchmarks/sae_step.py --peer_python=$HOME/peers-venv/bin/python
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("d_in", 512, "activation width D")
+flags.DEFINE_integer("d_sae", 8192, "latents M")
+flags.DEFINE_integer("k", 32, "active latents per token")
+flags.DEFINE_integer("batch", 4096, "tokens per step N")
+flags.DEFINE_bool("paper_shape", False, "also time the paper's shape (2048, 32768, k=32)")
+flags.DEFINE_integer("paper_batch", 4096,
+                     "tokens per step at the paper's shape (the paper used 32768; scaled to "
+                     "what a small machine holds)")
+flags.DEFINE_list("architectures", ["topk"], "architectures to time")
+flags.DEFINE_float("dead_fraction", 0.25,
+                   "also time a step with this share of latents dead (AuxK active), as the "
+                   "peer harness does; 0 to skip")
+flags.DEFINE_integer("steps", 10, "timed steps (after warm-up)")
+flags.DEFINE_string("peer_python", None, "python of a venv with eai-sparsify and sae-lens")
+flags.DEFINE_string("peer_script", None, "path of peer_sae_step.py (default: ../shared/bench)")
+
+
+def _timeit(fn, steps: int) -> float:
+  """Best-of (median of three blocks) seconds per call, after two warm-up calls."""
+  import jax
+  for _ in range(2):
+    jax.block_until_ready(fn())
+  times = []
+  for _ in range(steps):
+    t = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t)
+  times.sort()
+  return times[len(times) // 4]  # lower quartile: robust to a noisy neighbour
+
+
+def _emit(record: dict) -> None:
+  print(json.dumps(record), flush=True)
+
+
+def bench_shape(d: int, m: int, k: int, n: int, archs, dead_fraction: float, steps: int,
+                tag: str) -> dict[str, float]:
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  import sae_jax as sj
+  from sae_jax.train import init_train_state, make_train_step
+
+  device = jax.devices()[0]
+  common = {"d": d, "m": m, "k": k, "n": n, "shape": tag, "backend": device.platform,
+            "device": device.device_kind, "n_devices": jax.device_count()}
+  key = jax.random.key(0)
+  x = jax.random.normal(key, (n, d), jnp.float32)
+  w = jax.random.normal(jax.random.key(1), (d, m), jnp.float32) / np.sqrt(d)
+  matmul = jax.jit(lambda x, w: jax.nn.relu(x @ w))
+  t_mm = _timeit(lambda: matmul(x, w), steps)
+  _emit({"name": "encoder_matmul", **common, "step_s": round(t_mm, 5),
+         "tokens_per_s": round(n / t_mm, 1)})
+  del w
+  results = {"encoder_matmul": n / t_mm}
+  mesh = sj.make_mesh()
+  for arch in archs:
+    cfg = sj.SAEConfig(architecture=arch, d_in=d, d_sae=m, k=k)
+    tcfg = sj.TrainConfig(batch_size=n)
+    variants = [("", 0.0)] + ([("_auxk", dead_fraction)] if dead_fraction > 0 and
+                              cfg.architecture in ("topk", "batchtopk") else [])
+    for suffix, dead in variants:
+      state = init_train_state(cfg, tcfg, mesh, x)
+      if dead:
+        n_dead = int(m * dead)
+        tsf = state.tokens_since_fired.at[:n_dead].set(tcfg.dead_tokens * 4)
+        state = state.replace(tokens_since_fired=tsf)
+      step = make_train_step(cfg, tcfg, mesh)
+      box = [state]
+
+      def run():
+        box[0], metrics = step(box[0], x)
+        return metrics["loss"]
+
+      t = _timeit(run, steps)
+      name = f"sae_step_{arch}{suffix}"
+      results[name] = n / t
+      _emit({"name": name, **common, "dead_fraction": dead, "step_s": round(t, 5),
+             "tokens_per_s": round(n / t, 1), "ratio_to_encoder_matmul": round(t_mm / t, 3)})
+      del box, state
+  return results
+
+
+def run_peers(d: int, m: int, k: int, n: int, ours: dict[str, float]) -> None:
+  script = FLAGS.peer_script or os.path.join(os.path.dirname(__file__), "..", "..", "..",
+                                             "shared", "bench", "peer_sae_step.py")
+  proc = subprocess.run([os.path.expanduser(FLAGS.peer_python), script, str(d), str(m), str(k),
+                         str(n)], capture_output=True, text=True, check=False)
+  for line in proc.stdout.splitlines():
+    try:
+      rec = json.loads(line)
+    except json.JSONDecodeError:
+      continue
+    rec["name"] = "peer_" + rec.get("system", "unknown")
+    if "tokens_per_s" in rec:
+      for ours_name in ("sae_step_topk", "sae_step_topk_auxk"):
+        if ours_name in ours:
+          rec[f"{ours_name}_speedup"] = round(ours[ours_name] / rec["tokens_per_s"], 2)
+    _emit(rec)
+  if proc.returncode:
+    _emit({"name": "peer_error", "returncode": proc.returncode, "stderr": proc.stderr[-500:]})
+
+
+def main(argv):
+  del argv
+  ours = bench_shape(FLAGS.d_in, FLAGS.d_sae, FLAGS.k, FLAGS.batch, FLAGS.architectures,
+                     FLAGS.dead_fraction, FLAGS.steps, "default")
+  if FLAGS.peer_python:
+    run_peers(FLAGS.d_in, FLAGS.d_sae, FLAGS.k, FLAGS.batch, ours)
+  if FLAGS.paper_shape:
+    bench_shape(2048, 32768, 32, FLAGS.paper_batch, ["topk"], 0.0, max(3, FLAGS.steps // 3),
+                "paper_scaled")
+
+
+if __name__ == "__main__":
+  app.run(main)

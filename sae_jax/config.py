@@ -1,0 +1,196 @@
+"""Frozen, validated configuration dataclasses, one per concern.
+
+Each config validates itself in ``__post_init__`` (raising :class:`sae_jax.errors.ConfigError`
+with a one-line message) and round-trips through JSON with ``to_dict`` / ``from_dict``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any, ClassVar
+
+from sae_jax.errors import ConfigError
+
+NORMALIZATIONS = ("none", "unit_norm", "expected_norm")
+DTYPES = ("float32", "bfloat16", "float16")
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def _check(cond: bool, msg: str) -> None:
+  if not cond:
+    raise ConfigError(msg)
+
+
+class _JsonMixin:
+  """to_dict / from_dict / JSON helpers shared by the config dataclasses."""
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  def to_json(self) -> str:
+    return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]):
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    _check(not unknown, f"unknown {cls.__name__} field(s) {unknown}; allowed: {sorted(names)}")
+    return cls(**d)
+
+  @classmethod
+  def from_json(cls, s: str):
+    return cls.from_dict(json.loads(s))
+
+  def replace(self, **changes):
+    return dataclasses.replace(self, **changes)
+
+
+@dataclasses.dataclass(frozen=True)
+class SAEConfig(_JsonMixin):
+  """What an SAE is (independent of how it is trained).
+
+  Attributes:
+    architecture: one of the registered names (``topk``, ``batchtopk``, ``jumprelu``, ``relu``).
+    d_in: width D of the activations it reads.
+    d_sae: number of latents M.
+    k: active latents per token (topk; mean per token for batchtopk; for the dense
+      architectures only the width of the top-k view returned by ``SAE.encode``; may be None).
+    normalize: input normalisation: ``none``; ``unit_norm`` (each token scaled to L2 norm 1,
+      the paper's); ``expected_norm`` (one factor so the average norm is sqrt(d_in), estimated
+      from the first batch).
+    param_dtype: dtype parameters are stored and updated in.
+    compute_dtype: dtype of the encoder/decoder matmul inputs (accumulation, losses and
+      statistics stay float32).
+    batchtopk_cap: batchtopk keeps at most ``batchtopk_cap * k`` latents per token at train time.
+    jumprelu_init_threshold: initial JumpReLU threshold.
+    jumprelu_bandwidth: width of the straight-through rectangle kernel for threshold gradients.
+  """
+
+  architecture: str = "topk"
+  d_in: int = 512
+  d_sae: int = 8192
+  k: int | None = 32
+  normalize: str = "none"
+  param_dtype: str = "float32"
+  compute_dtype: str = "float32"
+  batchtopk_cap: int = 4
+  jumprelu_init_threshold: float = 0.001
+  jumprelu_bandwidth: float = 0.001
+
+  def __post_init__(self):
+    from sae_jax.saes import registry  # late: the registry imports this module
+
+    _check(self.architecture in registry.names(),
+           f"unknown architecture {self.architecture!r}; allowed: {registry.names()}")
+    _check(isinstance(self.d_in, int) and self.d_in >= 1, f"d_in={self.d_in!r} must be an int >= 1")
+    _check(isinstance(self.d_sae, int) and self.d_sae >= 1,
+           f"d_sae={self.d_sae!r} must be an int >= 1")
+    arch = registry.get(self.architecture)
+    if arch.needs_k or self.k is not None:
+      _check(isinstance(self.k, int) and 1 <= self.k <= self.d_sae,
+             f"k={self.k!r} must be an int with 1 <= k <= d_sae={self.d_sae}")
+    _check(self.normalize in NORMALIZATIONS,
+           f"normalize={self.normalize!r}; allowed: {list(NORMALIZATIONS)}")
+    _check(self.param_dtype in DTYPES, f"param_dtype={self.param_dtype!r}; allowed: {list(DTYPES)}")
+    _check(self.compute_dtype in DTYPES,
+           f"compute_dtype={self.compute_dtype!r}; allowed: {list(DTYPES)}")
+    _check(isinstance(self.batchtopk_cap, int) and self.batchtopk_cap >= 1,
+           f"batchtopk_cap={self.batchtopk_cap!r} must be an int >= 1")
+    _check(self.jumprelu_init_threshold > 0,
+           f"jumprelu_init_threshold={self.jumprelu_init_threshold} must be > 0")
+    _check(self.jumprelu_bandwidth > 0, f"jumprelu_bandwidth={self.jumprelu_bandwidth} must be > 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig(_JsonMixin):
+  """How an SAE is trained.
+
+  Attributes:
+    batch_size: tokens per optimizer step (the paper: 32768).
+    total_tokens: stop after this many tokens (None: one pass over the data).
+    lr: Adam learning rate; None means 2e-4 / sqrt(d_sae / 2**14) (Gao et al.'s scaling).
+    lr_schedule: ``constant`` (the paper's) or ``cosine`` decay to ``lr * lr_end_ratio``.
+    warmup_steps: linear warm-up steps from 0 (the paper: 1000).
+    adam_b1, adam_b2, adam_eps: Adam hyper-parameters (the paper: eps 6.25e-10).
+    aux_k: AuxK latents per token among dead latents; None means d_in // 2; 0 disables AuxK.
+    auxk_coef: weight of the AuxK loss (Gao et al.: 1/32).
+    dead_tokens: a latent is dead after this many tokens without firing (Gao et al.: 10M).
+    l1_coefficient: relu: weight of the L1 penalty on activations times decoder norms.
+    l0_coefficient: jumprelu: weight of the L0 penalty.
+    seed: parameter init and data shuffling seed.
+    max_nan_batches: the run stops with an error after this many non-finite batches.
+    geometric_median_iters: Weiszfeld iterations for the b_dec initialisation.
+    log_every: steps between progress lines and metric records.
+  """
+
+  batch_size: int = 4096
+  total_tokens: int | None = None
+  lr: float | None = None
+  lr_schedule: str = "constant"
+  lr_end_ratio: float = 0.0
+  warmup_steps: int = 1000
+  adam_b1: float = 0.9
+  adam_b2: float = 0.999
+  adam_eps: float = 6.25e-10
+  aux_k: int | None = None
+  auxk_coef: float = 1.0 / 32.0
+  dead_tokens: int = 10_000_000
+  l1_coefficient: float = 5.0
+  l0_coefficient: float = 1e-3
+  seed: int = 0
+  max_nan_batches: int = 10
+  geometric_median_iters: int = 50
+  log_every: int = 100
+
+  def __post_init__(self):
+    _check(isinstance(self.batch_size, int) and self.batch_size >= 1,
+           f"batch_size={self.batch_size!r} must be an int >= 1")
+    _check(self.total_tokens is None or self.total_tokens >= 1,
+           f"total_tokens={self.total_tokens!r} must be >= 1 or None")
+    _check(self.lr is None or (self.lr > 0 and math.isfinite(self.lr)),
+           f"lr={self.lr!r} must be > 0 or None")
+    _check(self.lr_schedule in LR_SCHEDULES,
+           f"lr_schedule={self.lr_schedule!r}; allowed: {list(LR_SCHEDULES)}")
+    _check(0.0 <= self.lr_end_ratio <= 1.0, f"lr_end_ratio={self.lr_end_ratio} must be in [0, 1]")
+    _check(self.warmup_steps >= 0, f"warmup_steps={self.warmup_steps} must be >= 0")
+    _check(0 <= self.adam_b1 < 1 and 0 <= self.adam_b2 < 1,
+           f"adam_b1={self.adam_b1}, adam_b2={self.adam_b2} must be in [0, 1)")
+    _check(self.adam_eps > 0, f"adam_eps={self.adam_eps} must be > 0")
+    _check(self.aux_k is None or self.aux_k >= 0, f"aux_k={self.aux_k} must be >= 0 or None")
+    _check(self.auxk_coef >= 0, f"auxk_coef={self.auxk_coef} must be >= 0")
+    _check(self.dead_tokens >= 1, f"dead_tokens={self.dead_tokens} must be >= 1")
+    _check(self.l1_coefficient >= 0, f"l1_coefficient={self.l1_coefficient} must be >= 0")
+    _check(self.l0_coefficient >= 0, f"l0_coefficient={self.l0_coefficient} must be >= 0")
+    _check(self.max_nan_batches >= 0, f"max_nan_batches={self.max_nan_batches} must be >= 0")
+    _check(self.log_every >= 1, f"log_every={self.log_every} must be >= 1")
+
+  def learning_rate(self, d_sae: int) -> float:
+    """The configured lr, or Gao et al.'s 2e-4 / sqrt(d_sae / 2**14)."""
+    return self.lr if self.lr is not None else 2e-4 / math.sqrt(d_sae / 2**14)
+
+  def resolved_aux_k(self, d_in: int, d_sae: int) -> int:
+    """AuxK width: the configured value, or d_in // 2, never more than d_sae."""
+    aux_k = d_in // 2 if self.aux_k is None else self.aux_k
+    return min(aux_k, d_sae)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig(_JsonMixin):
+  """The device mesh: axes ("data", "model"); -1 means "all remaining devices".
+
+  Attributes:
+    data: devices along the token (batch) axis.
+    model: devices along the latent axis (W_enc columns, W_dec rows).
+  """
+
+  AXES: ClassVar[tuple[str, str]] = ("data", "model")
+  data: int = -1
+  model: int = 1
+
+  def __post_init__(self):
+    _check(self.data == -1 or self.data >= 1, f"mesh data={self.data} must be >= 1 or -1")
+    _check(self.model == -1 or self.model >= 1, f"mesh model={self.model} must be >= 1 or -1")
+    _check(not (self.data == -1 and self.model == -1),
+           "mesh data and model cannot both be -1; set one of them")

@@ -1,0 +1,85 @@
+"""Device meshes and the one logical-axis rules table.
+
+Model and SAE code name *logical* axes ("batch", "embed", "latent", ...); this module alone maps
+them to the mesh axes ("data", "model"). Change the table, not the model code, to reshard.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from sae_jax.config import MeshConfig
+from sae_jax.errors import ConfigError
+
+# logical axis -> mesh axis (None: replicated). "embed" may be mapped to "fsdp" on a mesh that
+# has such an axis; every other entry is fixed by DESIGN.md.
+LOGICAL_RULES: dict[str, str | None] = {
+    "batch": "data",
+    "latent": "model",
+    "embed": None,
+    "vocab": "model",
+    "heads": "model",
+    "kv_heads": "model",
+    "mlp": "model",
+    "head_dim": None,
+    "length": None,
+}
+
+
+class Axes(tuple):
+  """Logical axis names of one array, marked so pytrees of them are unambiguous.
+
+  (Optimizer states are NamedTuples; a plain tuple of names would be mistaken for one.)
+  """
+
+
+def make_mesh(cfg: MeshConfig | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A ("data", "model") mesh over ``devices`` (default: every device of every process)."""
+  cfg = cfg or MeshConfig()
+  devices = list(jax.devices() if devices is None else devices)
+  n = len(devices)
+  data, model = cfg.data, cfg.model
+  if data == -1:
+    data = n // model if n % model == 0 else -1
+  if model == -1:
+    model = n // data if n % data == 0 else -1
+  if data < 1 or model < 1 or data * model != n:
+    raise ConfigError(f"mesh data={cfg.data} x model={cfg.model} does not tile the {n} available "
+                      f"devices; choose sizes whose product is {n}")
+  grid = np.asarray(devices, dtype=object).reshape(data, model)
+  return Mesh(grid, MeshConfig.AXES, axis_types=(AxisType.Auto, AxisType.Auto))
+
+
+def logical_to_spec(axes: Sequence[str | None], rules: dict[str, str | None] | None = None) -> P:
+  """PartitionSpec for an array whose dimensions carry the logical names ``axes``."""
+  rules = LOGICAL_RULES if rules is None else rules
+  out = []
+  for a in axes:
+    if a is not None and a not in rules:
+      raise ConfigError(f"logical axis {a!r} has no rule; known: {sorted(rules)}")
+    out.append(None if a is None else rules[a])
+  return P(*out)
+
+
+def named_sharding(mesh: Mesh, axes: Sequence[str | None]) -> NamedSharding:
+  """NamedSharding on ``mesh`` for logical ``axes``; axes missing from the mesh are replicated."""
+  spec = logical_to_spec(axes)
+  spec = P(*(s if s in mesh.axis_names else None for s in spec))
+  return NamedSharding(mesh, spec)
+
+
+def tree_shardings(axes_tree, mesh: Mesh):
+  """Map a pytree whose leaves are :class:`Axes` to NamedShardings on ``mesh``."""
+  return jax.tree.map(lambda a: named_sharding(mesh, a), axes_tree,
+                      is_leaf=lambda a: isinstance(a, Axes))
+
+
+def check_divisible(size: int, mesh: Mesh, axis: str, what: str) -> None:
+  """Raise a ConfigError unless ``size`` splits evenly over mesh axis ``axis``."""
+  n = mesh.shape[axis]
+  if size % n:
+    raise ConfigError(f"{what}={size} is not divisible by the mesh '{axis}' axis size {n}")

@@ -1,0 +1,135 @@
+"""The SAE train state, its optimizer and its placement on a mesh.
+
+State is built abstractly first (``jax.eval_shape``), its shardings derived from the logical
+axes of each leaf, then initialised straight into place with ``jax.jit(out_shardings=...)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from sae_jax import sharding
+from sae_jax.config import SAEConfig, TrainConfig
+from sae_jax.errors import ConfigError, DataError
+from sae_jax.sharding import Axes
+from sae_jax.saes import registry
+from sae_jax.saes.base import expected_norm_scale, geometric_median, normalize_inputs
+
+# tokens_since_fired saturates here so int32 never overflows on long runs.
+TOKENS_SINCE_FIRED_CAP = 2**30
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a step reads and writes (and a checkpoint must hold).
+
+  step: optimizer steps taken. params: SAE parameters. opt_state: optax state. buffers:
+  non-trained SAE state (normalisation factor, batchtopk threshold). tokens_since_fired: [M]
+  int32, for dead-latent detection. nan_batches: non-finite batches skipped so far.
+  """
+
+  step: jax.Array
+  params: dict[str, jax.Array]
+  opt_state: Any
+  buffers: dict[str, jax.Array]
+  tokens_since_fired: jax.Array
+  nan_batches: jax.Array
+
+
+def make_optimizer(sae_cfg: SAEConfig, tcfg: TrainConfig) -> optax.GradientTransformation:
+  """Adam with linear warm-up then constant or cosine decay (eps 6.25e-10 by default)."""
+  lr = tcfg.learning_rate(sae_cfg.d_sae)
+  warmup = max(tcfg.warmup_steps, 1)
+  if tcfg.lr_schedule == "cosine":
+    if tcfg.total_tokens is None:
+      raise ConfigError("lr_schedule='cosine' needs total_tokens; set it or use 'constant'")
+    total = max(tcfg.total_tokens // tcfg.batch_size, warmup + 1)
+
+    def decay(count):
+      t = jnp.clip((count - warmup) / (total - warmup), 0.0, 1.0)
+      cos = 0.5 * (1 + jnp.cos(jnp.pi * t))
+      return tcfg.lr_end_ratio + (1 - tcfg.lr_end_ratio) * cos
+  else:
+    def decay(count):
+      return 1.0
+
+  def schedule(count):
+    # (count + 1): the very first step already moves (a zero-lr step would waste a batch).
+    return lr * jnp.minimum(1.0, (count + 1) / warmup) * decay(count)
+
+  return optax.adam(schedule, b1=tcfg.adam_b1, b2=tcfg.adam_b2, eps=tcfg.adam_eps)
+
+
+def state_axes(sae_cfg: SAEConfig, abstract_state: TrainState) -> TrainState:
+  """Logical axes of every leaf of a TrainState (optimizer moments follow their parameter)."""
+  arch = registry.get(sae_cfg.architecture)
+  p_axes = {k: Axes(v) for k, v in arch.param_axes().items()}
+
+  def opt_leaf_axes(path, leaf):
+    for entry in reversed(path):
+      key = getattr(entry, "key", None)
+      if key in p_axes and len(p_axes[key]) == leaf.ndim:
+        return p_axes[key]
+    return Axes((None,) * leaf.ndim)
+
+  opt_axes = jax.tree_util.tree_map_with_path(opt_leaf_axes, abstract_state.opt_state)
+  b_axes = {k: Axes(arch.buffer_axes()[k]) for k in abstract_state.buffers}
+  return TrainState(step=Axes(), params=p_axes, opt_state=opt_axes, buffers=b_axes,
+                    tokens_since_fired=Axes(("latent",)), nan_batches=Axes())
+
+
+def state_shardings(sae_cfg: SAEConfig, tcfg: TrainConfig, mesh: Mesh) -> TrainState:
+  """NamedSharding for every leaf of the TrainState on ``mesh``."""
+  abstract = jax.eval_shape(lambda: _init_state(sae_cfg, tcfg, None, jax.random.key(0)))
+  return sharding.tree_shardings(state_axes(sae_cfg, abstract), mesh)
+
+
+def _init_state(sae_cfg, tcfg, first_batch, key) -> TrainState:
+  arch = registry.get(sae_cfg.architecture)
+  params = arch.init_params(key, sae_cfg)
+  buffers = arch.init_buffers(sae_cfg)
+  if first_batch is not None:
+    if sae_cfg.normalize == "expected_norm":
+      buffers["norm_scale"] = expected_norm_scale(first_batch)
+    x, _ = normalize_inputs(first_batch, sae_cfg.normalize, buffers["norm_scale"])
+    b_dec = geometric_median(x, tcfg.geometric_median_iters)
+    params["b_dec"] = b_dec.astype(params["b_dec"].dtype)
+  opt_state = make_optimizer(sae_cfg, tcfg).init(params)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
+                    buffers=buffers, tokens_since_fired=jnp.zeros((sae_cfg.d_sae,), jnp.int32),
+                    nan_batches=jnp.zeros((), jnp.int32))
+
+
+def check_batch(x, d_in: int, what: str = "activations") -> None:
+  """Raise a DataError unless x is a floating [n, d_in] array."""
+  shape = getattr(x, "shape", None)
+  if shape is None or len(shape) != 2:
+    raise DataError(f"{what} must be a 2-D [tokens, d_in] array; got shape {shape}")
+  if shape[1] != d_in:
+    raise DataError(f"{what} have width {shape[1]} but the SAE has d_in={d_in}")
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise DataError(f"{what} dtype {x.dtype} is not floating point")
+
+
+def init_train_state(sae_cfg: SAEConfig, tcfg: TrainConfig, mesh: Mesh, first_batch,
+                     key: jax.Array | None = None) -> TrainState:
+  """A fresh TrainState placed on ``mesh``; b_dec and the norm factor come from first_batch.
+
+  Args:
+    first_batch: [n, d_in] activations (any n); must be finite.
+  """
+  check_batch(first_batch, sae_cfg.d_in, "first batch")
+  first_batch = jnp.asarray(first_batch, jnp.float32)
+  if not bool(jnp.isfinite(first_batch).all()):
+    raise DataError("the first batch contains NaN or Inf; b_dec cannot be initialised from it")
+  sharding.check_divisible(sae_cfg.d_sae, mesh, "model", "d_sae")
+  key = jax.random.key(tcfg.seed) if key is None else key
+  shardings = state_shardings(sae_cfg, tcfg, mesh)
+  init = jax.jit(lambda x, k: _init_state(sae_cfg, tcfg, x, k), out_shardings=shardings)
+  return init(jax.device_put(first_batch, NamedSharding(mesh, P())), key)

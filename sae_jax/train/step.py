@@ -1,0 +1,179 @@
+"""The jitted SAE train step over a ("data", "model") mesh.
+
+Tokens are split over "data", latents over "model". The loss and its gradient are computed per
+shard inside ``shard_map`` with explicit collectives (no autodiff through a collective): the
+architecture's forward is differentiated with ``jax.vjp`` against the cotangent of the global
+loss, then gradients are summed over "data" (and over "model" for the parameters every latent
+shard shares, i.e. b_dec). The optimizer update, the decoder projection and renormalisation
+then run on the sharded global arrays. A batch with NaN/Inf is skipped and counted.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from sae_jax import sharding
+from sae_jax.config import SAEConfig, TrainConfig
+from sae_jax.saes import registry
+from sae_jax.saes.base import ShardCtx, TrainForward, TrainInfo, normalize_inputs
+from sae_jax.train.state import (TOKENS_SINCE_FIRED_CAP, TrainState, make_optimizer,
+                                 state_shardings)
+
+METRIC_NAMES = ("loss", "recon_loss", "mse", "fvu", "l0", "aux_loss", "penalty",
+                "dead_fraction", "skipped")
+
+
+def _shard_body(params, buffers, tsf, x_raw, *, sae_cfg: SAEConfig, tcfg: TrainConfig,
+                n_global: int, k_aux: int, replicated_over_model: frozenset[str]):
+  """One shard's loss, gradients and statistics. Shapes are local: x_raw [n, D], W_enc [D, M_l]."""
+  arch = registry.get(sae_cfg.architecture)
+  ctx = ShardCtx(data_axis="data", model_axis="model", n_global=n_global)
+  x, _ = normalize_inputs(x_raw, sae_cfg.normalize, buffers["norm_scale"])
+
+  mean = ctx.psum_data(x.sum(0)) / n_global
+  total_var = jnp.maximum(ctx.psum_data(jnp.sum((x - mean) ** 2)), 1e-12)
+  dead = tsf >= tcfg.dead_tokens
+  num_dead = ctx.psum_model(dead.sum(dtype=jnp.int32))
+
+  def forward(p):
+    return arch.train_forward(p, buffers, x, dead, sae_cfg, tcfg, ctx, k_aux)
+
+  out, pullback, info = jax.vjp(forward, params, has_aux=True)
+  x_hat = ctx.psum_model(out.partial_xhat) + params["b_dec"].astype(jnp.float32)
+  err = x_hat - x
+  sse = ctx.psum_data(jnp.sum(err ** 2))
+  denom = total_var if arch.recon_loss == "fvu" else jnp.float32(n_global)
+  recon = sse / denom
+  g_xhat = 2.0 * err / denom
+  penalty = ctx.psum_all(out.penalty)
+  loss = recon + penalty
+
+  g_aux, aux_loss = None, jnp.zeros((), jnp.float32)
+  if k_aux:
+    # Gao et al.: the dead latents' top-k_aux reconstruct the main residual (held fixed),
+    # scaled down while fewer than k_aux latents are dead.
+    e_hat = ctx.psum_model(out.aux_partial)
+    aux_err = e_hat + err  # e_hat - (x - x_hat)
+    scale = jnp.minimum(num_dead / k_aux, 1.0)
+    aux_loss = scale * ctx.psum_data(jnp.sum(aux_err ** 2)) / total_var
+    loss = loss + tcfg.auxk_coef * aux_loss
+    g_aux = tcfg.auxk_coef * scale * 2.0 * aux_err / total_var
+
+  (grads,) = pullback(TrainForward(g_xhat, jnp.ones((), jnp.float32), g_aux))
+  grads = {name: ctx.psum_data(g) for name, g in grads.items()}
+  for name in replicated_over_model:
+    grads[name] = ctx.psum_model(grads[name])
+  grads["b_dec"] = grads["b_dec"] + ctx.psum_data(g_xhat.sum(0)).astype(grads["b_dec"].dtype)
+
+  fired = ctx.psum_data(info.fired)
+  metrics = {
+      "loss": loss, "recon_loss": recon, "mse": sse / n_global, "fvu": sse / total_var,
+      "l0": ctx.psum_model(fired.sum()).astype(jnp.float32) / n_global,
+      "aux_loss": aux_loss, "penalty": penalty,
+  }
+  return grads, fired, info.threshold, metrics
+
+
+def _project_decoder_grad(g_w_dec: jax.Array, w_dec: jax.Array) -> jax.Array:
+  """Remove from each decoder row's gradient its component along that (unit) row."""
+  w = w_dec.astype(jnp.float32)
+  return g_w_dec - jnp.sum(g_w_dec * w, axis=-1, keepdims=True) * w
+
+
+def _unit_rows(w: jax.Array) -> jax.Array:
+  w32 = w.astype(jnp.float32)
+  return (w32 / jnp.maximum(jnp.linalg.norm(w32, axis=-1, keepdims=True), 1e-12)).astype(w.dtype)
+
+
+class TrainStep:
+  """``step(state, x) -> (state, metrics)`` for x: [batch_size, d_in] on a mesh.
+
+  Two programs are compiled lazily: without and with AuxK. AuxK costs a second top-k and
+  k_aux extra sparse rows per token, so it only runs while some latent is dead; the choice is
+  read from the input state (one scalar sync per step), so a resumed run makes the same choice
+  as an uninterrupted one. The state is donated. A batch with NaN/Inf leaves the state
+  unchanged except ``nan_batches`` (metrics NaN, ``skipped`` 1).
+  """
+
+  def __init__(self, sae_cfg: SAEConfig, tcfg: TrainConfig, mesh: Mesh):
+    self.arch = registry.get(sae_cfg.architecture)
+    self.sae_cfg, self.tcfg, self.mesh = sae_cfg, tcfg, mesh
+    sharding.check_divisible(tcfg.batch_size, mesh, "data", "batch_size")
+    sharding.check_divisible(sae_cfg.d_sae, mesh, "model", "d_sae")
+    k_aux = tcfg.resolved_aux_k(sae_cfg.d_in, sae_cfg.d_sae) if self.arch.sparse else 0
+    self.k_aux = k_aux if tcfg.auxk_coef > 0 else 0
+    self.tx = make_optimizer(sae_cfg, tcfg)
+    self.state_shardings = state_shardings(sae_cfg, tcfg, mesh)
+    self.x_sharding = sharding.named_sharding(mesh, ("batch", "embed"))
+    self._compiled: dict[bool, Callable] = {}
+    dead_tokens = tcfg.dead_tokens
+    self._any_dead = jax.jit(lambda tsf: (tsf >= dead_tokens).any())
+
+  def __call__(self, state: TrainState, x: jax.Array) -> tuple[TrainState, dict]:
+    use_aux = bool(self.k_aux) and bool(self._any_dead(state.tokens_since_fired))
+    return self.jitted(use_aux)(state, x)
+
+  def jitted(self, use_aux: bool) -> Callable:
+    """The jitted program for one AuxK setting (for ahead-of-time lowering too)."""
+    if use_aux not in self._compiled:
+      rep = NamedSharding(self.mesh, P())
+      self._compiled[use_aux] = jax.jit(
+          functools.partial(self._step, use_aux=use_aux),
+          in_shardings=(self.state_shardings, self.x_sharding),
+          out_shardings=(self.state_shardings, {k: rep for k in METRIC_NAMES}),
+          donate_argnums=0)
+    return self._compiled[use_aux]
+
+  def _grads(self, use_aux: bool):
+    st = self.state_shardings
+    p_specs = jax.tree.map(lambda s: s.spec, st.params)
+    b_specs = jax.tree.map(lambda s: s.spec, st.buffers)
+    tsf_spec = st.tokens_since_fired.spec
+    replicated = frozenset(k for k, s in p_specs.items() if "model" not in tuple(s))
+    body = functools.partial(_shard_body, sae_cfg=self.sae_cfg, tcfg=self.tcfg,
+                             n_global=self.tcfg.batch_size, k_aux=self.k_aux if use_aux else 0,
+                             replicated_over_model=replicated)
+    return jax.shard_map(body, mesh=self.mesh,
+                         in_specs=(p_specs, b_specs, tsf_spec, self.x_sharding.spec),
+                         out_specs=(p_specs, tsf_spec, P(), P()), check_vma=False)
+
+  def _step(self, state: TrainState, x: jax.Array, use_aux: bool):
+    arch, tcfg, n = self.arch, self.tcfg, self.tcfg.batch_size
+    ok = jnp.isfinite(x).all()
+    grads, fired, threshold, metrics = self._grads(use_aux)(
+        state.params, state.buffers, state.tokens_since_fired, x)
+    params = state.params
+    if arch.normalize_decoder:
+      grads["W_dec"] = _project_decoder_grad(grads["W_dec"], params["W_dec"])
+    updates, opt_state = self.tx.update(grads, state.opt_state, params)
+    params = optax.apply_updates(params, updates)
+    if arch.normalize_decoder:
+      params["W_dec"] = _unit_rows(params["W_dec"])
+    tsf = jnp.where(fired > 0, 0, jnp.minimum(state.tokens_since_fired + n,
+                                                TOKENS_SINCE_FIRED_CAP))
+    buffers = arch.update_buffers(state.buffers, TrainInfo(fired=fired, threshold=threshold),
+                                  state.step)
+    new = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                        buffers=buffers, tokens_since_fired=tsf)
+    # A non-finite batch is skipped: an elementwise select (fused into the update) is far
+    # cheaper than a lax.cond, whose branches force copies of the whole donated state.
+    new = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, state)
+    new = new.replace(nan_batches=state.nan_batches + (1 - ok.astype(jnp.int32)))
+    metrics = {k: jnp.where(ok, jnp.asarray(v, jnp.float32), jnp.nan)
+               for k, v in metrics.items()}
+    metrics["dead_fraction"] = jnp.mean(new.tokens_since_fired >= tcfg.dead_tokens,
+                                        dtype=jnp.float32)
+    metrics["skipped"] = 1.0 - ok.astype(jnp.float32)
+    return new, {k: metrics[k] for k in METRIC_NAMES}
+
+
+def make_train_step(sae_cfg: SAEConfig, tcfg: TrainConfig, mesh: Mesh) -> TrainStep:
+  """The train step for these configs on ``mesh`` (see :class:`TrainStep`)."""
+  return TrainStep(sae_cfg, tcfg, mesh)

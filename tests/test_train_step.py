@@ -1,0 +1,158 @@
+"""The sharded train step: equality with one device, invariants, AuxK, NaN handling, learning."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import sae_jax as sj
+from sae_jax.errors import ConfigError, DataError
+from sae_jax.train import init_train_state, make_train_step
+
+D, M, N = 16, 256, 64
+
+
+def _data(n_batches, seed=0):
+  return jax.random.normal(jax.random.key(seed), (n_batches, N, D)) * jnp.linspace(0.5, 2, D)
+
+
+def _run(arch, mesh, steps=4, **tkw):
+  cfg = sj.SAEConfig(architecture=arch, d_in=D, d_sae=M, k=4)
+  tcfg = sj.TrainConfig(batch_size=N, lr=3e-3, warmup_steps=2, aux_k=8, dead_tokens=N, **tkw)
+  xs = _data(steps)
+  state = init_train_state(cfg, tcfg, mesh, xs[0])
+  step = make_train_step(cfg, tcfg, mesh)
+  history = []
+  for x in xs:
+    state, metrics = step(state, x)
+    history.append({k: float(v) for k, v in metrics.items()})
+  return state, history
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "jumprelu", "relu"])
+def test_sharded_2x4_step_equals_single_device(arch):
+  one = sj.make_mesh(sj.MeshConfig(data=1, model=1), devices=jax.devices()[:1])
+  grid = sj.make_mesh(sj.MeshConfig(data=2, model=4))
+  s1, h1 = _run(arch, one)
+  s8, h8 = _run(arch, grid)
+  if arch in ("topk", "batchtopk"):
+    assert h1[-1]["aux_loss"] > 0  # latents went dead after one step: AuxK ran sharded too
+  for name in s1.params:
+    a, b = np.asarray(s1.params[name]), np.asarray(s8.params[name])
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5 * np.abs(a).max(), err_msg=name)
+  np.testing.assert_array_equal(s1.tokens_since_fired, s8.tokens_since_fired)
+  for m1, m8 in zip(h1, h8):
+    for k in m1:
+      assert m8[k] == pytest.approx(m1[k], rel=1e-4, abs=1e-6), k
+  assert s8.params["W_enc"].sharding.spec == jax.sharding.PartitionSpec(None, "model")
+
+
+def test_decoder_rows_stay_unit_norm_and_loss_falls():
+  mesh = sj.make_mesh(sj.MeshConfig(data=8, model=1))
+  state, hist = _run("topk", mesh, steps=30)
+  np.testing.assert_allclose(np.linalg.norm(state.params["W_dec"], axis=1), 1.0, rtol=1e-5)
+  assert hist[-1]["fvu"] < 0.8 * hist[0]["fvu"]
+  assert all(h["l0"] == pytest.approx(4.0) for h in hist)
+
+
+def test_relu_decoder_rows_are_free():
+  mesh = sj.make_mesh(sj.MeshConfig(data=8, model=1))
+  state, _ = _run("relu", mesh, steps=5)
+  norms = np.linalg.norm(state.params["W_dec"], axis=1)
+  assert not np.allclose(norms, 0.1)
+
+
+def test_auxk_trains_dead_encoder_columns():
+  mesh = sj.make_mesh(sj.MeshConfig(data=1, model=1), devices=jax.devices()[:1])
+  cfg = sj.SAEConfig(architecture="topk", d_in=D, d_sae=M, k=4)
+  tcfg = sj.TrainConfig(batch_size=N, lr=1e-2, warmup_steps=1, aux_k=8)
+  x = _data(1)[0]
+  fresh = init_train_state(cfg, tcfg, mesh, x)
+  step = make_train_step(cfg, tcfg, mesh)
+  # Mark half of the latents dead; among them, those that fire in the main top-k are revived,
+  # the others can only learn through AuxK.
+  dead = jnp.arange(M) < M // 2
+  before = np.asarray(fresh.params["W_enc"])
+  state = fresh.replace(tokens_since_fired=jnp.where(dead, tcfg.dead_tokens, 0))
+  main_codes = sj.SAE(cfg, state.params, state.buffers).encode(x)[1]
+  state, metrics = step(state, x)
+  assert float(metrics["aux_loss"]) > 0
+  changed = np.abs(np.asarray(state.params["W_enc"]) - before).sum(0) > 0
+  in_main = np.zeros(M, bool)
+  in_main[np.asarray(main_codes).ravel()] = True
+  only_aux = np.asarray(dead) & ~in_main
+  assert changed[only_aux].mean() > 0.5
+  # Without AuxK those columns get no gradient at all.
+  step0 = make_train_step(cfg, tcfg.replace(aux_k=0), mesh)
+  state0 = init_train_state(cfg, tcfg, mesh, x).replace(
+      tokens_since_fired=jnp.where(dead, tcfg.dead_tokens, 0))
+  state0, _ = step0(state0, x)
+  changed0 = np.abs(np.asarray(state0.params["W_enc"]) - before).sum(0) > 0
+  assert not changed0[only_aux].any()
+
+
+def test_nan_batch_is_skipped_and_counted():
+  mesh = sj.make_mesh(sj.MeshConfig(data=2, model=4))
+  cfg = sj.SAEConfig(architecture="topk", d_in=D, d_sae=M, k=4)
+  tcfg = sj.TrainConfig(batch_size=N)
+  x = _data(1)[0]
+  state = init_train_state(cfg, tcfg, mesh, x)
+  step = make_train_step(cfg, tcfg, mesh)
+  before = jax.tree.map(np.asarray, state)
+  state, metrics = step(state, x.at[3, 5].set(jnp.nan))
+  assert int(state.nan_batches) == 1 and float(metrics["skipped"]) == 1.0
+  assert np.isnan(float(metrics["loss"]))
+  after = jax.tree.map(np.asarray, state.replace(nan_batches=before.nan_batches))
+  jax.tree.map(np.testing.assert_array_equal, after, before)
+  state, metrics = step(state, x)
+  assert int(state.step) == 1 and float(metrics["skipped"]) == 0.0
+
+
+def test_step_rejects_indivisible_batch_and_latents():
+  mesh = sj.make_mesh(sj.MeshConfig(data=2, model=4))
+  with pytest.raises(ConfigError, match="batch_size=63"):
+    make_train_step(sj.SAEConfig(d_in=D, d_sae=M, k=4), sj.TrainConfig(batch_size=63), mesh)
+  with pytest.raises(ConfigError, match="d_sae=250"):
+    make_train_step(sj.SAEConfig(d_in=D, d_sae=250, k=4), sj.TrainConfig(batch_size=64), mesh)
+
+
+def test_train_sae_errors_are_one_line():
+  cfg = sj.SAEConfig(d_in=D, d_sae=M, k=4)
+  with pytest.raises(DataError, match=f"width {D + 1} but the SAE has d_in={D}"):
+    sj.train_sae(np.zeros((128, D + 1), np.float32), cfg, sj.TrainConfig(batch_size=N))
+  x = np.array(_data(4).reshape(-1, D))
+  x[::N] = np.nan  # every batch of 64 rows holds one NaN row
+  with pytest.raises(DataError, match="max_nan_batches=2"):
+    sj.train_sae(x, cfg, sj.TrainConfig(batch_size=N, max_nan_batches=2, total_tokens=N * 8,
+                                        log_every=2, seed=1))
+  with pytest.raises(DataError, match="first batch contains NaN"):
+    sj.train_sae(x, cfg, sj.TrainConfig(batch_size=N, max_nan_batches=2))
+
+
+def _planted(n, d, n_feat, active, seed):
+  rng = np.random.default_rng(seed)
+  feats = rng.normal(size=(n_feat, d))
+  feats /= np.linalg.norm(feats, axis=1, keepdims=True)
+  idx = np.stack([rng.choice(n_feat, active, replace=False) for _ in range(n)])
+  coef = rng.uniform(0.5, 1.5, size=(n, active))
+  x = np.einsum("nk,nkd->nd", coef, feats[idx]) + 0.01 * rng.normal(size=(n, d))
+  return x.astype(np.float32), feats
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_recovers_planted_sparse_features(arch):
+  """A real learning test: 128 planted directions in R^48, 4 active per token."""
+  x, feats = _planted(60_000, 48, 128, 4, seed=0)
+  cfg = sj.SAEConfig(architecture=arch, d_in=48, d_sae=512, k=4)
+  tcfg = sj.TrainConfig(batch_size=1024, total_tokens=1024 * 1500, lr=3e-3, warmup_steps=50,
+                        log_every=500)
+  sae = sj.train_sae(x, cfg, tcfg)
+  w = np.asarray(sae.params["W_dec"])
+  best = (feats @ w.T).max(axis=1)
+  assert np.mean(best > 0.9) > 0.9, np.sort(best)[:10]
+  # Far better than the best linear reconstruction with as many (k) dimensions: PCA.
+  centred = x - x.mean(0)
+  eig = np.linalg.eigvalsh(centred.T @ centred)[::-1]
+  pca_fvu = eig[4:].sum() / eig.sum()
+  assert sae.metadata["final_metrics"]["fvu"] < 0.25 * pca_fvu
