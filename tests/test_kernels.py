@@ -9,7 +9,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import sae_jax as sj
-from sae_jax.kernels import kth_largest_nonneg, select_topk, sparse_decode, topk_encode
+from sae_jax.kernels import cpu_topk, kth_largest_nonneg, select_topk, sparse_decode, topk_encode
+from sae_jax.kernels.topk import _block_top_k
 
 RTOL, ATOL = 1e-5, 1e-5  # fixed up front: float32 sums in a different order
 
@@ -88,12 +89,20 @@ def test_codes_match_numpy_topk():
                              rtol=1e-5, atol=1e-6)
 
 
-def test_select_topk_block_path_is_exact():
-  pre = jax.random.normal(jax.random.key(5), (50, 2048))
-  vals, idx = select_topk(pre, 16)
-  ref_vals, ref_idx = jax.lax.top_k(pre, 16)
-  np.testing.assert_array_equal(idx, ref_idx)
-  np.testing.assert_array_equal(vals, ref_vals)
+@pytest.mark.parametrize("m, k", [(2048, 16), (97, 5), (336, 5)])
+def test_xla_block_top_k_is_exact(m, k):
+  pre = jax.random.normal(jax.random.key(5), (50, m))
+  for fn in (_block_top_k, select_topk):
+    vals, idx = fn(pre, k)
+    ref_vals, ref_idx = jax.lax.top_k(pre, k)
+    np.testing.assert_array_equal(idx, ref_idx)
+    np.testing.assert_array_equal(vals, ref_vals)
+
+
+def test_gradients_without_the_ffi_top_k(monkeypatch):
+  """The pure-XLA fallback (no C++ compiler, GPU, TPU) gives the same codes and gradients."""
+  monkeypatch.setattr(cpu_topk, "available", lambda: False)
+  test_encode_decode_values_and_gradients_match_dense(37, 13, 336, 5, 7)
 
 
 def test_auxk_gradient_reaches_encoder_of_dead_latents_only():

@@ -85,16 +85,22 @@ def bench_shape(d: int, m: int, k: int, n: int, archs, dead_fraction: float, ste
                               cfg.architecture in ("topk", "batchtopk") else [])
     for suffix, dead in variants:
       state = init_train_state(cfg, tcfg, mesh, x)
-      if dead:
-        n_dead = int(m * dead)
-        tsf = state.tokens_since_fired.at[:n_dead].set(tcfg.dead_tokens * 4)
-        state = state.replace(tokens_since_fired=tsf)
       step = make_train_step(cfg, tcfg, mesh)
       box = [state]
+      if dead:
+        # As the peer harness does, keep the same latents dead on every step (in a real run
+        # they would fire again and AuxK would switch off).
+        dead_mask = jnp.arange(m) < int(m * dead)
+        mark = jax.jit(lambda s: s.replace(tokens_since_fired=jnp.where(
+            dead_mask, tcfg.dead_tokens, s.tokens_since_fired)), donate_argnums=0)
 
-      def run():
-        box[0], metrics = step(box[0], x)
-        return metrics["loss"]
+        def run():
+          box[0], metrics = step(mark(box[0]), x)
+          return metrics["loss"]
+      else:
+        def run():
+          box[0], metrics = step(box[0], x)
+          return metrics["loss"]
 
       t = _timeit(run, steps)
       name = f"sae_step_{arch}{suffix}"

@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from sae_jax.kernels import cpu_topk
+
 
 class TopKCodes(NamedTuple):
   """Sparse codes of a batch: values/indices [N, K] and the AuxK ones [N, K_aux]."""
@@ -44,6 +46,18 @@ def shard_offset(m_local: int, axis_name: str | None) -> jax.Array | int:
 def _local_top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
   """Exact top-k along the last axis ([N, M] -> [N, k] values, int32 indices).
 
+  On CPU, the FFI kernel of ``cpu_topk`` (one thresholded pass per row, multi-threaded) when it
+  could be built; elsewhere, or without it, XLA's top-k via :func:`_block_top_k`.
+  """
+  if x.dtype == jnp.float32 and cpu_topk.available():
+    return lax.platform_dependent(x, cpu=lambda x: cpu_topk.ffi_top_k(x, k),
+                                  default=lambda x: _block_top_k(x, k))
+  return _block_top_k(x, k)
+
+
+def _block_top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """Exact top-k with XLA ops only.
+
   XLA's CPU top-k costs a partial sort per row. When M is large, first reduce blocks of B
   latents to their maximum: every top-k element lies in one of the k blocks with the largest
   maxima (k blocks with larger maxima would hold k larger elements), so an exact top-k of those
@@ -52,13 +66,14 @@ def _local_top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
   n, m = x.shape
   block = 16
   if m % block or m // block < 4 * k:
-    return lax.top_k(x, k)
+    vals, idx = lax.top_k(x, k)
+    return vals, idx.astype(jnp.int32)
   blocks = x.reshape(n, m // block, block)
   _, block_idx = lax.top_k(blocks.max(axis=-1), k)  # [N, k]
   cand = jnp.take_along_axis(blocks, block_idx[:, :, None], axis=1).reshape(n, k * block)
   vals, pos = lax.top_k(cand, k)
   idx = jnp.take_along_axis(block_idx, pos // block, axis=1) * block + pos % block
-  return vals, idx
+  return vals, idx.astype(jnp.int32)
 
 
 def select_topk(pre: jax.Array, k: int, axis_name: str | None = None

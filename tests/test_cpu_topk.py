@@ -1,0 +1,37 @@
+"""The FFI CPU top-k equals lax.top_k exactly (values, indices, ties, -0/+0, -inf rows)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from sae_jax.kernels import cpu_topk
+
+
+def test_builds_on_this_machine():
+  # CI and developer machines have a C++ compiler: the fast path must be the one tested.
+  assert cpu_topk.available()
+
+
+@pytest.mark.parametrize("shape, k", [((7, 1), 1), ((33, 50), 1), ((33, 50), 13), ((5, 97), 97),
+                                      ((300, 1000), 32), ((64, 8192), 256), ((3, 4, 65), 9)])
+def test_matches_lax_top_k_on_random_rows(shape, k):
+  x = jax.random.normal(jax.random.key(k), shape)
+  vals, idx = jax.jit(lambda x: cpu_topk.ffi_top_k(x, k))(x)
+  ref_vals, ref_idx = lax.top_k(x, k)
+  np.testing.assert_array_equal(idx, ref_idx)
+  np.testing.assert_array_equal(vals, ref_vals)
+
+
+def test_ties_signed_zero_and_infinities_follow_lax_order():
+  x = jnp.round(jax.random.normal(jax.random.key(1), (64, 100)) * 2) / 2  # many exact ties
+  x = x.at[:, :4].set(jnp.array([-0.0, 0.0, -0.0, 0.0]))
+  x = x.at[:10, 5:].set(-jnp.inf)  # fewer finite values than k in some rows
+  x = x.at[10:12, 7].set(jnp.inf)
+  for k in (1, 3, 7, 50, 100):
+    vals, idx = cpu_topk.ffi_top_k(x, k)
+    ref_vals, ref_idx = lax.top_k(x, k)
+    np.testing.assert_array_equal(idx, ref_idx)
+    np.testing.assert_array_equal(np.signbit(vals), np.signbit(ref_vals))
+    np.testing.assert_array_equal(vals, ref_vals)
