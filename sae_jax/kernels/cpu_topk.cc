@@ -1,8 +1,9 @@
 // Row-wise top-k for the XLA CPU backend (an XLA FFI custom call).
 //
-// XLA's own CPU TopK partially sorts every row on one thread. Here each row is scanned once with
-// a running threshold (the k-th best value so far): blocks of 16 values are rejected with one
-// vectorised comparison, and only values above the threshold touch a k-element heap. Rows are
+// XLA's own CPU TopK partially sorts every row on one thread. Here, per row: the maximum of each
+// block of 16 values (vectorised); the k-th largest block maximum, a lower bound of the k-th
+// largest value (k blocks reaching it hold k values >= it); the values >= that bound, usually
+// little more than k, from the blocks that reach it; an exact selection among those. Rows are
 // shared between the calling thread and XLA's intra-op thread pool.
 //
 // Semantics equal lax.top_k: values descending in the IEEE total order (-0 < +0, NaN above
@@ -11,7 +12,9 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <climits>
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <thread>
 #include <vector>
@@ -42,50 +45,53 @@ inline bool Better(const Item& a, const Item& b) {
   return a.v > b.v || (a.v == b.v && a.i < b.i);
 }
 
-// With Better as the heap order, heap[0] is the worst kept item.
-inline void SiftDown(Item* h, int k) {
-  int pos = 0;
-  Item top = h[0];
-  while (true) {
-    int c = 2 * pos + 1;
-    if (c >= k) break;
-    if (c + 1 < k && Better(h[c], h[c + 1])) ++c;  // the worse child
-    if (!Better(top, h[c])) break;
-    h[pos] = h[c];
-    pos = c;
-  }
-  h[pos] = top;
-}
+constexpr int64_t kBlock = 16;
 
-inline void Offer(Item* heap, int k, int32_t v, int32_t i, int32_t& thr) {
-  if (v > thr) {  // strictly: an equal value at a later index loses the tie
-    heap[0] = Item{v, i};
-    SiftDown(heap, k);
-    thr = heap[0].v;
-  }
-}
+struct Scratch {
+  std::vector<int32_t> block_max;
+  std::vector<Item> cand;
+};
 
-void TopKRow(const float* xf, int64_t m, int k, float* out_v, int32_t* out_i, Item* heap) {
+void TopKRow(const float* xf, int64_t m, int k, float* out_v, int32_t* out_i, Scratch& s) {
   const int32_t* x = reinterpret_cast<const int32_t*>(xf);  // raw bits; Key() orders them
-  for (int j = 0; j < k; ++j) heap[j] = Item{Key(x[j]), static_cast<int32_t>(j)};
-  // Sorted worst-first is a valid heap for SiftDown: every parent is worse than its children.
-  std::sort(heap, heap + k, [](const Item& a, const Item& b) { return Better(b, a); });
-  int32_t thr = heap[0].v;
-  int64_t j = k;
-  constexpr int64_t kBlock = 16;
-  for (; j < m && (j % kBlock); ++j) Offer(heap, k, Key(x[j]), static_cast<int32_t>(j), thr);
-  for (; j + kBlock <= m; j += kBlock) {
-    const int32_t* b = x + j;
-    int any = 0;
-    for (int t = 0; t < kBlock; ++t) any |= (Key(b[t]) > thr);
-    if (!any) continue;
-    for (int t = 0; t < kBlock; ++t) Offer(heap, k, Key(b[t]), static_cast<int32_t>(j + t), thr);
+  const int64_t full = m / kBlock;
+  const int64_t n_blocks = full + (m % kBlock != 0);
+  s.block_max.resize(n_blocks);
+  for (int64_t b = 0; b < full; ++b) {
+    const int32_t* p = x + b * kBlock;
+    int32_t mx = Key(p[0]);
+    for (int t = 1; t < kBlock; ++t) mx = std::max(mx, Key(p[t]));
+    s.block_max[b] = mx;
   }
-  for (; j < m; ++j) Offer(heap, k, Key(x[j]), static_cast<int32_t>(j), thr);
-  std::sort(heap, heap + k, Better);
+  if (full < n_blocks) {
+    int32_t mx = Key(x[full * kBlock]);
+    for (int64_t j = full * kBlock + 1; j < m; ++j) mx = std::max(mx, Key(x[j]));
+    s.block_max[full] = mx;
+  }
+  int32_t thr;
+  if (n_blocks <= k) {
+    thr = INT32_MIN;  // every value is a candidate
+  } else {
+    std::vector<int32_t> tmp(s.block_max);
+    std::nth_element(tmp.begin(), tmp.begin() + (k - 1), tmp.end(), std::greater<int32_t>());
+    thr = tmp[k - 1];
+  }
+  s.cand.clear();
+  for (int64_t b = 0; b < n_blocks; ++b) {
+    if (s.block_max[b] < thr) continue;
+    const int64_t end = std::min(m, (b + 1) * kBlock);
+    for (int64_t j = b * kBlock; j < end; ++j) {
+      const int32_t key = Key(x[j]);
+      if (key >= thr) s.cand.push_back(Item{key, static_cast<int32_t>(j)});
+    }
+  }
+  // s.cand holds every value >= thr (at least k of them) in index order.
+  if (static_cast<int64_t>(s.cand.size()) > k)
+    std::nth_element(s.cand.begin(), s.cand.begin() + (k - 1), s.cand.end(), Better);
+  std::sort(s.cand.begin(), s.cand.begin() + k, Better);
   for (int t = 0; t < k; ++t) {
-    out_v[t] = KeyFloat(heap[t].v);
-    out_i[t] = heap[t].i;
+    out_v[t] = KeyFloat(s.cand[t].v);
+    out_i[t] = s.cand[t].i;
   }
 }
 
@@ -103,13 +109,14 @@ struct Work {
 // Claim row blocks until none are left. The caller runs this too and then waits only for
 // blocks already claimed by running workers, so it never waits on a task that has not started.
 void Drain(Work* w) {
-  std::vector<Item> heap(w->k);
+  Scratch scratch;
+  scratch.cand.reserve(static_cast<size_t>(std::min<int64_t>(w->m, 4 * w->k + 64)));
   while (true) {
     int64_t b = w->next.fetch_add(1);
     if (b >= w->n_blocks) return;
     int64_t r0 = b * w->block_rows, r1 = std::min(w->rows, r0 + w->block_rows);
     for (int64_t r = r0; r < r1; ++r)
-      TopKRow(w->x + r * w->m, w->m, w->k, w->vals + r * w->k, w->idx + r * w->k, heap.data());
+      TopKRow(w->x + r * w->m, w->m, w->k, w->vals + r * w->k, w->idx + r * w->k, scratch);
     w->done.fetch_add(1);
   }
 }
