@@ -94,6 +94,16 @@ class SAE:
     acts = jnp.asarray(acts, jnp.float32)
     return acts @ self.params["W_dec"].astype(jnp.float32) + self.params["b_dec"]
 
+  def save(self, path) -> None:
+    """Write this SAE to the directory ``path`` (cfg.json + sae.safetensors), atomically."""
+    from sae_jax import formats
+    formats.save_native(self, path)
+
+  def export(self, path, format: str = "sae_lens") -> None:
+    """Write this SAE for another tool: ``sae_lens``, ``sparsify`` or ``llm_jp_sae``."""
+    from sae_jax import formats
+    formats.export_sae(self, path, format)
+
   def reconstruct(self, x) -> jax.Array:
     """[..., D] activations -> their reconstruction in the model's own scale."""
     lead = jnp.shape(x)[:-1]
