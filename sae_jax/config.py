@@ -123,6 +123,11 @@ class TrainConfig(_JsonMixin):
     max_nan_batches: the run stops with an error after this many non-finite batches.
     geometric_median_iters: Weiszfeld iterations for the b_dec initialisation.
     log_every: steps between progress lines and metric records.
+    checkpoint_every: steps between Orbax checkpoints (with a workdir).
+    keep_checkpoints: how many recent checkpoints to keep.
+    eval_every: steps between evaluations on the held-out tokens (0: only at the end).
+    eval_tokens: tokens held out of the training data for evaluation (0: none).
+    shuffle_batches: an iterable source is shuffled within buffers of this many batches.
   """
 
   batch_size: int = 4096
@@ -143,6 +148,15 @@ class TrainConfig(_JsonMixin):
   max_nan_batches: int = 10
   geometric_median_iters: int = 50
   log_every: int = 100
+  checkpoint_every: int = 1000
+  keep_checkpoints: int = 3
+  eval_every: int = 1000
+  eval_tokens: int = 0
+  shuffle_batches: int = 8
+
+  # Fields that do not change what is computed: a restart may change them freely.
+  RESTART_SAFE: ClassVar[tuple[str, ...]] = (
+      "log_every", "checkpoint_every", "keep_checkpoints", "eval_every", "max_nan_batches")
 
   def __post_init__(self):
     _check(isinstance(self.batch_size, int) and self.batch_size >= 1,
@@ -165,6 +179,11 @@ class TrainConfig(_JsonMixin):
     _check(self.l0_coefficient >= 0, f"l0_coefficient={self.l0_coefficient} must be >= 0")
     _check(self.max_nan_batches >= 0, f"max_nan_batches={self.max_nan_batches} must be >= 0")
     _check(self.log_every >= 1, f"log_every={self.log_every} must be >= 1")
+    _check(self.checkpoint_every >= 1, f"checkpoint_every={self.checkpoint_every} must be >= 1")
+    _check(self.keep_checkpoints >= 1, f"keep_checkpoints={self.keep_checkpoints} must be >= 1")
+    _check(self.eval_every >= 0, f"eval_every={self.eval_every} must be >= 0")
+    _check(self.eval_tokens >= 0, f"eval_tokens={self.eval_tokens} must be >= 0")
+    _check(self.shuffle_batches >= 1, f"shuffle_batches={self.shuffle_batches} must be >= 1")
 
   def learning_rate(self, d_sae: int) -> float:
     """The configured lr, or Gao et al.'s 2e-4 / sqrt(d_sae / 2**14)."""

@@ -24,3 +24,17 @@ class CheckpointError(SaeJaxError):
 
 class UnsupportedModelError(SaeJaxError):
   """A model config uses an architecture or option that sae_jax does not implement."""
+
+
+class Preempted(SystemExit):
+  """Raised after a SIGTERM (preemption notice) once the run is checkpointed; exit code 143.
+
+  Rerun the same command with the same workdir to resume exactly where it stopped.
+  """
+
+  def __init__(self, message: str):
+    super().__init__(143)
+    self.message = message
+
+  def __str__(self) -> str:
+    return self.message

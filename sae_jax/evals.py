@@ -1,0 +1,57 @@
+"""Evaluation of an SAE on held-out activations.
+
+Reconstruction statistics here; the model-spliced scores (CE loss recovered, delta LM loss, KL)
+join them with the model ports. Statistics are computed in the SAE's normalised input space,
+the space its training loss lives in, and reduced batch by batch on device.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sae_jax.saes.base import normalize_inputs
+from sae_jax.saes.sae import SAE
+
+DENSE_FIRING_RATE = 0.1  # a latent firing on more than this share of tokens counts as dense
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _batch_sums(cfg, params, buffers, x):
+  from sae_jax.saes import registry
+  arch = registry.get(cfg.architecture)
+  xn, _ = normalize_inputs(x, cfg.normalize, buffers["norm_scale"])
+  acts = arch.encode_dense(params, buffers, xn, cfg)
+  x_hat = acts @ params["W_dec"].astype(jnp.float32) + params["b_dec"].astype(jnp.float32)
+  err = x_hat - xn
+  cos = jnp.sum(x_hat * xn, -1) / jnp.maximum(
+      jnp.linalg.norm(x_hat, axis=-1) * jnp.linalg.norm(xn, axis=-1), 1e-12)
+  fired = (acts > 0).sum(0, dtype=jnp.int32)
+  return {"sse": jnp.sum(err ** 2), "sum_x": xn.sum(0), "sum_x2": jnp.sum(xn ** 2),
+          "cos": cos.sum(), "fired": fired}
+
+
+def reconstruction_metrics(sae: SAE, x, batch_size: int = 1024) -> dict[str, float]:
+  """mse, fvu, cosine, l0, dead_fraction, dense_fraction of ``sae`` on x [n, d_in].
+
+  dead_fraction: latents that never fire on x; dense_fraction: latents firing on more than
+  DENSE_FIRING_RATE of the tokens.
+  """
+  x = np.asarray(x, np.float32)
+  n = x.shape[0]
+  if n == 0:
+    return {}
+  total = None
+  for start in range(0, n, batch_size):
+    part = jax.device_get(_batch_sums(sae.cfg, sae.params, sae.buffers, x[start:start + batch_size]))
+    total = part if total is None else jax.tree.map(np.add, total, part)
+  sum_x = np.asarray(total["sum_x"], np.float64)
+  variance = float(total["sum_x2"]) - float(sum_x @ sum_x) / n
+  fired = np.asarray(total["fired"])
+  return {"mse": float(total["sse"]) / n, "fvu": float(total["sse"]) / max(variance, 1e-12),
+          "cosine": float(total["cos"]) / n, "l0": float(fired.sum()) / n,
+          "dead_fraction": float(np.mean(fired == 0)),
+          "dense_fraction": float(np.mean(fired > DENSE_FIRING_RATE * n)), "tokens": n}

@@ -1,0 +1,75 @@
+"""Orbax checkpoints of the train state together with the data position.
+
+Each checkpoint holds ``state`` (the TrainState, restored straight into its shardings) and
+``data`` (JSON: the batch stream's position). Orbax writes each step to a temporary directory
+and renames it when complete, so a kill at any moment leaves only whole checkpoints; a latest
+checkpoint that still fails to restore (damaged on disk) is moved aside with a warning and the
+previous one is used.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+
+from sae_jax.train.state import TrainState
+
+
+class Checkpointer:
+  """Keeps the last ``keep`` checkpoints of a run under ``directory`` (async writes)."""
+
+  def __init__(self, directory: Path, keep: int):
+    self.directory = Path(directory).absolute()
+    self.keep = keep
+    self._manager = self._open()
+    self.last_save_blocking_s = 0.0
+
+  def _open(self) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=self.keep, create=True,
+                                           enable_async_checkpointing=True)
+    return ocp.CheckpointManager(self.directory, options=options)
+
+  def steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
+  def save(self, step: int, state: TrainState, data_position: dict) -> None:
+    """Start writing checkpoint ``step``; returns once device buffers are copied to host."""
+    t = time.perf_counter()
+    self._manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_position)), force=True)
+    self.last_save_blocking_s = time.perf_counter() - t
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def restore_latest(self, abstract_state: TrainState) -> tuple[TrainState, dict] | None:
+    """(state, data position) of the newest checkpoint that restores, or None if none does."""
+    for step in reversed(self.steps()):
+      try:
+        out = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+        return out["state"], dict(out["data"])
+      except Exception as e:  # a damaged checkpoint may fail in many ways; all mean "skip it"
+        aside = self.directory / f"corrupt_{step}_{int(time.time())}"
+        logging.warning("checkpoint step %d in %s cannot be restored (%s: %s); moved to %s, "
+                        "falling back to the previous one", step, self.directory,
+                        type(e).__name__, str(e)[:200], aside.name)
+        self._manager.close()
+        shutil.move(str(self.directory / str(step)), str(aside))
+        self._manager = self._open()
+    return None
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+
+def abstract_state(shardings: TrainState, shapes: TrainState) -> TrainState:
+  """ShapeDtypeStructs with shardings: the target a checkpoint restores into."""
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                      shapes, shardings)

@@ -1,0 +1,123 @@
+"""Activations in, fixed-size training batches out, with a position that checkpoints exactly.
+
+The stream is stateless given its position: an in-memory array is read in a permutation
+derived from (seed, epoch); an iterable source is re-read from the start and the batches
+already served are skipped (the activation pipeline brings a cheaper cursor of its own).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from sae_jax.errors import ConfigError, DataError
+from sae_jax.train.state import check_batch
+
+
+class BatchStream:
+  """[batch_size, d_in] float32 batches from an array or an iterable of [n_i, d_in] arrays.
+
+  Args:
+    activations: an array (shuffled each epoch, repeated up to ``total_tokens``; one epoch when
+      None) or an iterable of arrays (shuffled within buffers of ``shuffle_batches`` batches,
+      read once). The last ``holdout`` rows of an array, or the first ``holdout`` rows of an
+      iterable, are kept out of training as ``eval_rows``.
+  """
+
+  def __init__(self, activations: np.ndarray | Iterable[np.ndarray], batch_size: int, d_in: int,
+               seed: int, total_tokens: int | None, shuffle_batches: int = 8, holdout: int = 0):
+    self.batch_size, self.d_in, self.seed = batch_size, d_in, seed
+    self.total_tokens, self.shuffle_batches = total_tokens, shuffle_batches
+    self.served = 0  # batches handed out so far: the position
+    self.eval_rows: np.ndarray | None = None
+    self._array = None
+    if hasattr(activations, "shape"):
+      check_batch(activations, d_in)
+      n = activations.shape[0]
+      if holdout:
+        if holdout >= n:
+          raise DataError(f"eval_tokens={holdout} leaves no training rows out of {n}")
+        self.eval_rows = np.asarray(activations[n - holdout:], np.float32)
+        activations = activations[:n - holdout]
+      if activations.shape[0] < batch_size:
+        raise DataError(f"{activations.shape[0]} activation rows are fewer than "
+                        f"batch_size={batch_size}")
+      self._array = activations
+    else:
+      self._source = activations
+      self._holdout = holdout
+
+  @property
+  def total_batches(self) -> int | None:
+    if self.total_tokens is not None:
+      return self.total_tokens // self.batch_size
+    if self._array is not None:
+      return self._array.shape[0] // self.batch_size
+    return None
+
+  def position(self) -> dict:
+    return {"served": self.served, "batch_size": self.batch_size}
+
+  def restore(self, position: dict) -> None:
+    if position.get("batch_size", self.batch_size) != self.batch_size:
+      raise ConfigError(f"checkpoint was written with batch_size={position['batch_size']}, "
+                        f"now {self.batch_size}")
+    self.served = int(position["served"])
+    if self._array is None and self.served and iter(self._source) is self._source:
+      raise ConfigError("cannot resume from a one-shot iterator: pass a re-iterable source (a "
+                        "list, or an object whose __iter__ starts over) to resume exactly")
+
+  def __iter__(self) -> Iterator[np.ndarray]:
+    gen = self._array_batches() if self._array is not None else self._iterable_batches()
+    total = self.total_batches
+    for index, batch in enumerate(gen):
+      if total is not None and index >= total:
+        return
+      if index < self.served:
+        continue
+      self.served = index + 1
+      yield batch
+
+  def _array_batches(self) -> Iterator[np.ndarray]:
+    a, b = self._array, self.batch_size
+    per_epoch = a.shape[0] // b
+    epoch = 0
+    while True:
+      perm = np.random.default_rng([self.seed, epoch]).permutation(a.shape[0])
+      for i in range(per_epoch):
+        yield np.asarray(a[np.sort(perm[i * b:(i + 1) * b])], np.float32)
+      epoch += 1
+
+  def _iterable_batches(self) -> Iterator[np.ndarray]:
+    b = self.batch_size
+    cap = self.shuffle_batches * b
+    need_eval = self._holdout
+    held: list[np.ndarray] = []
+    pending: list[np.ndarray] = []
+    have, buffer_no = 0, 0
+    for chunk in self._source:
+      chunk = np.asarray(chunk, np.float32)
+      check_batch(chunk, self.d_in)
+      if need_eval:
+        take = min(need_eval, chunk.shape[0])
+        held.append(chunk[:take])
+        chunk, need_eval = chunk[take:], need_eval - take
+        if not need_eval:
+          self.eval_rows = np.concatenate(held)
+      pending.append(chunk)
+      have += chunk.shape[0]
+      if have >= cap:
+        rows = np.concatenate(pending)
+        full = (have // b) * b
+        yield from self._shuffled(rows[:full], buffer_no)
+        buffer_no += 1
+        pending, have = [rows[full:]], have - full
+    if have >= b:
+      rows = np.concatenate(pending)
+      yield from self._shuffled(rows[:(have // b) * b], buffer_no)
+
+  def _shuffled(self, rows: np.ndarray, buffer_no: int) -> Iterator[np.ndarray]:
+    perm = np.random.default_rng([self.seed, 1 << 20, buffer_no]).permutation(rows.shape[0])
+    for i in range(rows.shape[0] // self.batch_size):
+      yield rows[perm[i * self.batch_size:(i + 1) * self.batch_size]]
