@@ -72,6 +72,16 @@ def named_sharding(mesh: Mesh, axes: Sequence[str | None]) -> NamedSharding:
   return NamedSharding(mesh, spec)
 
 
+def sharding_for_shape(mesh: Mesh, axes: Sequence[str | None], shape: Sequence[int]
+                       ) -> NamedSharding:
+  """Like named_sharding, but a dimension that does not split evenly is replicated instead
+  (e.g. a vocabulary of 50277 rows on a 2-way "model" axis)."""
+  spec = named_sharding(mesh, axes).spec
+  fitted = [a if a is None or size % mesh.shape[a] == 0 else None
+            for a, size in zip(tuple(spec) + (None,) * (len(shape) - len(spec)), shape)]
+  return NamedSharding(mesh, P(*fitted))
+
+
 def tree_shardings(axes_tree, mesh: Mesh):
   """Map a pytree whose leaves are :class:`Axes` to NamedShardings on ``mesh``."""
   return jax.tree.map(lambda a: named_sharding(mesh, a), axes_tree,

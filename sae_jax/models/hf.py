@@ -1,0 +1,174 @@
+"""Load Hugging Face checkpoints (a local directory or the hub, at any revision) into our ports.
+
+``config.json`` is checked against the family's allow-list (anything not implemented raises,
+naming the field); every tensor's shape is asserted; each tensor is read once on the host
+(memory-mapped safetensors) and placed straight into its shards. PyTorch ``.bin`` files are
+read only with ``torch.load(weights_only=True)``; ``trust_remote_code`` is never used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from sae_jax import sharding
+from sae_jax.errors import CheckpointError, UnsupportedModelError
+from sae_jax.models import gpt_neox, llama
+from sae_jax.models.base import Model, TransformerConfig
+
+FAMILIES = {t: m for m in (llama, gpt_neox) for t in m.MODEL_TYPES}
+_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.tiktoken"]
+
+
+def resolve(name_or_dir: str | os.PathLike, revision: str | None = None) -> Path:
+  """A local directory holding config.json for ``name_or_dir`` at ``revision``.
+
+  Local: the directory itself, or its subdirectory named ``revision`` (one directory per
+  revision, as the toy world writes them). Otherwise a hub repo id, fetched (or found in the
+  local cache when HF_HUB_OFFLINE=1) with huggingface_hub at that revision.
+  """
+  path = Path(name_or_dir)
+  if path.is_dir():
+    if revision is not None and (path / revision).is_dir():
+      path = path / revision
+    elif revision is not None and revision != path.name:
+      raise CheckpointError(f"revision {revision!r} not found under {path}; found "
+                            f"{sorted(p.name for p in path.iterdir() if p.is_dir())}")
+    if not (path / "config.json").exists():
+      raise CheckpointError(f"{path} has no config.json")
+    return path
+  if path.exists():
+    raise CheckpointError(f"{path} is a file; pass a model directory or a hub repo id")
+  try:
+    from huggingface_hub import snapshot_download
+    return Path(snapshot_download(str(name_or_dir), revision=revision, allow_patterns=_PATTERNS))
+  except Exception as e:  # offline, missing repo or revision: one line either way
+    kind = type(e).__name__
+    raise CheckpointError(f"cannot get {name_or_dir!r} at revision {revision or 'main'!r} "
+                          f"({kind}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
+
+
+def read_config(path: Path) -> tuple[object, TransformerConfig]:
+  """The family module and our config for the checkpoint in ``path``."""
+  try:
+    d = json.loads((path / "config.json").read_text())
+  except (OSError, ValueError) as e:
+    raise CheckpointError(f"cannot read {path / 'config.json'}: {e}") from None
+  mt = d.get("model_type")
+  if mt not in FAMILIES:
+    raise UnsupportedModelError(f"model_type {mt!r} is not supported; allowed: "
+                                f"{sorted(FAMILIES)}")
+  family = FAMILIES[mt]
+  try:
+    return family, family.config_from_hf(d)
+  except KeyError as e:
+    raise CheckpointError(f"{path / 'config.json'} lacks the field {e.args[0]!r}") from None
+
+
+class _TensorSource:
+  """Tensors by name from safetensors (single or sharded) or, with torch, a .bin file."""
+
+  def __init__(self, path: Path):
+    self.path = path
+    self._where: dict[str, Path] = {}
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+      weight_map = json.loads(index.read_text())["weight_map"]
+      self._where = {k: path / v for k, v in weight_map.items()}
+    else:
+      files = sorted(path.glob("*.safetensors"))
+      if files:
+        from safetensors import safe_open
+        for f in files:
+          with safe_open(str(f), "numpy") as h:
+            self._where.update({k: f for k in h.keys()})
+      else:
+        self._torch = self._load_bin()
+    self._handles = {}
+
+  def _load_bin(self) -> dict:
+    bins = sorted(self.path.glob("pytorch_model*.bin"))
+    if not bins:
+      raise CheckpointError(f"{self.path} has no *.safetensors or pytorch_model*.bin weights")
+    try:
+      import torch
+    except ImportError:
+      raise CheckpointError(f"{self.path} has only PyTorch .bin weights; install torch (read "
+                            "with weights_only=True) or convert them to safetensors") from None
+    out = {}
+    for b in bins:
+      out.update({k: v.float().numpy() for k, v in
+                  torch.load(b, map_location="cpu", weights_only=True).items()})
+    self._where = {k: b for k in out}
+    return out
+
+  def names(self) -> set[str]:
+    return set(self._where)
+
+  def get(self, name: str) -> np.ndarray:
+    if hasattr(self, "_torch"):
+      return self._torch[name]
+    f = self._where[name]
+    if f not in self._handles:
+      from safetensors import safe_open
+      self._handles[f] = safe_open(str(f), "numpy")
+    try:
+      return self._handles[f].get_tensor(name)
+    except Exception as e:
+      raise CheckpointError(f"cannot read tensor {name!r} from {f}: {e}") from None
+
+
+def _host_dtype(dtype) -> np.dtype:
+  return np.dtype(jnp.dtype(dtype))
+
+
+def load_model(name_or_dir: str | os.PathLike, revision: str | None = None, *,
+               dtype: str = "float32", param_dtype: str | None = None,
+               mesh: Mesh | None = None) -> Model:
+  """Load a causal LM checkpoint into its Flax port.
+
+  Args:
+    name_or_dir: a local directory (or a directory of revision subdirectories) or a hub id.
+    revision: the revision (branch, tag, commit; e.g. "step1000"); None: main / the directory.
+    dtype: compute dtype of activations; param_dtype: storage dtype (default: dtype).
+    mesh: place parameters sharded by the logical-axis rules (tensor parallel on "model").
+
+  Returns:
+    A :class:`Model` with ``activations``, ``logits`` and ``tokenizer``.
+  """
+  path = resolve(name_or_dir, revision)
+  family, cfg = read_config(path)
+  specs = family.param_specs(cfg)
+  source = _TensorSource(path)
+  available = source.names()
+  pdt = _host_dtype(param_dtype or dtype)
+  params = {}
+  for name, (shape, axes) in specs.items():
+    if name not in available:
+      raise CheckpointError(f"{path}: tensor {name!r} is missing from the checkpoint")
+    host = source.get(name)
+    if tuple(host.shape) != shape:
+      raise CheckpointError(f"{path}: tensor {name!r} has shape {tuple(host.shape)}, expected "
+                            f"{shape}")
+    host = host.astype(pdt, copy=False)
+    if mesh is not None:
+      params[name] = jax.device_put(host, sharding.sharding_for_shape(mesh, axes, shape))
+    else:
+      params[name] = jax.device_put(host)
+  return Model(family, cfg, params, str(path), revision, dtype, mesh)
+
+
+def abstract_params(cfg: TransformerConfig, dtype="float32", mesh: Mesh | None = None) -> dict:
+  """ShapeDtypeStructs of every parameter (for jax.eval_shape of full-size models)."""
+  family = FAMILIES[cfg.model_type]
+  out = {}
+  for name, (shape, axes) in family.param_specs(cfg).items():
+    sh = sharding.sharding_for_shape(mesh, axes, shape) if mesh is not None else None
+    out[name] = jax.ShapeDtypeStruct(shape, jnp.dtype(dtype), sharding=sh)
+  return out

@@ -1,0 +1,246 @@
+"""Model ports against Hugging Face PyTorch on tiny random-weight models saved locally."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import sae_jax as sj
+from sae_jax.errors import CheckpointError, ConfigError, UnsupportedModelError
+from sae_jax.models import load_model
+from sae_jax.models.hf import abstract_params, read_config
+
+TOL = 1e-4  # float32, fixed up front
+V, T, B = 97, 11, 3
+
+
+def _llama_cfg(**kw):
+  base = dict(vocab_size=V, hidden_size=60, intermediate_size=86, num_hidden_layers=3,
+              num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=64,
+              rms_norm_eps=1e-5, tie_word_embeddings=False)
+  base.update(kw)
+  return base
+
+
+VARIANTS = {
+    "llama_gqa": (transformers.LlamaConfig, _llama_cfg()),
+    "llama_tied_mha": (transformers.LlamaConfig, _llama_cfg(num_key_value_heads=6,
+                                                            tie_word_embeddings=True)),
+    "llama3_rope_scaling": (transformers.LlamaConfig, _llama_cfg(rope_parameters={
+        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 8})),
+    "llama_biases": (transformers.LlamaConfig, _llama_cfg(attention_bias=True, mlp_bias=True)),
+    "qwen2": (transformers.Qwen2Config, _llama_cfg()),
+    "mistral_window": (transformers.MistralConfig, _llama_cfg(sliding_window=4)),
+    "neox_parallel": (transformers.GPTNeoXConfig, dict(
+        vocab_size=V, hidden_size=56, intermediate_size=94, num_hidden_layers=3,
+        num_attention_heads=4, rotary_pct=0.25, use_parallel_residual=True,
+        max_position_embeddings=64)),
+    "neox_sequential_full_rotary": (transformers.GPTNeoXConfig, dict(
+        vocab_size=V, hidden_size=56, intermediate_size=94, num_hidden_layers=3,
+        num_attention_heads=4, rotary_pct=1.0, use_parallel_residual=False,
+        max_position_embeddings=64, hidden_act="gelu_new")),
+}
+
+
+def _save(tmp_path_factory, name):
+  cls, kw = VARIANTS[name]
+  torch.manual_seed(0)
+  cfg = cls(**kw)
+  cfg._attn_implementation = "eager"
+  model = getattr(transformers, cls.__name__.replace("Config", "ForCausalLM"))(cfg).eval()
+  # Random non-trivial norms/biases so every parameter matters.
+  with torch.no_grad():
+    for n, p in model.named_parameters():
+      if p.ndim == 1:
+        p.add_(0.1 * torch.randn_like(p))
+  d = tmp_path_factory.mktemp(name)
+  model.save_pretrained(d)
+  return model, d
+
+
+@pytest.fixture(scope="module", params=sorted(VARIANTS))
+def saved(request, tmp_path_factory):
+  return request.param, *_save(tmp_path_factory, request.param)
+
+
+def _torch_hooks(model, n_layers):
+  """Capture HF's per-block input/output and attention/MLP outputs with forward hooks."""
+  caught = {}
+  layers = model.model.layers if hasattr(model, "model") else model.gpt_neox.layers
+  handles = []
+  for i, layer in enumerate(layers):
+    handles.append(layer.register_forward_pre_hook(
+        lambda m, args, kwargs, i=i: caught.__setitem__(f"resid_pre.{i}", args[0] if args else
+                                                        kwargs["hidden_states"]),
+        with_kwargs=True))
+    handles.append(layer.register_forward_hook(
+        lambda m, a, out, i=i: caught.__setitem__(
+            f"resid_post.{i}", out[0] if isinstance(out, tuple) else out)))
+    attn = getattr(layer, "self_attn", None) or layer.attention
+    handles.append(attn.register_forward_hook(
+        lambda m, a, out, i=i: caught.__setitem__(f"attn_out.{i}", out[0])))
+    handles.append(layer.mlp.register_forward_hook(
+        lambda m, a, out, i=i: caught.__setitem__(f"mlp_out.{i}", out)))
+  return caught, handles
+
+
+def test_hidden_states_and_logits_match_hf(saved):
+  name, hf, path = saved
+  ids = np.random.default_rng(0).integers(0, V, size=(B, T))
+  ours = load_model(path)
+  n = ours.cfg.n_layers
+  hooks = [f"{k}.{i}" for i in range(n) for k in ("resid_pre", "resid_post", "attn_out",
+                                                   "mlp_out")]
+  caught, handles = _torch_hooks(hf, n)
+  with torch.no_grad():
+    ref_logits = hf(torch.tensor(ids)).logits.numpy()
+  for h in handles:
+    h.remove()
+  acts = ours.activations(ids, hooks)
+  for h in hooks:
+    np.testing.assert_allclose(acts[h], caught[h].numpy(), rtol=TOL, atol=TOL, err_msg=f"{name} {h}")
+  np.testing.assert_allclose(ours.logits(ids), ref_logits, rtol=TOL, atol=TOL, err_msg=name)
+
+
+def test_padding_left_and_right_keeps_real_token_activations(saved):
+  name, _, path = saved
+  if name == "mistral_window":
+    pass  # the window counts real-token positions, so padding is covered too
+  model = load_model(path)
+  rng = np.random.default_rng(1)
+  seqs = [rng.integers(0, V, size=n) for n in (T, 7, 4)]
+  hook = "resid_post.2"
+  solo = [np.asarray(model.activations(s[None], [hook])[hook][0]) for s in seqs]
+  for side in ("left", "right"):
+    ids = np.zeros((3, T), np.int64)
+    mask = np.zeros((3, T), np.int64)
+    for r, s in enumerate(seqs):
+      sl = slice(T - len(s), T) if side == "left" else slice(0, len(s))
+      ids[r, sl], mask[r, sl] = s, 1
+    acts = np.asarray(model.activations(ids, [hook], attention_mask=mask)[hook])
+    for r, s in enumerate(seqs):
+      sl = slice(T - len(s), T) if side == "left" else slice(0, len(s))
+      np.testing.assert_allclose(acts[r, sl], solo[r], rtol=TOL, atol=TOL, err_msg=f"{name} {side}")
+
+
+def test_bfloat16_within_documented_bound(tmp_path_factory):
+  hf, path = _save(tmp_path_factory, "llama_gqa")
+  ids = np.random.default_rng(2).integers(0, V, size=(B, T))
+  f32 = load_model(path).activations(ids, ["resid_post.2"])["resid_post.2"]
+  bf16 = load_model(path, dtype="bfloat16").activations(ids, ["resid_post.2"])["resid_post.2"]
+  rel = float(jnp.linalg.norm(bf16 - f32) / jnp.linalg.norm(f32))
+  assert rel < 2e-2  # documented bound: bf16 keeps ~3 significant digits through 3 blocks
+
+
+def test_stops_at_the_deepest_hook_and_splices(tmp_path_factory):
+  hf, path = _save(tmp_path_factory, "llama_gqa")
+  model = load_model(path)
+  ids = np.random.default_rng(3).integers(0, V, size=(B, T))
+  jaxpr = jax.make_jaxpr(lambda p: model.family.embed(p, model.cfg, ids))  # sanity of API
+  assert jaxpr is not None
+  from sae_jax.models.base import forward
+  from sae_jax.models.hooks import parse_hook
+  shallow = jax.make_jaxpr(lambda p: forward(model.family, model.cfg, p, ids, np.ones_like(ids),
+                                             (parse_hook("resid_post.0"),), (), False,
+                                             jnp.float32))(model.params)
+  deep = jax.make_jaxpr(lambda p: forward(model.family, model.cfg, p, ids, np.ones_like(ids),
+                                          (parse_hook("resid_post.2"),), (), False,
+                                          jnp.float32))(model.params)
+  assert len(str(deep)) > 2 * len(str(shallow))  # blocks 1 and 2 are not traced for block 0
+  # Splicing the identity changes nothing; zero-ablating a site changes the logits.
+  clean = model.logits(ids)
+  same = model.logits(ids, splice={"resid_post.1": lambda x: x})
+  np.testing.assert_array_equal(same, clean)
+  ablated = model.logits(ids, splice={"mlp_out.1": jnp.zeros_like})
+  assert float(jnp.abs(ablated - clean).max()) > 1e-3
+  acts = model.activations(ids, ["resid_post.1", "blocks.1.hook_resid_post", "layers.1"])
+  np.testing.assert_array_equal(acts["layers.1"], acts["resid_post.1"])
+
+
+def test_sharded_load_on_2x4_mesh_equals_unsharded(tmp_path_factory):
+  _, path = _save(tmp_path_factory, "llama_tied_mha")
+  ids = np.random.default_rng(4).integers(0, V, size=(4, T))
+  mesh = sj.make_mesh(sj.MeshConfig(data=4, model=2))
+  one = load_model(path)
+  sharded = load_model(path, mesh=mesh)
+  w = sharded.params["model.layers.0.self_attn.q_proj.weight"]
+  assert w.sharding.spec == jax.sharding.PartitionSpec("model", None)
+  np.testing.assert_allclose(sharded.logits(ids), one.logits(ids), rtol=TOL, atol=TOL)
+
+
+FULL_SIZE = {
+    "llm-jp-3-1.8b": dict(model_type="llama", vocab_size=99584, hidden_size=2048,
+                          intermediate_size=7168, num_hidden_layers=24, num_attention_heads=16,
+                          num_key_value_heads=16, rms_norm_eps=1e-5, tie_word_embeddings=False),
+    "pythia-1.4b": dict(model_type="gpt_neox", vocab_size=50304, hidden_size=2048,
+                        intermediate_size=8192, num_hidden_layers=24, num_attention_heads=16,
+                        rotary_pct=0.25, use_parallel_residual=True),
+    "llama-3-8b": dict(model_type="llama", vocab_size=128256, hidden_size=4096,
+                       intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=8, rope_theta=500000.0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FULL_SIZE))
+def test_full_size_configs_shape_check_without_allocating(tmp_path, name):
+  import json
+  (tmp_path / "config.json").write_text(json.dumps(FULL_SIZE[name]))
+  family, cfg = read_config(tmp_path)
+  params = abstract_params(cfg, "bfloat16")
+  from sae_jax.models.base import forward
+  from sae_jax.models.hooks import parse_hook
+  ids = jax.ShapeDtypeStruct((2, 64), jnp.int32)
+  out, _ = jax.eval_shape(lambda p, i: forward(family, cfg, p, i, jnp.ones((2, 64), jnp.int32),
+                                                (parse_hook("resid_post.11"),), (), False,
+                                                jnp.bfloat16), params, ids)
+  assert out["resid_post.11"].shape == (2, 64, cfg.d_model)
+  n = sum(int(np.prod(s.shape)) for s in jax.tree.leaves(params))
+  assert {"llm-jp-3-1.8b": 1.6e9, "pythia-1.4b": 1.3e9, "llama-3-8b": 7.9e9}[name] < n < 9e9
+
+
+def test_bad_inputs_are_one_line_errors(tmp_path_factory, tmp_path):
+  _, path = _save(tmp_path_factory, "llama_gqa")
+  model = load_model(path)
+  ids = np.zeros((1, 4), np.int64)
+  with pytest.raises(ConfigError, match="past the last block"):
+    model.activations(ids, ["resid_post.3"])
+  with pytest.raises(ConfigError, match="unknown hook 'resid_mid.0'"):
+    model.activations(ids, ["resid_mid.0"])
+  import json
+  import shutil
+  bad = tmp_path / "bad"
+  shutil.copytree(path, bad)
+  cfg = json.loads((bad / "config.json").read_text())
+  (bad / "config.json").write_text(json.dumps({**cfg, "model_type": "bert"}))
+  with pytest.raises(UnsupportedModelError, match="model_type 'bert'"):
+    load_model(bad)
+  (bad / "config.json").write_text(json.dumps({**cfg, "hidden_act": "gelu"}))
+  with pytest.raises(UnsupportedModelError, match="hidden_act='gelu'"):
+    load_model(bad)
+  (bad / "config.json").write_text(json.dumps({**cfg, "rope_scaling": {"rope_type": "yarn",
+                                                                       "factor": 2.0}}))
+  with pytest.raises(UnsupportedModelError, match="rope type 'yarn'"):
+    load_model(bad)
+  (bad / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 88}))
+  with pytest.raises(CheckpointError, match="mlp.gate_proj.weight' has shape"):
+    load_model(bad)
+  from safetensors.numpy import load_file, save_file
+  (bad / "config.json").write_text(json.dumps(cfg))
+  tensors = load_file(str(bad / "model.safetensors"))
+  tensors.pop("model.layers.1.mlp.up_proj.weight")
+  save_file(tensors, str(bad / "model.safetensors"))
+  with pytest.raises(CheckpointError, match="'model.layers.1.mlp.up_proj.weight' is missing"):
+    load_model(bad)
+  with pytest.raises(CheckpointError, match="revision 'step99' not found"):
+    load_model(path, revision="step99")
+
+
+def test_hub_revision_offline_is_a_one_line_error(monkeypatch, tmp_path):
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+  with pytest.raises(CheckpointError, match="cannot get 'EleutherAI/pythia-14m' at revision "
+                                            "'step1000'"):
+    load_model("EleutherAI/pythia-14m", revision="step1000")
