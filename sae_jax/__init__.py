@@ -5,9 +5,10 @@ __version__ = "0.1.0"  # before the imports: submodules record it in what they w
 from sae_jax import errors, kernels, saes, sharding
 from sae_jax.config import MeshConfig, SAEConfig, TrainConfig
 from sae_jax.formats import load_sae
+from sae_jax.models import load_model
 from sae_jax.saes.sae import SAE
 from sae_jax.sharding import make_mesh
 from sae_jax.train import train_sae
 
 __all__ = ["SAE", "MeshConfig", "SAEConfig", "TrainConfig", "__version__", "errors", "kernels",
-           "load_sae", "make_mesh", "saes", "sharding", "train_sae"]
+           "load_model", "load_sae", "make_mesh", "saes", "sharding", "train_sae"]

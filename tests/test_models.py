@@ -42,6 +42,8 @@ VARIANTS = {
         vocab_size=V, hidden_size=56, intermediate_size=94, num_hidden_layers=3,
         num_attention_heads=4, rotary_pct=1.0, use_parallel_residual=False,
         max_position_embeddings=64, hidden_act="gelu_new")),
+    "gpt2": (transformers.GPT2Config, dict(vocab_size=V, n_embd=52, n_layer=3, n_head=4,
+                                           n_positions=32, n_inner=74)),
 }
 
 
@@ -50,7 +52,8 @@ def _save(tmp_path_factory, name):
   torch.manual_seed(0)
   cfg = cls(**kw)
   cfg._attn_implementation = "eager"
-  model = getattr(transformers, cls.__name__.replace("Config", "ForCausalLM"))(cfg).eval()
+  head = "LMHeadModel" if cls is transformers.GPT2Config else "ForCausalLM"
+  model = getattr(transformers, cls.__name__.replace("Config", head))(cfg).eval()
   # Random non-trivial norms/biases so every parameter matters.
   with torch.no_grad():
     for n, p in model.named_parameters():
@@ -69,7 +72,8 @@ def saved(request, tmp_path_factory):
 def _torch_hooks(model, n_layers):
   """Capture HF's per-block input/output and attention/MLP outputs with forward hooks."""
   caught = {}
-  layers = model.model.layers if hasattr(model, "model") else model.gpt_neox.layers
+  layers = (model.model.layers if hasattr(model, "model") else
+            model.gpt_neox.layers if hasattr(model, "gpt_neox") else model.transformer.h)
   handles = []
   for i, layer in enumerate(layers):
     handles.append(layer.register_forward_pre_hook(
@@ -79,7 +83,8 @@ def _torch_hooks(model, n_layers):
     handles.append(layer.register_forward_hook(
         lambda m, a, out, i=i: caught.__setitem__(
             f"resid_post.{i}", out[0] if isinstance(out, tuple) else out)))
-    attn = getattr(layer, "self_attn", None) or layer.attention
+    attn = (getattr(layer, "self_attn", None) or getattr(layer, "attention", None) or
+            layer.attn)
     handles.append(attn.register_forward_hook(
         lambda m, a, out, i=i: caught.__setitem__(f"attn_out.{i}", out[0])))
     handles.append(layer.mlp.register_forward_hook(

@@ -1,6 +1,6 @@
 """The model every family plugs into: config, hook-driven forward, user-facing Model.
 
-A family module (``llama.py``, ``gpt_neox.py``) provides ``config_from_hf``, ``param_specs``
+A family module (``llama.py``, ``gpt_neox.py``, ``gpt2.py``) provides ``config_from_hf``, ``param_specs``
 (name -> shape, logical axes; names are the checkpoint's own) and ``embed`` / ``block`` /
 ``unembed``. The forward here runs only the blocks the requested hooks need and can replace the
 activation at any hook by a function of it (the splice used for CE-loss-recovered evaluation).
@@ -45,6 +45,7 @@ class TransformerConfig:
   activation: str = "silu"
   parallel_residual: bool = False
   sliding_window: int | None = None
+  n_positions: int = 0  # learned absolute positions (GPT-2); 0 for rotary models
   bos_token_id: int | None = None
 
   @property
@@ -77,7 +78,7 @@ def forward(family: ModuleType, cfg: TransformerConfig, params: dict, input_ids:
       out[hook.name] = x.astype(jnp.float32)
     return x
 
-  x = family.embed(params, cfg, input_ids).astype(compute_dtype)
+  x = family.embed(params, cfg, input_ids, positions).astype(compute_dtype)
   for i in range(n_blocks):
     x = visit("resid_pre", i, x)
     x = family.block(params, cfg, i, x, mask, positions,

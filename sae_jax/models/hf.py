@@ -19,10 +19,10 @@ from jax.sharding import Mesh
 
 from sae_jax import sharding
 from sae_jax.errors import CheckpointError, UnsupportedModelError
-from sae_jax.models import gpt_neox, llama
+from sae_jax.models import gpt2, gpt_neox, llama
 from sae_jax.models.base import Model, TransformerConfig
 
-FAMILIES = {t: m for m in (llama, gpt_neox) for t in m.MODEL_TYPES}
+FAMILIES = {t: m for m in (llama, gpt_neox, gpt2) for t in m.MODEL_TYPES}
 _PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.tiktoken"]
 
 

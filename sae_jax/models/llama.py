@@ -99,7 +99,7 @@ def param_specs(cfg: TransformerConfig) -> dict[str, tuple[tuple[int, ...], tupl
   return specs
 
 
-def embed(params, cfg, input_ids):
+def embed(params, cfg, input_ids, positions):
   return jnp.take(params["model.embed_tokens.weight"], input_ids, axis=0)
 
 
