@@ -168,7 +168,7 @@ def test_stops_at_the_deepest_hook_and_splices(tmp_path_factory):
 def test_sharded_load_on_2x4_mesh_equals_unsharded(tmp_path_factory):
   _, path = _save(tmp_path_factory, "llama_tied_mha")
   ids = np.random.default_rng(4).integers(0, V, size=(4, T))
-  mesh = sj.make_mesh(sj.MeshConfig(data=4, model=2))
+  mesh = sj.make_mesh(sj.MeshConfig(data=2, model=4))
   one = load_model(path)
   sharded = load_model(path, mesh=mesh)
   w = sharded.params["model.layers.0.self_attn.q_proj.weight"]
@@ -241,6 +241,27 @@ def test_bad_inputs_are_one_line_errors(tmp_path_factory, tmp_path):
     load_model(bad)
   with pytest.raises(CheckpointError, match="revision 'step99' not found"):
     load_model(path, revision="step99")
+
+
+def test_pytorch_bin_weights_load_safely_and_tokenizer_comes_along(tmp_path):
+  from tokenizers import Tokenizer, models, pre_tokenizers
+  cls, kw = VARIANTS["llama_gqa"]
+  torch.manual_seed(0)
+  hf = transformers.LlamaForCausalLM(cls(**kw)).eval()
+  hf.save_pretrained(tmp_path)
+  (tmp_path / "model.safetensors").unlink()  # keep only a pytorch_model.bin (a pickle)
+  torch.save(hf.state_dict(), tmp_path / "pytorch_model.bin")
+  vocab = {f"w{i}": i for i in range(V)}
+  tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+  tok.pre_tokenizer = pre_tokenizers.Whitespace()
+  transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0").save_pretrained(
+      tmp_path)
+  model = load_model(tmp_path)  # torch.load(weights_only=True): tensors only, no code
+  ids = model.tokenizer(["w5 w7 w11 w3"], return_tensors="np")["input_ids"]
+  np.testing.assert_array_equal(ids, [[5, 7, 11, 3]])
+  with torch.no_grad():
+    ref = hf(torch.tensor(ids)).logits.numpy()
+  np.testing.assert_allclose(model.logits(ids), ref, rtol=TOL, atol=TOL)
 
 
 def test_hub_revision_offline_is_a_one_line_error(monkeypatch, tmp_path):
