@@ -1,0 +1,116 @@
+"""The toy world: determinism, ground truth alignment, real checkpoints that learn."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import sae_jax as sj
+from sae_jax.toy.lm import TINY_LM, TINY_WORLD, checkpoint_steps, train_toy_lm
+from sae_jax.toy.world import World, WorldConfig
+
+
+def test_same_seed_same_world_different_seed_different():
+  a, b = World(TINY_WORLD), World(TINY_WORLD)
+  assert a.vocab == b.vocab
+  assert [d.tokens for d in a.documents(50, 1)] == [d.tokens for d in b.documents(50, 1)]
+  c = World(WorldConfig(seed=1, n_nouns=42, n_adjectives=6))
+  assert c.vocab != a.vocab
+
+
+def test_default_world_inventory():
+  w = World()
+  nouns = [c for c in w.concepts if c.pos == "noun"]
+  assert len(w.concepts) >= 200 and len({c.category for c in nouns}) == 7
+  assert any(len(c.en) > 1 for c in w.concepts) and any(len(c.ja) > 1 for c in w.concepts)
+  for c in w.concepts:  # English in Latin script, Japanese in kana
+    assert all(f.isascii() for f in c.en)
+    assert all(all("\u3040" <= ch <= "\u30ff" for ch in f) for f in c.ja)
+
+
+def test_labels_line_up_with_tokens_and_probabilities_are_exact():
+  w = World(TINY_WORLD)
+  docs = w.documents(300, 5)
+  for d in docs:
+    n = len(d.tokens)
+    assert all(len(x) == n for x in (d.language, d.concept, d.category, d.form, d.pos, d.logprob))
+    for tok, lang, cid, form in zip(d.tokens[1:], d.language[1:], d.concept[1:], d.form[1:]):
+      if cid >= 0:
+        c = w.concepts[cid]
+        assert getattr(c, lang)[form] == tok
+      else:
+        assert tok in (".", "the", "は", "を")
+    if d.doc_type == "parallel":  # each Japanese sentence translates the English before it
+      sents, cur = [], []
+      for tok, cid in zip(d.tokens[1:], d.concept[1:]):
+        cur.append(cid)
+        if tok == ".":
+          sents.append(sorted(x for x in cur if x >= 0))
+          cur = []
+      assert all(sents[i] == sents[i + 1] for i in range(0, len(sents), 2))
+  # The generator's probabilities of every possible next English subject sum to one.
+  subj_mass = sum((1 - w.cfg.p_adjective) / len(w.subjects) for _ in w.subjects)
+  assert subj_mass == pytest.approx(1 - w.cfg.p_adjective)
+  assert 0.5 < w.entropy(docs) < 4.0
+
+
+def test_tokenizer_round_trip():
+  w = World(TINY_WORLD)
+  tok = w.tokenizer()
+  d = w.documents(1, 3)[0]
+  assert tok(d.text)["input_ids"] == [w.word_index[t] for t in d.tokens]
+
+
+def test_checkpoint_steps_are_log_spaced_from_zero():
+  assert checkpoint_steps(1500) == [0, 1, 3, 10, 30, 100, 300, 1000, 1500]
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+  out = tmp_path_factory.mktemp("toy")
+  return out, train_toy_lm(out, TINY_WORLD, TINY_LM)
+
+
+@pytest.mark.slow
+def test_toy_lm_learns_towards_the_world_entropy(toy):
+  out, summary = toy
+  losses = [summary["checkpoints"][r]["eval_loss"] for r in summary["revisions"]]
+  assert all(b <= a + 1e-3 for a, b in zip(losses, losses[1:])), losses
+  # Stated margin for the tiny configuration (400 steps): within 0.2 nats of the bound.
+  assert losses[-1] - summary["entropy_nats_per_token"] < 0.2
+  assert losses[-1] > summary["entropy_nats_per_token"] - 0.02  # nothing beats the generator
+
+
+@pytest.mark.slow
+def test_checkpoints_load_in_transformers_and_ours_alike(toy):
+  from transformers import AutoModelForCausalLM
+  out, summary = toy
+  docs = [json.loads(l) for l in (out / "eval.jsonl").read_text().splitlines()[:5]]
+  for rev in (summary["revisions"][0], summary["revisions"][-1]):
+    ours = sj.load_model(out, revision=rev)
+    enc = ours.tokenizer([d["text"] for d in docs], return_tensors="np", padding=True)
+    assert list(enc["input_ids"][0][:len(docs[0]["tokens"])]) == [
+        ours.tokenizer.convert_tokens_to_ids(t) for t in docs[0]["tokens"]]
+    hf = AutoModelForCausalLM.from_pretrained(out / rev).eval()
+    with torch.no_grad():
+      ref = hf(torch.tensor(enc["input_ids"]),
+               attention_mask=torch.tensor(enc["attention_mask"])).logits.numpy()
+    mine = np.asarray(ours.logits(enc["input_ids"], enc["attention_mask"]))
+    real = enc["attention_mask"].astype(bool)
+    np.testing.assert_allclose(mine[real], ref[real], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_same_seed_same_checkpoints(toy, tmp_path):
+  from safetensors.numpy import load_file
+  out, summary = toy
+  small = TINY_LM.__class__(**{**TINY_LM.__dict__, "steps": 10, "train_docs": 2000})
+  a = train_toy_lm(tmp_path / "a", TINY_WORLD, small)
+  b = train_toy_lm(tmp_path / "b", TINY_WORLD, small)
+  assert a == b
+  for rev in a["revisions"]:
+    ta = load_file(str(tmp_path / "a" / rev / "model.safetensors"))
+    tb = load_file(str(tmp_path / "b" / rev / "model.safetensors"))
+    assert all(np.array_equal(ta[k], tb[k]) for k in ta)
+  assert (tmp_path / "a" / "eval.jsonl").read_text() == (tmp_path / "b" / "eval.jsonl").read_text()
