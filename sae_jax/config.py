@@ -213,3 +213,56 @@ class MeshConfig(_JsonMixin):
     _check(self.model == -1 or self.model >= 1, f"mesh model={self.model} must be >= 1 or -1")
     _check(not (self.data == -1 and self.model == -1),
            "mesh data and model cannot both be -1; set one of them")
+
+
+DATA_SOURCES = ("toy", "hf")
+DATA_MODES = ("truncate", "pack")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig(_JsonMixin):
+  """Where text comes from and how it becomes token batches.
+
+  Attributes:
+    source: ``toy`` (the built-in world; ``path`` is the toy checkpoint directory) or ``hf``
+      (a ``datasets`` dataset: a hub name, or local files by extension: txt/json/jsonl/parquet/
+      arrow/csv).
+    path: the dataset name, a local file / glob, or the toy directory.
+    name: the dataset configuration (e.g. a Wikipedia language/date), if any.
+    split: the split to read.
+    text_field: the column holding the text.
+    meta_fields: columns carried per document (e.g. ``language``).
+    ctx_len: tokens per sequence (the paper: the first 64 tokens of each article).
+    mode: ``truncate`` (first ctx_len tokens of each document) or ``pack`` (documents joined).
+    min_tokens: documents shorter than this (after tokenising) are dropped.
+    max_docs: read at most this many documents (None: all).
+    batch_size: sequences per model forward.
+    buffer_batches: forward batches mixed together before the SAE sees their tokens.
+    seed: shuffling seed.
+    streaming: stream a hub dataset instead of downloading it whole.
+  """
+
+  source: str = "toy"
+  path: str = ""
+  name: str | None = None
+  split: str = "train"
+  text_field: str = "text"
+  meta_fields: tuple[str, ...] = ()
+  ctx_len: int = 64
+  mode: str = "truncate"
+  min_tokens: int = 2
+  max_docs: int | None = None
+  batch_size: int = 32
+  buffer_batches: int = 16
+  seed: int = 0
+  streaming: bool = False
+
+  def __post_init__(self):
+    _check(self.source in DATA_SOURCES, f"data source={self.source!r}; allowed: {list(DATA_SOURCES)}")
+    _check(self.mode in DATA_MODES, f"data mode={self.mode!r}; allowed: {list(DATA_MODES)}")
+    _check(self.ctx_len >= 2, f"ctx_len={self.ctx_len} must be >= 2")
+    _check(self.min_tokens >= 1, f"min_tokens={self.min_tokens} must be >= 1")
+    _check(self.max_docs is None or self.max_docs >= 1, f"max_docs={self.max_docs} must be >= 1")
+    _check(self.batch_size >= 1, f"data batch_size={self.batch_size} must be >= 1")
+    _check(self.buffer_batches >= 1, f"buffer_batches={self.buffer_batches} must be >= 1")
+    object.__setattr__(self, "meta_fields", tuple(self.meta_fields))

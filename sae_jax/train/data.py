@@ -1,8 +1,9 @@
 """Activations in, fixed-size training batches out, with a position that checkpoints exactly.
 
 The stream is stateless given its position: an in-memory array is read in a permutation
-derived from (seed, epoch); an iterable source is re-read from the start and the batches
-already served are skipped (the activation pipeline brings a cheaper cursor of its own).
+derived from (seed, epoch); a source with ``rows_from(n)`` (the activation producer) restarts at
+the row it stopped at; any other iterable is re-read from the start and the batches already
+served are skipped.
 """
 
 from __future__ import annotations
@@ -69,15 +70,44 @@ class BatchStream:
                         "list, or an object whose __iter__ starts over) to resume exactly")
 
   def __iter__(self) -> Iterator[np.ndarray]:
-    gen = self._array_batches() if self._array is not None else self._iterable_batches()
+    if self._array is not None:
+      gen, first = self._array_batches(), 0
+    elif hasattr(self._source, "rows_from"):
+      gen, first = self._resumable_batches(self.served), self.served
+    else:
+      gen, first = self._iterable_batches(), 0
     total = self.total_batches
-    for index, batch in enumerate(gen):
+    for index, batch in enumerate(gen, start=first):
       if total is not None and index >= total:
         return
       if index < self.served:
         continue
       self.served = index + 1
       yield batch
+
+  def _resumable_batches(self, start_batch: int) -> Iterator[np.ndarray]:
+    """In-order batches of a source that can start at any row (it does its own mixing)."""
+    b, hold = self.batch_size, self._holdout
+    if hold and self.eval_rows is None:
+      got, parts = 0, []
+      for chunk in self._source.rows_from(0):
+        parts.append(np.asarray(chunk[:hold - got], np.float32))
+        got += len(parts[-1])
+        if got >= hold:
+          break
+      self.eval_rows = np.concatenate(parts)
+    pending, have = [], 0
+    for chunk in self._source.rows_from(hold + start_batch * b):
+      chunk = np.asarray(chunk, np.float32)
+      check_batch(chunk, self.d_in)
+      pending.append(chunk)
+      have += len(chunk)
+      if have >= b:
+        rows = np.concatenate(pending)
+        full = (have // b) * b
+        for i in range(0, full, b):
+          yield rows[i:i + b]
+        pending, have = [rows[full:]], have - full
 
   def _array_batches(self) -> Iterator[np.ndarray]:
     a, b = self._array, self.batch_size

@@ -1,0 +1,1 @@
+"""Text in, token batches, activations out: sources, grain token pipeline, producer, cache."""
