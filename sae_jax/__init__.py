@@ -2,13 +2,13 @@
 
 __version__ = "0.1.0"  # before the imports: submodules record it in what they write
 
-from sae_jax import errors, kernels, saes, sharding
-from sae_jax.config import MeshConfig, SAEConfig, TrainConfig
+from sae_jax import data, errors, kernels, saes, sharding
+from sae_jax.config import DataConfig, MeshConfig, SAEConfig, TrainConfig
 from sae_jax.formats import load_sae
 from sae_jax.models import load_model
 from sae_jax.saes.sae import SAE
 from sae_jax.sharding import make_mesh
 from sae_jax.train import train_sae
 
-__all__ = ["SAE", "MeshConfig", "SAEConfig", "TrainConfig", "__version__", "errors", "kernels",
+__all__ = ["SAE", "DataConfig", "MeshConfig", "SAEConfig", "TrainConfig", "__version__", "data", "errors", "kernels",
            "load_model", "load_sae", "make_mesh", "saes", "sharding", "train_sae"]
