@@ -266,3 +266,65 @@ class DataConfig(_JsonMixin):
     _check(self.batch_size >= 1, f"data batch_size={self.batch_size} must be >= 1")
     _check(self.buffer_batches >= 1, f"buffer_batches={self.buffer_batches} must be >= 1")
     object.__setattr__(self, "meta_fields", tuple(self.meta_fields))
+
+
+MISSING_REVISION = ("stop", "skip")
+
+
+@dataclasses.dataclass(frozen=True)
+class TraceConfig(_JsonMixin):
+  """The whole study: SAEs for every checkpoint x hook, evaluated and stored.
+
+  Attributes:
+    model: a local directory (one subdirectory per revision, as the toy world writes) or a hub
+      repo id.
+    revisions: checkpoint labels to trace; empty: every revision subdirectory found locally.
+    hooks: activation sites (e.g. ``resid_post.11``, the paper's layer 12).
+    sae: the SAE; ``d_in`` is taken from the model and ``d_sae`` = ``expansion`` * d_in when
+      ``expansion`` > 0.
+    expansion: latents per model dimension (0: keep ``sae.d_sae``).
+    train: SAE training; data: text -> tokens.
+    dtype: model compute dtype.
+    eval_batches: forward batches for the spliced LM-loss evaluation.
+    exports: file formats written next to each SAE (``sae_lens``, ``sparsify``, ``llm_jp_sae``).
+    toy: train the toy world's model into ``model`` first if it is not there yet.
+    toy_size: ``default`` (<= 5 min on 2 cores) or ``tiny`` (seconds).
+    missing_revision: ``stop`` or ``skip`` when a revision cannot be found.
+  """
+
+  model: str = ""
+  revisions: tuple[str, ...] = ()
+  hooks: tuple[str, ...] = ("resid_post.1",)
+  sae: SAEConfig = dataclasses.field(default_factory=SAEConfig)
+  expansion: int = 8
+  train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+  data: DataConfig = dataclasses.field(default_factory=DataConfig)
+  dtype: str = "float32"
+  eval_batches: int = 4
+  exports: tuple[str, ...] = ("sae_lens",)
+  toy: bool = False
+  toy_size: str = "default"
+  missing_revision: str = "stop"
+
+  def __post_init__(self):
+    _check(bool(self.model), "trace model is empty; set a model directory or hub id")
+    _check(len(self.hooks) >= 1, "trace hooks is empty; name at least one hook")
+    _check(self.expansion >= 0, f"expansion={self.expansion} must be >= 0")
+    _check(self.dtype in DTYPES, f"dtype={self.dtype!r}; allowed: {list(DTYPES)}")
+    _check(self.toy_size in ("default", "tiny"), f"toy_size={self.toy_size!r}; allowed: "
+           "'default', 'tiny'")
+    _check(self.missing_revision in MISSING_REVISION,
+           f"missing_revision={self.missing_revision!r}; allowed: {list(MISSING_REVISION)}")
+    from sae_jax.formats import FORMATS
+    bad = [f for f in self.exports if f not in FORMATS]
+    _check(not bad, f"unknown export format(s) {bad}; allowed: {list(FORMATS)}")
+    for name in ("revisions", "hooks", "exports"):
+      object.__setattr__(self, name, tuple(getattr(self, name)))
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]):
+    d = dict(d)
+    for key, sub in (("sae", SAEConfig), ("train", TrainConfig), ("data", DataConfig)):
+      if isinstance(d.get(key), dict):
+        d[key] = sub.from_dict(d[key])
+    return super().from_dict(d)

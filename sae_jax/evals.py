@@ -55,3 +55,45 @@ def reconstruction_metrics(sae: SAE, x, batch_size: int = 1024) -> dict[str, flo
           "cosine": float(total["cos"]) / n, "l0": float(fired.sum()) / n,
           "dead_fraction": float(np.mean(fired == 0)),
           "dense_fraction": float(np.mean(fired > DENSE_FIRING_RATE * n)), "tokens": n}
+
+
+def _token_nll(logits, ids, mask):
+  """Per-sequence sums of next-token NLL and the count of predicted tokens."""
+  logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
+  m = (mask[:, 1:] * mask[:, :-1]).astype(jnp.float32)
+  return jnp.sum(nll * m), jnp.sum(m), logp, m
+
+
+def spliced_metrics(model, sae: SAE, hook: str, batches, max_batches: int | None = None
+                    ) -> dict[str, float]:
+  """LM-loss metrics with the SAE's reconstruction spliced in at ``hook``.
+
+  ce_clean, ce_sae, ce_ablated (the site zero-ablated), ce_loss_recovered =
+  (ce_ablated - ce_sae) / (ce_ablated - ce_clean), delta_lm_loss = ce_sae - ce_clean, and
+  kl_sae = mean KL(clean || with SAE) per predicted token. ``batches``: TokenBatch-like items
+  with ``ids`` and ``mask`` [B, T].
+  """
+  recon = lambda x: sae.reconstruct(x.reshape(-1, x.shape[-1])).reshape(x.shape)
+  sums = {"clean": 0.0, "sae": 0.0, "ablated": 0.0, "kl": 0.0}
+  count = 0.0
+  for i, b in enumerate(batches):
+    if max_batches is not None and i >= max_batches:
+      break
+    ids, mask = jnp.asarray(b.ids), jnp.asarray(b.mask)
+    clean = model.logits(ids, mask)
+    with_sae = model.logits(ids, mask, splice={hook: recon})
+    ablated = model.logits(ids, mask, splice={hook: jnp.zeros_like})
+    c, n, logp_clean, m = _token_nll(clean, ids, mask)
+    s, _, logp_sae, _ = _token_nll(with_sae, ids, mask)
+    a, _, _, _ = _token_nll(ablated, ids, mask)
+    kl = jnp.sum(jnp.sum(jnp.exp(logp_clean) * (logp_clean - logp_sae), -1) * m)
+    for k, v in zip(("clean", "sae", "ablated", "kl"), (c, s, a, kl)):
+      sums[k] += float(v)
+    count += float(n)
+  ce = {k: v / max(count, 1.0) for k, v in sums.items()}
+  gap = ce["ablated"] - ce["clean"]
+  return {"ce_clean": ce["clean"], "ce_sae": ce["sae"], "ce_ablated": ce["ablated"],
+          "ce_loss_recovered": (ce["ablated"] - ce["sae"]) / gap if abs(gap) > 1e-12 else
+          float("nan"), "delta_lm_loss": ce["sae"] - ce["clean"], "kl_sae": ce["kl"],
+          "lm_tokens": count}

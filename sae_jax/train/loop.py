@@ -124,6 +124,7 @@ def train_sae(activations: np.ndarray | Iterable[np.ndarray], sae_config: SAECon
               train_config: TrainConfig, workdir: str | Path | None = None,
               mesh: Mesh | None = None, *, eval_activations: np.ndarray | None = None,
               overwrite: bool = False, metadata: dict | None = None,
+              on_complete: Callable[[SAE, store.RunDir], None] | None = None,
               log_fn: Callable[[str], None] = logging.info) -> SAE:
   """Train an SAE on activations [n, d_in] (an array, or any iterable of such batches).
 
@@ -138,6 +139,8 @@ def train_sae(activations: np.ndarray | Iterable[np.ndarray], sae_config: SAECon
     eval_activations: held-out [m, d_in] activations (else ``eval_tokens`` rows are held out).
     overwrite: discard a run with a different config found in ``workdir`` instead of refusing.
     metadata: provenance stored with the SAE (model, revision, hook, ...).
+    on_complete: called with the SAE and the run directory after the SAE is saved and before
+      COMPLETE is written (the trace evaluates and exports there); must be idempotent.
     log_fn: where the progress lines go.
 
   Returns:
@@ -231,6 +234,8 @@ def train_sae(activations: np.ndarray | Iterable[np.ndarray], sae_config: SAECon
       sae.save(run.sae)
       store.atomic_write_json(run.eval, sae.metadata.get("eval", {}))
       log.close()
+      if on_complete is not None:
+        on_complete(sae, run)
       run.mark_complete({"steps": int(state.step), "tokens_seen": meta["tokens_seen"]})
     return sae
   finally:

@@ -1,0 +1,168 @@
+"""The trace: for every checkpoint (in training order) and hook, train an SAE, evaluate it,
+export it, mark it COMPLETE; skip what is done, resume what was cut off.
+
+Layout (see ``store.py``): ``<workdir>/trace.json``, ``<workdir>/<checkpoint>/<hook>/...`` and
+``<workdir>/summary.csv`` (one row per pair: the table over checkpoints).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+import time
+from pathlib import Path
+from typing import Callable
+
+from absl import logging
+
+from sae_jax import data as sj_data
+from sae_jax import evals, store
+from sae_jax.config import TraceConfig
+from sae_jax.errors import CheckpointError, ConfigError
+from sae_jax.models import load_model
+from sae_jax.models.hf import resolve
+from sae_jax.models.hooks import parse_hook
+from sae_jax.train.loop import train_sae
+
+SUMMARY_FIELDS = ("checkpoint", "step", "hook", "fvu", "l0", "dead_fraction", "cosine",
+                  "ce_clean", "ce_sae", "ce_loss_recovered", "delta_lm_loss", "kl_sae")
+
+
+def checkpoint_step(label: str, path: Path | None = None) -> int | None:
+  """Training step of a checkpoint label ("step1000", "iter_0001000") or its config."""
+  if path is not None and (path / "config.json").exists():
+    info = store.read_json(path / "config.json").get("sae_jax_toy", {})
+    if "step" in info:
+      return int(info["step"])
+  m = re.search(r"(\d+)$", label)
+  return int(m.group(1)) if m else None
+
+
+def discover_revisions(model_dir: Path) -> list[str]:
+  """Revision subdirectories of a local model directory, in training order."""
+  found = [p for p in model_dir.iterdir() if p.is_dir() and (p / "config.json").exists()]
+  return [p.name for p in sorted(found, key=lambda p: (checkpoint_step(p.name, p) is None,
+                                                       checkpoint_step(p.name, p) or 0, p.name))]
+
+
+def _prepare_toy(cfg: TraceConfig, log_fn) -> None:
+  from sae_jax.toy.lm import TINY_LM, TINY_WORLD, LMConfig, train_toy_lm
+  from sae_jax.toy.world import WorldConfig
+  if (Path(cfg.model) / "world.json").exists():
+    return
+  log_fn(f"training the toy world's model into {cfg.model} (first use)")
+  world, lm = (TINY_WORLD, TINY_LM) if cfg.toy_size == "tiny" else (WorldConfig(), LMConfig())
+  train_toy_lm(cfg.model, world, lm, log_fn=log_fn)
+
+
+def _check_workdir(workdir: Path, cfg: TraceConfig, overwrite: bool) -> None:
+  if workdir.exists() and not workdir.is_dir():
+    raise ConfigError(f"workdir {workdir} is a file; pass a directory")
+  saved = workdir / "trace.json"
+  if not saved.exists():
+    return
+  diffs = store.config_differences(store.read_json(saved), _comparable(cfg))
+  if diffs and not overwrite:
+    raise ConfigError(f"workdir {workdir} holds another trace (" + "; ".join(diffs[:5]) +
+                      "); use another workdir or overwrite")
+
+
+def _comparable(cfg: TraceConfig) -> dict:
+  d = cfg.to_dict()
+  for k in ("log_every", "checkpoint_every", "keep_checkpoints", "max_nan_batches"):
+    d["train"].pop(k, None)
+  d.pop("missing_revision", None)
+  return json.loads(json.dumps(d))  # tuples -> lists, as trace.json stores them
+
+
+def trace(cfg: TraceConfig, workdir: str | Path, overwrite: bool = False,
+          log_fn: Callable[[str], None] = logging.info) -> list[dict]:
+  """Run (or finish) the trace into ``workdir``; returns the summary rows."""
+  workdir = Path(workdir)
+  _check_workdir(workdir, cfg, overwrite)
+  if cfg.toy:
+    _prepare_toy(cfg, log_fn)
+  workdir.mkdir(parents=True, exist_ok=True)
+  store.atomic_write_json(workdir / "trace.json", _comparable(cfg))
+  revisions = list(cfg.revisions)
+  local = Path(cfg.model).is_dir()
+  if not revisions:
+    if not local:
+      raise ConfigError(f"revisions is empty and {cfg.model!r} is not a local directory; list "
+                        "the revisions to trace")
+    revisions = discover_revisions(Path(cfg.model))
+  rows, t0 = [], time.perf_counter()
+  for n, rev in enumerate(revisions):
+    try:
+      path = resolve(cfg.model, rev)
+    except CheckpointError as e:
+      if cfg.missing_revision == "skip":
+        log_fn(f"skipping revision {rev!r}: {e}")
+        continue
+      raise CheckpointError(f"revision {rev!r} of {cfg.model!r} is missing ({e}); set "
+                            "missing_revision='skip' to continue without it") from None
+    pairs = [(h, store.RunDir.for_pair(workdir, rev, h)) for h in cfg.hooks]
+    if all(p.is_complete() for _, p in pairs):
+      rows += [_summary_row(rev, path, h, p) for h, p in pairs]
+      log_fn(f"[{n + 1}/{len(revisions)}] {rev}: done already")
+      continue
+    model = load_model(path, dtype=cfg.dtype)
+    model.revision = rev
+    for hook, pair in pairs:
+      parse_hook(hook, model.cfg.n_layers)  # a hook the model lacks: one line, before work
+      if not pair.is_complete():
+        _train_pair(cfg, model, rev, hook, pair, log_fn)
+      rows.append(_summary_row(rev, path, hook, pair))
+      log_fn(f"[{n + 1}/{len(revisions)}] {rev} {hook}: fvu {rows[-1]['fvu']:.4f} "
+             f"CE recovered {rows[-1]['ce_loss_recovered']:.4f} "
+             f"({time.perf_counter() - t0:.0f}s)")
+  store.atomic_write_text(workdir / "summary.csv", _csv(rows))
+  log_fn("\n" + _table(rows))
+  return rows
+
+
+def _train_pair(cfg: TraceConfig, model, rev: str, hook: str, pair: store.RunDir, log_fn):
+  d = model.cfg.d_model
+  sae_cfg = cfg.sae.replace(d_in=d, d_sae=cfg.expansion * d if cfg.expansion else cfg.sae.d_sae)
+  rows = sj_data.hook_rows(model, cfg.data, hook)
+  eval_batches = sj_data.token_batches(model, cfg.data.replace(seed=cfg.data.seed + 7919))
+
+  def finish(sae, run):
+    lm = evals.spliced_metrics(model, sae, hook, eval_batches, cfg.eval_batches)
+    store.atomic_write_json(run.eval, {**sae.metadata.get("eval", {}), **lm})
+    for fmt in cfg.exports:
+      try:
+        sae.export(run.path / "exports" / fmt, format=fmt)
+      except ConfigError as e:  # e.g. sparsify cannot hold a unit-norm SAE: say so, go on
+        log_fn(f"{rev} {hook}: not exported as {fmt}: {e}")
+
+  meta = {"model_name": str(cfg.model), "revision": rev, "hook_name": hook,
+          "normalize": sae_cfg.normalize}
+  train_sae(rows, sae_cfg, cfg.train, workdir=pair.path, metadata=meta, on_complete=finish,
+            log_fn=log_fn)
+
+
+def _summary_row(rev: str, path: Path, hook: str, pair: store.RunDir) -> dict:
+  ev = store.read_json(pair.eval) if pair.eval.exists() else {}
+  row = {"checkpoint": rev, "step": checkpoint_step(rev, path), "hook": hook}
+  row.update({k: ev.get(k, float("nan")) for k in SUMMARY_FIELDS[3:]})
+  return row
+
+
+def _csv(rows: list[dict]) -> str:
+  buf = io.StringIO()
+  w = csv.DictWriter(buf, fieldnames=SUMMARY_FIELDS)
+  w.writeheader()
+  w.writerows(rows)
+  return buf.getvalue()
+
+
+def _table(rows: list[dict]) -> str:
+  cols = ("checkpoint", "hook", "fvu", "l0", "dead_fraction", "ce_loss_recovered",
+          "delta_lm_loss")
+  fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)
+  lines = [" ".join(f"{c:>17}" for c in cols)]
+  lines += [" ".join(f"{fmt(r[c]):>17}" for c in cols) for r in rows]
+  return "\n".join(lines)
