@@ -20,3 +20,28 @@ def run_main(main):
       sys.exit(2)
 
   return wrapped
+
+
+def parse_flags_or_exit(argv):
+  """absl flag parsing whose errors (unknown config, bad override type) are one line, exit 2."""
+  from absl import flags
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, ValueError, TypeError, AttributeError, KeyError, FileNotFoundError,
+          SyntaxError) as e:
+    msg = str(e).strip().splitlines()
+    print(f"error: {msg[-1] if msg else type(e).__name__}", file=sys.stderr)
+    sys.exit(2)
+
+
+def trace_config_from(config, workdir: str):
+  """An ml_collections trace config -> TraceConfig (relative model/data paths go in workdir)."""
+  import os
+
+  from sae_jax.config import TraceConfig
+  d = config.to_dict()
+  if d.get("toy"):
+    for holder, key in ((d, "model"), (d.get("data", {}), "path")):
+      if holder.get(key) and not os.path.isabs(holder[key]):
+        holder[key] = os.path.join(workdir, holder[key])
+  return TraceConfig.from_dict(d)
