@@ -9,12 +9,11 @@ Rerunning skips finished (checkpoint, hook) pairs and resumes a cut-off one exac
 """
 
 import os
-import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from sae_jax.cli import parse_flags_or_exit, run_main, trace_config_from
+from sae_jax.cli import load_flag_config, parse_flags_or_exit, run_main, trace_config_from
 
 _CONFIGS = os.path.join(os.path.dirname(__file__), "configs")
 config_flags.DEFINE_config_file("config", os.path.join(_CONFIGS, "toy.py"), "trace config")
@@ -26,7 +25,7 @@ FLAGS = flags.FLAGS
 def main(argv):
   del argv
   from sae_jax.trace import trace
-  cfg = trace_config_from(FLAGS.config, FLAGS.workdir)
+  cfg = trace_config_from(load_flag_config(FLAGS), FLAGS.workdir)
   logging.info("trace config:\n%s", cfg.to_json())
   trace(cfg, FLAGS.workdir, overwrite=FLAGS.overwrite, log_fn=lambda s: print(s, flush=True))
   print(f"done: {FLAGS.workdir}/summary.csv", flush=True)

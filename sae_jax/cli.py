@@ -34,12 +34,23 @@ def parse_flags_or_exit(argv):
     sys.exit(2)
 
 
+def load_flag_config(flag_values, name: str = "config"):
+  """An ml_collections config flag as a dict; a config file that fails to load is one line."""
+  from sae_jax.errors import ConfigError
+  try:
+    return getattr(flag_values, name).to_dict()  # the file loads lazily: force it here
+  except (OSError, SyntaxError, ImportError, AttributeError) as e:
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    raise ConfigError(f"cannot load --{name}: {lines[-1] if lines else type(e).__name__}"
+                      ) from None
+
+
 def trace_config_from(config, workdir: str):
   """An ml_collections trace config -> TraceConfig (relative model/data paths go in workdir)."""
   import os
 
   from sae_jax.config import TraceConfig
-  d = config.to_dict()
+  d = dict(config) if isinstance(config, dict) else config.to_dict()
   if d.get("toy"):
     for holder, key in ((d, "model"), (d.get("data", {}), "path")):
       if holder.get(key) and not os.path.isabs(holder[key]):
