@@ -8,7 +8,7 @@ from sae_jax.formats import load_sae
 from sae_jax.models import load_model
 from sae_jax.saes.sae import SAE
 from sae_jax.sharding import make_mesh
-from sae_jax.train import train_sae
+from sae_jax.train import SAEJob, train_sae, train_saes
 
 __all__ = ["SAE", "DataConfig", "MeshConfig", "SAEConfig", "TrainConfig", "__version__", "data", "errors", "kernels",
-           "load_model", "load_sae", "make_mesh", "saes", "sharding", "train_sae"]
+           "load_model", "load_sae", "make_mesh", "saes", "sharding", "train_sae", "train_saes", "SAEJob"]

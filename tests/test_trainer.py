@@ -169,3 +169,21 @@ def test_metrics_tensorboard_and_eval_are_written(tmp_path):
   fvu = acc.Scalars("train/fvu")
   assert [e.step for e in fvu] == train
   assert fvu[0].value == pytest.approx(next(r["fvu"] for r in records if r["split"] == "train"))
+
+
+def test_several_saes_side_by_side_equal_each_trained_alone(tmp_path):
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(4096, 16)).astype(np.float32)
+  tcfg = sj.TrainConfig(batch_size=128, total_tokens=128 * 9, checkpoint_every=4, lr=1e-3,
+                        log_every=3)
+  cfgs = [sj.SAEConfig(architecture="topk", d_in=16, d_sae=128, k=4),
+          sj.SAEConfig(architecture="batchtopk", d_in=16, d_sae=64, k=2)]
+  mesh = sj.make_mesh(sj.MeshConfig(data=1, model=1), devices=jax.devices()[:1])
+  jobs = [sj.SAEJob(c, tcfg, tmp_path / f"j{i}", name=c.architecture) for i, c in enumerate(cfgs)]
+  together = sj.train_saes(x, jobs, mesh)
+  for i, c in enumerate(cfgs):
+    alone = sj.train_sae(x, c, tcfg, tmp_path / f"alone{i}", mesh)
+    for k in alone.params:
+      np.testing.assert_array_equal(np.asarray(together[i].params[k]), np.asarray(alone.params[k]))
+  with pytest.raises(ConfigError, match="batch_size"):
+    sj.train_saes(x, [jobs[0], sj.SAEJob(cfgs[1], tcfg.replace(batch_size=64))], mesh)

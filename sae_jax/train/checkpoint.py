@@ -47,9 +47,15 @@ class Checkpointer:
   def wait(self) -> None:
     self._manager.wait_until_finished()
 
-  def restore_latest(self, abstract_state: TrainState) -> tuple[TrainState, dict] | None:
-    """(state, data position) of the newest checkpoint that restores, or None if none does."""
+  def restore_latest(self, abstract_state: TrainState, only: set[int] | None = None
+                     ) -> tuple[TrainState, dict] | None:
+    """(state, data position) of the newest checkpoint (among ``only``) that restores.
+
+    A checkpoint that fails to restore is moved aside with a warning; None if none restores.
+    """
     for step in reversed(self.steps()):
+      if only is not None and step not in only:
+        continue
       try:
         out = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))

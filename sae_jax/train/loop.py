@@ -10,6 +10,7 @@ parameters to a run that was never interrupted.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import shutil
 import signal
@@ -120,6 +121,22 @@ def _check_same_run(run: store.RunDir, current: dict, overwrite: bool) -> None:
     p.unlink(missing_ok=True)
 
 
+@dataclasses.dataclass
+class SAEJob:
+  """One SAE to train from a shared activation stream (see :func:`train_saes`)."""
+
+  sae_config: SAEConfig
+  train_config: TrainConfig
+  workdir: str | Path | None = None
+  metadata: dict | None = None
+  on_complete: Callable[[SAE, store.RunDir], None] | None = None
+  name: str = ""
+
+
+# TrainConfig fields that shape the shared batch stream: equal across the SAEs of one stream.
+_STREAM_FIELDS = ("batch_size", "total_tokens", "seed", "shuffle_batches", "eval_tokens")
+
+
 def train_sae(activations: np.ndarray | Iterable[np.ndarray], sae_config: SAEConfig,
               train_config: TrainConfig, workdir: str | Path | None = None,
               mesh: Mesh | None = None, *, eval_activations: np.ndarray | None = None,
@@ -129,9 +146,10 @@ def train_sae(activations: np.ndarray | Iterable[np.ndarray], sae_config: SAECon
   """Train an SAE on activations [n, d_in] (an array, or any iterable of such batches).
 
   Args:
-    activations: an in-memory array (shuffled, repeated up to total_tokens) or an iterable of
-      [n_i, d_in] arrays (re-batched, shuffled within a buffer). Resuming an iterable re-reads
-      it from the start, so pass a re-iterable one (a list, not a generator).
+    activations: an in-memory array (shuffled, repeated up to total_tokens), an iterable of
+      [n_i, d_in] arrays (re-batched, shuffled within a buffer), or a source with
+      ``rows_from(n)`` (``sj.data.hook_rows``, a cache reader) that restarts at any row.
+      Resuming a plain iterable re-reads it from the start: pass a re-iterable one.
     sae_config, train_config: what to train and how.
     workdir: run directory for checkpoints, metrics and the final SAE; a rerun resumes it, and
       a finished one is simply loaded. None: in memory only.
@@ -146,103 +164,180 @@ def train_sae(activations: np.ndarray | Iterable[np.ndarray], sae_config: SAECon
   Returns:
     The trained SAE; ``sae.metadata`` holds provenance, tokens seen and the final metrics.
   """
-  tcfg = train_config
-  run = store.RunDir(workdir) if workdir is not None else None
-  if run is not None:
-    _check_same_run(run, _run_config(sae_config, tcfg), overwrite)
-    if run.is_complete():
-      log_fn(f"{run.path} is complete; loading its SAE")
-      from sae_jax.formats import load_sae
-      return load_sae(run.sae)
-    run.ensure()
-    store.atomic_write_json(run.config, _run_config(sae_config, tcfg))
+  job = SAEJob(sae_config, train_config, workdir, metadata, on_complete)
+  return train_saes(activations, [job], mesh, eval_activations=eval_activations,
+                    overwrite=overwrite, log_fn=log_fn)[0]
+
+
+class _Job:
+  """A job's run directory, compiled step, checkpointer, state and log while training."""
+
+  def __init__(self, job: SAEJob, mesh: Mesh, overwrite: bool):
+    self.job, self.cfg, self.tcfg = job, job.sae_config, job.train_config
+    self.run = store.RunDir(job.workdir) if job.workdir is not None else None
+    self.done_sae = None
+    if self.run is not None:
+      _check_same_run(self.run, _run_config(self.cfg, self.tcfg), overwrite)
+      if self.run.is_complete():
+        from sae_jax.formats import load_sae
+        self.done_sae = load_sae(self.run.sae)
+        return
+      self.run.ensure()
+      store.atomic_write_json(self.run.config, _run_config(self.cfg, self.tcfg))
+    self.step = make_train_step(self.cfg, self.tcfg, mesh)
+    self.ckpt = (Checkpointer(self.run.state, self.tcfg.keep_checkpoints)
+                 if self.run is not None else None)
+    self.state, self.log, self.metrics, self.last = None, None, None, {}
+
+  def abstract(self):
+    shapes = jax.eval_shape(lambda: _init_state(self.cfg, self.tcfg, None, jax.random.key(0)))
+    return abstract_state(self.step.state_shardings, shapes)
+
+  def close(self):
+    if self.log is not None:
+      self.log.close()
+    if getattr(self, "ckpt", None) is not None:
+      with contextlib.suppress(Exception):
+        self.ckpt.close()
+
+
+def _restore_common(jobs: list[_Job]) -> dict | None:
+  """Restore every job at the newest checkpoint step they all have; returns its position."""
+  if any(j.ckpt is None or not j.ckpt.steps() for j in jobs):
+    return None
+  common = set.intersection(*(set(j.ckpt.steps()) for j in jobs))
+  while common:
+    s = max(common)
+    got = [j.ckpt.restore_latest(j.abstract(), only={s}) for j in jobs]
+    if all(g is not None for g in got):
+      for j, (state, _) in zip(jobs, got):
+        j.state = state
+      return got[0][1]
+    common = set.intersection(*(set(j.ckpt.steps()) for j in jobs)) & {x for x in common if x < s}
+  return None
+
+
+def train_saes(activations, jobs: list[SAEJob], mesh: Mesh | None = None, *,
+               eval_activations: np.ndarray | None = None, overwrite: bool = False,
+               log_fn: Callable[[str], None] = logging.info) -> list[SAE]:
+  """Train several SAEs side by side on one activation stream (one model forward feeds all).
+
+  Every job sees the same batches; their TrainConfigs must agree on the fields that shape the
+  stream (batch_size, total_tokens, seed, shuffle_batches, eval_tokens) and their d_in.
+  Checkpoints of all jobs are taken at the same batch, and a restart resumes all of them from
+  the newest batch they all hold, so each SAE equals the one trained alone.
+  """
+  if not jobs:
+    raise ConfigError("train_saes needs at least one SAEJob")
+  first_cfg = jobs[0].train_config
+  for j in jobs[1:]:
+    diffs = [f for f in _STREAM_FIELDS if getattr(j.train_config, f) != getattr(first_cfg, f)]
+    if diffs or j.sae_config.d_in != jobs[0].sae_config.d_in:
+      raise ConfigError(f"SAEs sharing a stream must agree on {diffs or ['d_in']}")
   mesh = mesh or sharding.make_mesh()
-  stream = BatchStream(activations, tcfg.batch_size, sae_config.d_in, tcfg.seed,
-                       tcfg.total_tokens, tcfg.shuffle_batches,
-                       0 if eval_activations is not None else tcfg.eval_tokens)
-  step = make_train_step(sae_config, tcfg, mesh)
-  ckpt = Checkpointer(run.state, tcfg.keep_checkpoints) if run is not None else None
-  state, resume_step = None, None
-  if ckpt is not None and ckpt.steps():
-    t0 = time.perf_counter()
-    shapes = jax.eval_shape(lambda: _init_state(sae_config, tcfg, None, jax.random.key(0)))
-    restored = ckpt.restore_latest(abstract_state(step.state_shardings, shapes))
-    if restored is not None:
-      state, position = restored
-      stream.restore(position)
-      resume_step = stream.served
-      log_fn(f"resumed {run.path} at batch {stream.served} (step {int(state.step)}) in "
-             f"{time.perf_counter() - t0:.1f}s")
+  runs = [_Job(j, mesh, overwrite) for j in jobs]
+  active = [r for r in runs if r.done_sae is None]
+  for r in runs:
+    if r.done_sae is not None:
+      log_fn(f"{r.run.path} is complete; loading its SAE")
+  if not active:
+    return [r.done_sae for r in runs]
+  tcfg, d_in = first_cfg, jobs[0].sae_config.d_in
+  stream = BatchStream(activations, tcfg.batch_size, d_in, tcfg.seed, tcfg.total_tokens,
+                       tcfg.shuffle_batches, 0 if eval_activations is not None else tcfg.eval_tokens)
+  try:
+    return _fit(runs, active, stream, mesh, eval_activations, log_fn)
+  finally:
+    for r in active:
+      r.close()
+
+
+def _fit(runs, active, stream, mesh, eval_activations, log_fn) -> list[SAE]:
+  tcfg = active[0].tcfg
+  t0 = time.perf_counter()
+  position = _restore_common(active)
+  resume_step = None
+  if position is not None:
+    stream.restore(position)
+    resume_step = stream.served
+    log_fn(f"resumed at batch {stream.served} (step {int(active[0].state.step)}) in "
+           f"{time.perf_counter() - t0:.1f}s")
   batches = iter(stream)
-  if state is None:
+  if position is None:
     try:
       first = next(batches)
     except StopIteration:
       raise DataError(f"no full batch of {tcfg.batch_size} tokens in the activations") from None
-    state = init_train_state(sae_config, tcfg, mesh, first)
+    for r in active:
+      r.state = init_train_state(r.cfg, r.tcfg, mesh, first)
     batches = _prepend(first, batches)
   eval_rows = eval_activations if eval_activations is not None else stream.eval_rows
   total = stream.total_batches
-  log_fn(f"training {sae_config.architecture} SAE d_in={sae_config.d_in} "
-         f"d_sae={sae_config.d_sae} k={sae_config.k} on {mesh.devices.size} device(s), "
-         f"{tcfg.batch_size} tokens/step" + (f", {total} steps" if total else ""))
-  log = _RunLog(run, resume_step)
-  metrics, t0, start = None, time.perf_counter(), stream.served
-  last = {}
-  try:
-    with _SigtermFlag() as sigterm:
-      for batch in batches:
-        state, metrics = step(state, jax.device_put(batch, step.x_sharding))
-        served = stream.served
-        if served % tcfg.log_every == 0 or served == total:
-          last = {k: float(v) for k, v in metrics.items()}
-          _check_nan_budget(state, tcfg)
-          log.write(served, "train", last)
-          log_fn(_progress_line(served, total, start, tcfg.batch_size,
-                                time.perf_counter() - t0, last))
-        if eval_rows is not None and tcfg.eval_every and served % tcfg.eval_every == 0:
-          log.write(served, "eval", _evaluate(sae_config, state, eval_rows))
-        if ckpt is not None and (served % tcfg.checkpoint_every == 0 or sigterm.raised):
-          ckpt.save(served, state, stream.position())
-          log.flush()
-          if served % tcfg.log_every == 0:
-            log.write(served, "checkpoint", {"save_blocking_s": ckpt.last_save_blocking_s})
-        if sigterm.raised:
-          ckpt_note = "checkpointed" if ckpt is not None else "no workdir, nothing saved"
-          if ckpt is not None:
-            ckpt.wait()
-          note = (f"SIGTERM at batch {served}: {ckpt_note}; rerun with the same workdir "
-                  "to resume")
-          logging.warning(note)
-          raise Preempted(note)
-    if metrics is not None:
-      last = {k: float(v) for k, v in metrics.items()}
-    _check_nan_budget(state, tcfg)
-    if ckpt is not None and stream.served not in ckpt.steps():
-      ckpt.save(stream.served, state, stream.position())  # a kill below resumes here
-    if ckpt is not None:
-      ckpt.wait()
-    meta = {**(metadata or {}), "tokens_seen": int(state.step) * tcfg.batch_size,
-            "steps": int(state.step), "nan_batches": int(state.nan_batches),
-            "final_metrics": last, "train_config": tcfg.to_dict(), "sae_jax_version": __version__}
-    sae = SAE(sae_config, jax.device_get(state.params), jax.device_get(state.buffers), meta)
+  for r in active:
+    log_fn(f"training {r.cfg.architecture} SAE d_in={r.cfg.d_in} d_sae={r.cfg.d_sae} "
+           f"k={r.cfg.k} on {mesh.devices.size} device(s), {tcfg.batch_size} tokens/step"
+           + (f", {total} steps" if total else "") + (f" -> {r.run.path}" if r.run else ""))
+    r.log = _RunLog(r.run, resume_step)
+  t0, start = time.perf_counter(), stream.served
+  x_sharding = active[0].step.x_sharding
+  with _SigtermFlag() as sigterm:
+    for batch in batches:
+      x = jax.device_put(batch, x_sharding)
+      served = stream.served
+      for r in active:
+        r.state, r.metrics = r.step(r.state, x)
+        if served % r.tcfg.log_every == 0 or served == total:
+          r.last = {k: float(v) for k, v in r.metrics.items()}
+          _check_nan_budget(r.state, r.tcfg)
+          r.log.write(served, "train", r.last)
+          tag = f"[{r.job.name or r.cfg.architecture}] " if len(active) > 1 else ""
+          log_fn(tag + _progress_line(served, total, start, tcfg.batch_size,
+                                      time.perf_counter() - t0, r.last))
+        if eval_rows is not None and r.tcfg.eval_every and served % r.tcfg.eval_every == 0:
+          r.log.write(served, "eval", _evaluate(r.cfg, r.state, eval_rows))
+      if served % tcfg.checkpoint_every == 0 or sigterm.raised:
+        for r in active:
+          if r.ckpt is not None:
+            r.ckpt.save(served, r.state, stream.position())
+            r.log.flush()
+            if served % r.tcfg.log_every == 0:
+              r.log.write(served, "checkpoint", {"save_blocking_s": r.ckpt.last_save_blocking_s})
+      if sigterm.raised:
+        saved = any(r.ckpt is not None for r in active)
+        for r in active:
+          if r.ckpt is not None:
+            r.ckpt.wait()
+        note = (f"SIGTERM at batch {served}: " + ("checkpointed" if saved else
+                "no workdir, nothing saved") + "; rerun with the same workdir to resume")
+        logging.warning(note)
+        raise Preempted(note)
+  for r in active:
+    if r.metrics is not None:
+      r.last = {k: float(v) for k, v in r.metrics.items()}
+    _check_nan_budget(r.state, r.tcfg)
+    if r.ckpt is not None and stream.served not in r.ckpt.steps():
+      r.ckpt.save(stream.served, r.state, stream.position())  # a kill below resumes here
+  for r in active:
+    if r.ckpt is not None:
+      r.ckpt.wait()
+  for r in active:
+    meta = {**(r.job.metadata or {}), "tokens_seen": int(r.state.step) * tcfg.batch_size,
+            "steps": int(r.state.step), "nan_batches": int(r.state.nan_batches),
+            "final_metrics": r.last, "train_config": r.tcfg.to_dict(),
+            "sae_jax_version": __version__}
+    sae = SAE(r.cfg, jax.device_get(r.state.params), jax.device_get(r.state.buffers), meta)
     if eval_rows is not None:
-      final_eval = evals.reconstruction_metrics(sae, eval_rows)
-      sae.metadata["eval"] = final_eval
-      log.write(stream.served, "eval", final_eval)
-    if run is not None:
-      sae.save(run.sae)
-      store.atomic_write_json(run.eval, sae.metadata.get("eval", {}))
-      log.close()
-      if on_complete is not None:
-        on_complete(sae, run)
-      run.mark_complete({"steps": int(state.step), "tokens_seen": meta["tokens_seen"]})
-    return sae
-  finally:
-    log.close()
-    if ckpt is not None:
-      with contextlib.suppress(Exception):
-        ckpt.close()
+      sae.metadata["eval"] = evals.reconstruction_metrics(sae, eval_rows)
+      r.log.write(stream.served, "eval", sae.metadata["eval"])
+    if r.run is not None:
+      sae.save(r.run.sae)
+      store.atomic_write_json(r.run.eval, sae.metadata.get("eval", {}))
+      r.log.close()
+      if r.job.on_complete is not None:
+        r.job.on_complete(sae, r.run)
+      r.run.mark_complete({"steps": int(r.state.step), "tokens_seen": meta["tokens_seen"]})
+    r.done_sae = sae
+  return [r.done_sae for r in runs]
 
 
 def _prepend(first, rest):
