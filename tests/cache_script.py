@@ -13,7 +13,7 @@ CFG = DataConfig(source="toy", max_docs=512, batch_size=16, ctx_len=24)
 
 
 def batches_for(toy, p, n):
-  model = sj.load_model(toy, revision="step5")
+  model = sj.load_model(toy, revision="step30")
   cfg = CFG.replace(path=str(toy))
   tok = tokenize_documents(load_documents(cfg), model.tokenizer, cfg, model.cfg.vocab_size)
   return model, TokenBatches(tok, cfg, model.tokenizer.pad_token_id, p, n)

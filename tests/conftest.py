@@ -11,3 +11,15 @@ import jax  # noqa: E402
 
 # The references compute in float32 too; full-precision matmuls keep comparisons meaningful.
 jax.config.update("jax_default_matmul_precision", "highest")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_toy(tmp_path_factory):
+  """A toy-world model with a few real checkpoints (step0 ... step30), trained once per run."""
+  from sae_jax.toy.lm import TINY_LM, TINY_WORLD, train_toy_lm
+  out = tmp_path_factory.mktemp("tiny_toy")
+  train_toy_lm(out, TINY_WORLD, TINY_LM.__class__(**{**TINY_LM.__dict__, "steps": 30,
+                                                      "train_docs": 3000, "eval_docs": 50}))
+  return out

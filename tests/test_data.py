@@ -16,7 +16,6 @@ from sae_jax.data.cache import CacheReader, finished_batches, write_cache
 from sae_jax.data.sources import load_documents
 from sae_jax.data.tokens import TokenBatches, tokenize_documents
 from sae_jax.errors import CheckpointError, DataError
-from sae_jax.toy.lm import TINY_LM, TINY_WORLD, train_toy_lm
 
 sys.path.insert(0, str(Path(__file__).parent))
 from cache_script import CFG, batches_for  # noqa: E402
@@ -25,12 +24,9 @@ SCRIPT = str(Path(__file__).with_name("cache_script.py"))
 HOOK = "resid_post.1"
 
 
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-  out = tmp_path_factory.mktemp("toy")
-  train_toy_lm(out, TINY_WORLD, TINY_LM.__class__(**{**TINY_LM.__dict__, "steps": 5,
-                                                      "train_docs": 500, "eval_docs": 50}))
-  return out
+@pytest.fixture
+def toy(tiny_toy):
+  return tiny_toy
 
 
 def test_tokens_bos_truncation_packing_and_host_shards(toy):

@@ -16,7 +16,6 @@ import sae_jax as sj
 from sae_jax import evals
 from sae_jax.cli import trace_config_from
 from sae_jax.errors import CheckpointError, ConfigError
-from sae_jax.toy.lm import TINY_LM, TINY_WORLD, train_toy_lm
 from sae_jax.trace import trace
 
 ROOT = Path(__file__).parents[1]
@@ -38,12 +37,9 @@ def test_every_shipped_config_loads(path, arg, tmp_path):
   assert sj.config.TraceConfig.from_json(cfg.to_json()) == cfg
 
 
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-  out = tmp_path_factory.mktemp("toy")
-  train_toy_lm(out, TINY_WORLD, TINY_LM.__class__(**{**TINY_LM.__dict__, "steps": 30,
-                                                      "train_docs": 3000, "eval_docs": 50}))
-  return out
+@pytest.fixture
+def toy(tiny_toy):
+  return tiny_toy
 
 
 def _cfg(toy, **kw):
