@@ -112,8 +112,11 @@ def _scatter_rows(rows_of: jax.Array, weights: jax.Array, source: jax.Array, m_l
     r, w = rw
     return acc.at[r].add((w[:, None] * source).astype(dtype), mode="drop"), None
 
+  # Materialise the loop inputs: left fusable, XLA recomputes their producers inside the loop
+  # (measured: 39 ms instead of 21 ms for N=4096, D=512, M=8192, K=32).
+  rows_t, weights_t, source = lax.optimization_barrier((rows_of.T, weights.T, source))
   acc = jnp.zeros((m_local, source.shape[-1]), dtype)
-  return lax.scan(body, acc, (rows_of.T, weights.T))[0]
+  return lax.scan(body, acc, (rows_t, weights_t))[0]
 
 
 def _gather_dot(rows_of: jax.Array, weights: jax.Array, table: jax.Array) -> jax.Array:
@@ -124,8 +127,9 @@ def _gather_dot(rows_of: jax.Array, weights: jax.Array, table: jax.Array) -> jax
     r, w = rw
     return acc + w[:, None] * table[r].astype(jnp.float32), None
 
+  rows_t, weights_t = lax.optimization_barrier((rows_of.T, weights.T))  # see _scatter_rows
   acc = jnp.zeros((rows_of.shape[0], table.shape[1]), jnp.float32)
-  return lax.scan(body, acc, (rows_of.T, weights.T))[0]
+  return lax.scan(body, acc, (rows_t, weights_t))[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -273,7 +277,8 @@ def _decode_bwd(axis_name, res, g):
   def dot_row(_, r):
     return None, jnp.einsum("nd,nd->n", g, W_dec[r].astype(jnp.float32))
 
-  d_vals = lax.scan(dot_row, None, safe_rows.T)[1].T
+  safe_t, g = lax.optimization_barrier((safe_rows.T, g))  # see _scatter_rows
+  d_vals = lax.scan(dot_row, None, safe_t)[1].T
   d_w = _scatter_rows(rows, weights, g, m_local, jnp.float32)
   d_vals = jnp.where(owned, d_vals, 0.0)
   return d_vals, None, d_w.astype(W_dec.dtype)
