@@ -156,3 +156,22 @@ def test_recovers_planted_sparse_features(arch):
   eig = np.linalg.eigvalsh(centred.T @ centred)[::-1]
   pca_fvu = eig[4:].sum() / eig.sum()
   assert sae.metadata["final_metrics"]["fvu"] < 0.25 * pca_fvu
+
+
+def test_auxk_width_follows_the_dead_count_with_identical_results():
+  mesh = sj.make_mesh(sj.MeshConfig(data=1, model=1), devices=jax.devices()[:1])
+  cfg = sj.SAEConfig(architecture="topk", d_in=D, d_sae=M, k=4)
+  tcfg = sj.TrainConfig(batch_size=N, lr=1e-2, warmup_steps=1, aux_k=64)
+  x = _data(1)[0]
+  step = make_train_step(cfg, tcfg, mesh)
+  fresh = lambda n_dead: init_train_state(cfg, tcfg, mesh, x).replace(
+      tokens_since_fired=jnp.where(jnp.arange(M) < n_dead, tcfg.dead_tokens, 0))
+  assert step.aux_columns(fresh(0)) == 0
+  assert step.aux_columns(fresh(5)) == 8
+  assert step.aux_columns(fresh(200)) == 64
+  narrow, m1 = step.jitted(8)(fresh(5), x)
+  wide, m2 = step.jitted(64)(fresh(5), x)
+  assert float(m1["aux_loss"]) > 0
+  assert float(m1["aux_loss"]) == pytest.approx(float(m2["aux_loss"]), rel=1e-6)
+  for k in narrow.params:
+    np.testing.assert_allclose(narrow.params[k], wide.params[k], rtol=1e-6, atol=1e-7)

@@ -31,7 +31,8 @@ METRIC_NAMES = ("loss", "recon_loss", "mse", "fvu", "l0", "aux_loss", "penalty",
 
 
 def _shard_body(params, buffers, tsf, x_raw, *, sae_cfg: SAEConfig, tcfg: TrainConfig,
-                n_global: int, k_aux: int, replicated_over_model: frozenset[str]):
+                n_global: int, k_aux: int, k_aux_cfg: int,
+                replicated_over_model: frozenset[str]):
   """One shard's loss, gradients and statistics. Shapes are local: x_raw [n, D], W_enc [D, M_l]."""
   arch = registry.get(sae_cfg.architecture)
   ctx = ShardCtx(data_axis="data", model_axis="model", n_global=n_global)
@@ -58,10 +59,11 @@ def _shard_body(params, buffers, tsf, x_raw, *, sae_cfg: SAEConfig, tcfg: TrainC
   g_aux, aux_loss = None, jnp.zeros((), jnp.float32)
   if k_aux:
     # Gao et al.: the dead latents' top-k_aux reconstruct the main residual (held fixed),
-    # scaled down while fewer than k_aux latents are dead.
+    # scaled down while fewer than k_aux latents are dead. ``k_aux`` columns are computed; it is
+    # smaller than the configured ``k_aux_cfg`` only when that many hold every dead latent.
     e_hat = ctx.psum_model(out.aux_partial)
     aux_err = e_hat + err  # e_hat - (x - x_hat)
-    scale = jnp.minimum(num_dead / k_aux, 1.0)
+    scale = jnp.minimum(num_dead / k_aux_cfg, 1.0)
     aux_loss = scale * ctx.psum_data(jnp.sum(aux_err ** 2)) / total_var
     loss = loss + tcfg.auxk_coef * aux_loss
     g_aux = tcfg.auxk_coef * scale * 2.0 * aux_err / total_var
@@ -95,10 +97,10 @@ def _unit_rows(w: jax.Array) -> jax.Array:
 class TrainStep:
   """``step(state, x) -> (state, metrics)`` for x: [batch_size, d_in] on a mesh.
 
-  Two programs are compiled lazily: without and with AuxK. AuxK costs a second top-k and
-  k_aux extra sparse rows per token, so it only runs while some latent is dead; the choice is
-  read from the input state (one scalar sync per step), so a resumed run makes the same choice
-  as an uninterrupted one. The state is donated. A batch with NaN/Inf leaves the state
+  Programs are compiled lazily per AuxK width: none while no latent is dead, else k_aux
+  columns, or fewer (a power of two) while fewer latents are dead. AuxK costs a second top-k
+  and that many extra sparse rows per token. The choice is read from the input state (one
+  scalar sync per step), so a resumed run makes the same choice as an uninterrupted one. The state is donated. A batch with NaN/Inf leaves the state
   unchanged except ``nan_batches`` (metrics NaN, ``skipped`` 1).
   """
 
@@ -114,40 +116,49 @@ class TrainStep:
     self.x_sharding = sharding.named_sharding(mesh, ("batch", "embed"))
     self._compiled: dict[bool, Callable] = {}
     dead_tokens = tcfg.dead_tokens
-    self._any_dead = jax.jit(lambda tsf: (tsf >= dead_tokens).any())
+    self._num_dead = jax.jit(lambda tsf: (tsf >= dead_tokens).sum())
 
   def __call__(self, state: TrainState, x: jax.Array) -> tuple[TrainState, dict]:
-    use_aux = bool(self.k_aux) and bool(self._any_dead(state.tokens_since_fired))
-    return self.jitted(use_aux)(state, x)
+    return self.jitted(self.aux_columns(state))(state, x)
 
-  def jitted(self, use_aux: bool) -> Callable:
-    """The jitted program for one AuxK setting (for ahead-of-time lowering too)."""
-    if use_aux not in self._compiled:
+  def aux_columns(self, state: TrainState) -> int:
+    """AuxK columns this state needs: 0 when no latent is dead, else the configured k_aux
+    or, while fewer latents are dead, the power of two that holds them all (same result: the
+    extra columns would only select non-dead latents, whose values are zero)."""
+    if not self.k_aux:
+      return 0
+    n = int(self._num_dead(state.tokens_since_fired))
+    return 0 if n == 0 else min(self.k_aux, 1 << (n - 1).bit_length())
+
+  def jitted(self, aux_columns: int) -> Callable:
+    """The jitted program for one AuxK width (for ahead-of-time lowering too)."""
+    if aux_columns not in self._compiled:
       rep = NamedSharding(self.mesh, P())
-      self._compiled[use_aux] = jax.jit(
-          functools.partial(self._step, use_aux=use_aux),
+      self._compiled[aux_columns] = jax.jit(
+          functools.partial(self._step, aux_columns=aux_columns),
           in_shardings=(self.state_shardings, self.x_sharding),
           out_shardings=(self.state_shardings, {k: rep for k in METRIC_NAMES}),
           donate_argnums=0)
-    return self._compiled[use_aux]
+    return self._compiled[aux_columns]
 
-  def _grads(self, use_aux: bool):
+  def _grads(self, aux_columns: int):
     st = self.state_shardings
     p_specs = jax.tree.map(lambda s: s.spec, st.params)
     b_specs = jax.tree.map(lambda s: s.spec, st.buffers)
     tsf_spec = st.tokens_since_fired.spec
     replicated = frozenset(k for k, s in p_specs.items() if "model" not in tuple(s))
     body = functools.partial(_shard_body, sae_cfg=self.sae_cfg, tcfg=self.tcfg,
-                             n_global=self.tcfg.batch_size, k_aux=self.k_aux if use_aux else 0,
+                             n_global=self.tcfg.batch_size, k_aux=aux_columns,
+                             k_aux_cfg=max(self.k_aux, 1),
                              replicated_over_model=replicated)
     return jax.shard_map(body, mesh=self.mesh,
                          in_specs=(p_specs, b_specs, tsf_spec, self.x_sharding.spec),
                          out_specs=(p_specs, tsf_spec, P(), P()), check_vma=False)
 
-  def _step(self, state: TrainState, x: jax.Array, use_aux: bool):
+  def _step(self, state: TrainState, x: jax.Array, aux_columns: int):
     arch, tcfg, n = self.arch, self.tcfg, self.tcfg.batch_size
     ok = jnp.isfinite(x).all()
-    grads, fired, threshold, metrics = self._grads(use_aux)(
+    grads, fired, threshold, metrics = self._grads(aux_columns)(
         state.params, state.buffers, state.tokens_since_fired, x)
     params = state.params
     if arch.normalize_decoder:
