@@ -1,5 +1,6 @@
 """The trace: for every checkpoint (in training order) and hook, train an SAE, evaluate it,
-export it, mark it COMPLETE; skip what is done, resume what was cut off.
+export it, mark it COMPLETE; skip what is done, resume what was cut off. The hooks of one
+checkpoint share one model forward (their SAEs train side by side).
 
 Layout (see ``store.py``): ``<workdir>/trace.json``, ``<workdir>/<checkpoint>/<hook>/...`` and
 ``<workdir>/summary.csv`` (one row per pair: the table over checkpoints).
@@ -24,7 +25,7 @@ from sae_jax.errors import CheckpointError, ConfigError
 from sae_jax.models import load_model
 from sae_jax.models.hf import resolve
 from sae_jax.models.hooks import parse_hook
-from sae_jax.train.loop import train_sae
+from sae_jax.train.loop import SAEJob, train_saes
 
 SUMMARY_FIELDS = ("checkpoint", "step", "hook", "fvu", "l0", "dead_fraction", "cosine",
                   "ce_clean", "ce_sae", "ce_loss_recovered", "delta_lm_loss", "kl_sae")
@@ -110,10 +111,12 @@ def trace(cfg: TraceConfig, workdir: str | Path, overwrite: bool = False,
       continue
     model = load_model(path, dtype=cfg.dtype)
     model.revision = rev
-    for hook, pair in pairs:
+    for hook, _ in pairs:
       parse_hook(hook, model.cfg.n_layers)  # a hook the model lacks: one line, before work
-      if not pair.is_complete():
-        _train_pair(cfg, model, rev, hook, pair, log_fn)
+    todo = [(h, p) for h, p in pairs if not p.is_complete()]
+    if todo:
+      _train_pairs(cfg, model, rev, todo, log_fn)
+    for hook, pair in pairs:
       rows.append(_summary_row(rev, path, hook, pair))
       log_fn(f"[{n + 1}/{len(revisions)}] {rev} {hook}: fvu {rows[-1]['fvu']:.4f} "
              f"CE recovered {rows[-1]['ce_loss_recovered']:.4f} "
@@ -123,25 +126,30 @@ def trace(cfg: TraceConfig, workdir: str | Path, overwrite: bool = False,
   return rows
 
 
-def _train_pair(cfg: TraceConfig, model, rev: str, hook: str, pair: store.RunDir, log_fn):
+def _train_pairs(cfg: TraceConfig, model, rev: str, todo, log_fn):
+  """Train the SAEs of one checkpoint: every hook's SAE from one shared model forward."""
   d = model.cfg.d_model
   sae_cfg = cfg.sae.replace(d_in=d, d_sae=cfg.expansion * d if cfg.expansion else cfg.sae.d_sae)
-  rows = sj_data.hook_rows(model, cfg.data, hook)
+  hooks = [h for h, _ in todo]
+  rows = sj_data.multi_hook_rows(model, cfg.data, hooks)
   eval_batches = sj_data.token_batches(model, cfg.data.replace(seed=cfg.data.seed + 7919))
 
-  def finish(sae, run):
-    lm = evals.spliced_metrics(model, sae, hook, eval_batches, cfg.eval_batches)
-    store.atomic_write_json(run.eval, {**sae.metadata.get("eval", {}), **lm})
-    for fmt in cfg.exports:
-      try:
-        sae.export(run.path / "exports" / fmt, format=fmt)
-      except ConfigError as e:  # e.g. sparsify cannot hold a unit-norm SAE: say so, go on
-        log_fn(f"{rev} {hook}: not exported as {fmt}: {e}")
+  def finisher(hook):
+    def finish(sae, run):
+      lm = evals.spliced_metrics(model, sae, hook, eval_batches, cfg.eval_batches)
+      store.atomic_write_json(run.eval, {**sae.metadata.get("eval", {}), **lm})
+      for fmt in cfg.exports:
+        try:
+          sae.export(run.path / "exports" / fmt, format=fmt)
+        except ConfigError as e:  # e.g. sparsify cannot hold a unit-norm SAE: say so, go on
+          log_fn(f"{rev} {hook}: not exported as {fmt}: {e}")
+    return finish
 
-  meta = {"model_name": str(cfg.model), "revision": rev, "hook_name": hook,
-          "normalize": sae_cfg.normalize}
-  train_sae(rows, sae_cfg, cfg.train, workdir=pair.path, metadata=meta, on_complete=finish,
-            log_fn=log_fn)
+  jobs = [SAEJob(sae_cfg, cfg.train, pair.path, hook=hook, name=hook, on_complete=finisher(hook),
+                 metadata={"model_name": str(cfg.model), "revision": rev, "hook_name": hook,
+                           "normalize": sae_cfg.normalize})
+          for hook, pair in todo]
+  train_saes(rows, jobs, log_fn=log_fn)
 
 
 def _summary_row(rev: str, path: Path, hook: str, pair: store.RunDir) -> dict:

@@ -164,3 +164,17 @@ def test_bad_data_inputs_are_one_line_errors(toy, tmp_path):
     write_cache(blocker / "cache", model, tb, HOOK)
   with pytest.raises(CheckpointError, match="no activation cache"):
     CacheReader(tmp_path / "nothing")
+
+
+def test_one_forward_feeds_an_sae_per_hook(toy):
+  model, tb = batches_for(toy, 0, 1)
+  from sae_jax.data.activations import MultiHookRows
+  hooks = ["resid_pre.0", "resid_post.1"]
+  cfg = lambda: sj.SAEConfig(d_in=model.cfg.d_model, d_sae=128, k=4)
+  tcfg = sj.TrainConfig(batch_size=256, total_tokens=256 * 6, lr=1e-3, warmup_steps=2)
+  together = sj.train_saes(MultiHookRows(ActivationStream(model, tb, hooks, 8, 0)),
+                           [sj.SAEJob(cfg(), tcfg, hook=h) for h in hooks])
+  for h, sae in zip(hooks, together):
+    alone = sj.train_sae(HookRows(ActivationStream(model, tb, [h], 8, 0), h), cfg(), tcfg)
+    for k in alone.params:
+      np.testing.assert_allclose(sae.params[k], alone.params[k], rtol=1e-5, atol=1e-6)

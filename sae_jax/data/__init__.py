@@ -36,3 +36,9 @@ def hook_rows(model, cfg: DataConfig, hook: str):
   """Text -> [n, D] rows of one hook: pass it straight to ``sj.train_sae`` (stream mode)."""
   from sae_jax.data.activations import HookRows
   return HookRows(activation_stream(model, cfg, [hook]), hook)
+
+
+def multi_hook_rows(model, cfg: DataConfig, hooks):
+  """Text -> {hook: [n, D]} chunks from one forward: ``sj.train_saes`` trains an SAE per hook."""
+  from sae_jax.data.activations import MultiHookRows
+  return MultiHookRows(activation_stream(model, cfg, hooks))

@@ -155,6 +155,20 @@ class ActivationStream:
     return n
 
 
+class MultiHookRows:
+  """An ActivationStream seen as {hook: [n, D]} chunks: one forward feeds an SAE per hook
+  (``sj.train_saes`` with ``SAEJob(hook=...)``)."""
+
+  def __init__(self, stream: ActivationStream):
+    self.stream = stream
+
+  def __iter__(self):
+    return (c.acts for c in self.stream)
+
+  def rows_from(self, start: int):
+    return (c.acts for c in self.stream.rows_from(start))
+
+
 class HookRows:
   """An ActivationStream seen as [n, D] arrays of one hook: what ``train_sae`` consumes."""
 

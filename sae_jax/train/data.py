@@ -85,29 +85,33 @@ class BatchStream:
       self.served = index + 1
       yield batch
 
-  def _resumable_batches(self, start_batch: int) -> Iterator[np.ndarray]:
-    """In-order batches of a source that can start at any row (it does its own mixing)."""
+  def _resumable_batches(self, start_batch: int) -> Iterator[np.ndarray | dict]:
+    """In-order batches of a source that can start at any row (it does its own mixing).
+
+    Chunks may be arrays or dicts of equally long arrays (several hooks of one forward); the
+    batches then are dicts too.
+    """
     b, hold = self.batch_size, self._holdout
     if hold and self.eval_rows is None:
       got, parts = 0, []
       for chunk in self._source.rows_from(0):
-        parts.append(np.asarray(chunk[:hold - got], np.float32))
-        got += len(parts[-1])
+        parts.append(_map_rows(chunk, lambda a: np.asarray(a[:hold - got], np.float32)))
+        got += _n_rows(parts[-1])
         if got >= hold:
           break
-      self.eval_rows = np.concatenate(parts)
+      self.eval_rows = _concat(parts)
     pending, have = [], 0
     for chunk in self._source.rows_from(hold + start_batch * b):
-      chunk = np.asarray(chunk, np.float32)
-      check_batch(chunk, self.d_in)
+      chunk = _map_rows(chunk, lambda a: np.asarray(a, np.float32))
+      _map_rows(chunk, lambda a: check_batch(a, self.d_in))
       pending.append(chunk)
-      have += len(chunk)
+      have += _n_rows(chunk)
       if have >= b:
-        rows = np.concatenate(pending)
+        rows = _concat(pending)
         full = (have // b) * b
         for i in range(0, full, b):
-          yield rows[i:i + b]
-        pending, have = [rows[full:]], have - full
+          yield _map_rows(rows, lambda a: a[i:i + b])
+        pending, have = [_map_rows(rows, lambda a: a[full:])], have - full
 
   def _array_batches(self) -> Iterator[np.ndarray]:
     a, b = self._array, self.batch_size
@@ -151,3 +155,17 @@ class BatchStream:
     perm = np.random.default_rng([self.seed, 1 << 20, buffer_no]).permutation(rows.shape[0])
     for i in range(rows.shape[0] // self.batch_size):
       yield rows[perm[i * self.batch_size:(i + 1) * self.batch_size]]
+
+
+def _map_rows(rows, fn):
+  return {k: fn(v) for k, v in rows.items()} if isinstance(rows, dict) else fn(rows)
+
+
+def _n_rows(rows) -> int:
+  return len(next(iter(rows.values()))) if isinstance(rows, dict) else len(rows)
+
+
+def _concat(parts):
+  if isinstance(parts[0], dict):
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+  return np.concatenate(parts)

@@ -131,6 +131,8 @@ class SAEJob:
   metadata: dict | None = None
   on_complete: Callable[[SAE, store.RunDir], None] | None = None
   name: str = ""
+  hook: str | None = None  # with a multi-hook source ({hook: rows} chunks): the rows to train on
+  init_seed: int | None = None  # parameter init seed (default: train_config.seed)
 
 
 # TrainConfig fields that shape the shared batch stream: equal across the SAEs of one stream.
@@ -222,8 +224,10 @@ def train_saes(activations, jobs: list[SAEJob], mesh: Mesh | None = None, *,
                log_fn: Callable[[str], None] = logging.info) -> list[SAE]:
   """Train several SAEs side by side on one activation stream (one model forward feeds all).
 
-  Every job sees the same batches; their TrainConfigs must agree on the fields that shape the
-  stream (batch_size, total_tokens, seed, shuffle_batches, eval_tokens) and their d_in.
+  Every job sees the same batches (or, from ``sj.data.multi_hook_rows``, its own hook's rows of
+  the same tokens: set ``SAEJob.hook``); their TrainConfigs must agree on the fields that shape
+  the stream (batch_size, total_tokens, seed, shuffle_batches, eval_tokens) and their d_in;
+  ``init_seed`` gives each job its own initialisation.
   Checkpoints of all jobs are taken at the same batch, and a restart resumes all of them from
   the newest batch they all hold, so each SAE equals the one trained alone.
   """
@@ -232,7 +236,7 @@ def train_saes(activations, jobs: list[SAEJob], mesh: Mesh | None = None, *,
   first_cfg = jobs[0].train_config
   for j in jobs[1:]:
     diffs = [f for f in _STREAM_FIELDS if getattr(j.train_config, f) != getattr(first_cfg, f)]
-    if diffs or j.sae_config.d_in != jobs[0].sae_config.d_in:
+    if diffs or (j.hook is None and j.sae_config.d_in != jobs[0].sae_config.d_in):
       raise ConfigError(f"SAEs sharing a stream must agree on {diffs or ['d_in']}")
   mesh = mesh or sharding.make_mesh()
   runs = [_Job(j, mesh, overwrite) for j in jobs]
@@ -269,7 +273,8 @@ def _fit(runs, active, stream, mesh, eval_activations, log_fn) -> list[SAE]:
     except StopIteration:
       raise DataError(f"no full batch of {tcfg.batch_size} tokens in the activations") from None
     for r in active:
-      r.state = init_train_state(r.cfg, r.tcfg, mesh, first)
+      key = None if r.job.init_seed is None else jax.random.key(r.job.init_seed)
+      r.state = init_train_state(r.cfg, r.tcfg, mesh, _rows_for(r, first), key)
     batches = _prepend(first, batches)
   eval_rows = eval_activations if eval_activations is not None else stream.eval_rows
   total = stream.total_batches
@@ -282,9 +287,10 @@ def _fit(runs, active, stream, mesh, eval_activations, log_fn) -> list[SAE]:
   x_sharding = active[0].step.x_sharding
   with _SigtermFlag() as sigterm:
     for batch in batches:
-      x = jax.device_put(batch, x_sharding)
+      shared = None if isinstance(batch, dict) else jax.device_put(batch, x_sharding)
       served = stream.served
       for r in active:
+        x = shared if shared is not None else jax.device_put(_rows_for(r, batch), x_sharding)
         r.state, r.metrics = r.step(r.state, x)
         if served % r.tcfg.log_every == 0 or served == total:
           r.last = {k: float(v) for k, v in r.metrics.items()}
@@ -294,7 +300,7 @@ def _fit(runs, active, stream, mesh, eval_activations, log_fn) -> list[SAE]:
           log_fn(tag + _progress_line(served, total, start, tcfg.batch_size,
                                       time.perf_counter() - t0, r.last))
         if eval_rows is not None and r.tcfg.eval_every and served % r.tcfg.eval_every == 0:
-          r.log.write(served, "eval", _evaluate(r.cfg, r.state, eval_rows))
+          r.log.write(served, "eval", _evaluate(r.cfg, r.state, _rows_for(r, eval_rows)))
       if served % tcfg.checkpoint_every == 0 or sigterm.raised:
         for r in active:
           if r.ckpt is not None:
@@ -327,7 +333,7 @@ def _fit(runs, active, stream, mesh, eval_activations, log_fn) -> list[SAE]:
             "sae_jax_version": __version__}
     sae = SAE(r.cfg, jax.device_get(r.state.params), jax.device_get(r.state.buffers), meta)
     if eval_rows is not None:
-      sae.metadata["eval"] = evals.reconstruction_metrics(sae, eval_rows)
+      sae.metadata["eval"] = evals.reconstruction_metrics(sae, _rows_for(r, eval_rows))
       r.log.write(stream.served, "eval", sae.metadata["eval"])
     if r.run is not None:
       sae.save(r.run.sae)
@@ -338,6 +344,16 @@ def _fit(runs, active, stream, mesh, eval_activations, log_fn) -> list[SAE]:
       r.run.mark_complete({"steps": int(r.state.step), "tokens_seen": meta["tokens_seen"]})
     r.done_sae = sae
   return [r.done_sae for r in runs]
+
+
+def _rows_for(r: _Job, rows):
+  """This job's rows of a batch: the batch itself, or its hook's entry of a multi-hook batch."""
+  if not isinstance(rows, dict):
+    return rows
+  if r.job.hook not in rows:
+    raise ConfigError(f"SAEJob.hook={r.job.hook!r} is not among the source's hooks "
+                      f"{sorted(rows)}")
+  return rows[r.job.hook]
 
 
 def _prepend(first, rest):
