@@ -1,7 +1,6 @@
 """The trainer: exact resume after kill -9 / SIGTERM, checkpoint fallback, run store, logs."""
 
 import json
-import os
 import shutil
 import signal
 import subprocess

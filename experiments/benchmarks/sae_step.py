@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 
 from absl import app, flags
@@ -75,7 +74,6 @@ def bench_shape(d: int, m: int, k: int, n: int, archs, dead_fraction: float, ste
   t_mm = _timeit(lambda: matmul(x, w), steps)
   _emit({"name": "encoder_matmul", **common, "step_s": round(t_mm, 5),
          "tokens_per_s": round(n / t_mm, 1)})
-  del w
   results = {"encoder_matmul": n / t_mm}
   mesh = sj.make_mesh()
   for arch in archs:
@@ -107,7 +105,6 @@ def bench_shape(d: int, m: int, k: int, n: int, archs, dead_fraction: float, ste
       results[name] = n / t
       _emit({"name": name, **common, "dead_fraction": dead, "step_s": round(t, 5),
              "tokens_per_s": round(n / t, 1), "ratio_to_encoder_matmul": round(t_mm / t, 3)})
-      del box, state
   return results
 
 

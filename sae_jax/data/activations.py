@@ -18,7 +18,6 @@ import threading
 from typing import Iterator, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from sae_jax.data.tokens import TokenBatch, TokenBatches

@@ -25,7 +25,7 @@ from typing import Iterator
 import numpy as np
 
 from sae_jax import store
-from sae_jax.data.activations import ActivationRows, batch_rows
+from sae_jax.data.activations import batch_rows
 from sae_jax.data.tokens import TokenBatches
 from sae_jax.errors import CheckpointError, DataError
 

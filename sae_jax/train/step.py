@@ -16,7 +16,6 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import optax
-from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from sae_jax import sharding
