@@ -57,8 +57,11 @@ def reconstruction_metrics(sae: SAE, x, batch_size: int = 1024) -> dict[str, flo
           "dense_fraction": float(np.mean(fired > DENSE_FIRING_RATE * n)), "tokens": n}
 
 
-def _token_nll(logits, ids, mask):
-  """Per-sequence sums of next-token NLL and the count of predicted tokens."""
+def next_token_nll(logits, ids, mask):
+  """Next-token NLL over [B, T] ids where both positions are real tokens.
+
+  Returns (sum of NLL, number of predicted tokens, log-probs [B, T-1, V], weights [B, T-1]).
+  """
   logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
   nll = -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
   m = (mask[:, 1:] * mask[:, :-1]).astype(jnp.float32)
@@ -84,9 +87,9 @@ def spliced_metrics(model, sae: SAE, hook: str, batches, max_batches: int | None
     clean = model.logits(ids, mask)
     with_sae = model.logits(ids, mask, splice={hook: recon})
     ablated = model.logits(ids, mask, splice={hook: jnp.zeros_like})
-    c, n, logp_clean, m = _token_nll(clean, ids, mask)
-    s, _, logp_sae, _ = _token_nll(with_sae, ids, mask)
-    a, _, _, _ = _token_nll(ablated, ids, mask)
+    c, n, logp_clean, m = next_token_nll(clean, ids, mask)
+    s, _, logp_sae, _ = next_token_nll(with_sae, ids, mask)
+    a, _, _, _ = next_token_nll(ablated, ids, mask)
     kl = jnp.sum(jnp.sum(jnp.exp(logp_clean) * (logp_clean - logp_sae), -1) * m)
     for k, v in zip(("clean", "sae", "ablated", "kl"), (c, s, a, kl)):
       sums[k] += float(v)

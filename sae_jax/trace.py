@@ -20,7 +20,7 @@ from absl import logging
 
 from sae_jax import data as sj_data
 from sae_jax import evals, store
-from sae_jax.config import TraceConfig
+from sae_jax.config import TraceConfig, TrainConfig
 from sae_jax.errors import CheckpointError, ConfigError
 from sae_jax.models import load_model
 from sae_jax.models.hf import resolve
@@ -64,18 +64,20 @@ def _check_workdir(workdir: Path, cfg: TraceConfig, overwrite: bool) -> None:
   saved = workdir / "trace.json"
   if not saved.exists():
     return
-  diffs = store.config_differences(store.read_json(saved), _comparable(cfg))
+  diffs = store.config_differences(_comparable(store.read_json(saved)),
+                                   _comparable(cfg.to_dict()))
   if diffs and not overwrite:
     raise ConfigError(f"workdir {workdir} holds another trace (" + "; ".join(diffs[:5]) +
                       "); use another workdir or overwrite")
 
 
-def _comparable(cfg: TraceConfig) -> dict:
-  d = cfg.to_dict()
-  for k in ("log_every", "checkpoint_every", "keep_checkpoints", "max_nan_batches"):
-    d["train"].pop(k, None)
+def _comparable(config: dict) -> dict:
+  """A trace config without the fields a rerun may change freely."""
+  d = json.loads(json.dumps(config))  # a copy, with tuples as lists (as trace.json has them)
+  for k in TrainConfig.RESTART_SAFE:
+    d.get("train", {}).pop(k, None)
   d.pop("missing_revision", None)
-  return json.loads(json.dumps(d))  # tuples -> lists, as trace.json stores them
+  return d
 
 
 def trace(cfg: TraceConfig, workdir: str | Path, overwrite: bool = False,
@@ -86,7 +88,7 @@ def trace(cfg: TraceConfig, workdir: str | Path, overwrite: bool = False,
   if cfg.toy:
     _prepare_toy(cfg, log_fn)
   workdir.mkdir(parents=True, exist_ok=True)
-  store.atomic_write_json(workdir / "trace.json", _comparable(cfg))
+  store.atomic_write_json(workdir / "trace.json", cfg.to_dict())
   revisions = list(cfg.revisions)
   local = Path(cfg.model).is_dir()
   if not revisions:
@@ -105,7 +107,9 @@ def trace(cfg: TraceConfig, workdir: str | Path, overwrite: bool = False,
       raise CheckpointError(f"revision {rev!r} of {cfg.model!r} is missing ({e}); set "
                             "missing_revision='skip' to continue without it") from None
     pairs = [(h, store.RunDir.for_pair(workdir, rev, h)) for h in cfg.hooks]
-    if all(p.is_complete() for _, p in pairs):
+    # With overwrite, finished pairs go through train_saes, which keeps those whose config
+    # still matches and retrains the others.
+    if not overwrite and all(p.is_complete() for _, p in pairs):
       rows += [_summary_row(rev, path, h, p) for h, p in pairs]
       log_fn(f"[{n + 1}/{len(revisions)}] {rev}: done already")
       continue
@@ -113,9 +117,9 @@ def trace(cfg: TraceConfig, workdir: str | Path, overwrite: bool = False,
     model.revision = rev
     for hook, _ in pairs:
       parse_hook(hook, model.cfg.n_layers)  # a hook the model lacks: one line, before work
-    todo = [(h, p) for h, p in pairs if not p.is_complete()]
+    todo = [(h, p) for h, p in pairs if overwrite or not p.is_complete()]
     if todo:
-      _train_pairs(cfg, model, rev, todo, log_fn)
+      _train_pairs(cfg, model, rev, todo, overwrite, log_fn)
     for hook, pair in pairs:
       rows.append(_summary_row(rev, path, hook, pair))
       log_fn(f"[{n + 1}/{len(revisions)}] {rev} {hook}: fvu {rows[-1]['fvu']:.4f} "
@@ -126,7 +130,7 @@ def trace(cfg: TraceConfig, workdir: str | Path, overwrite: bool = False,
   return rows
 
 
-def _train_pairs(cfg: TraceConfig, model, rev: str, todo, log_fn):
+def _train_pairs(cfg: TraceConfig, model, rev: str, todo, overwrite: bool, log_fn):
   """Train the SAEs of one checkpoint: every hook's SAE from one shared model forward."""
   d = model.cfg.d_model
   sae_cfg = cfg.sae.replace(d_in=d, d_sae=cfg.expansion * d if cfg.expansion else cfg.sae.d_sae)
@@ -149,7 +153,7 @@ def _train_pairs(cfg: TraceConfig, model, rev: str, todo, log_fn):
                  metadata={"model_name": str(cfg.model), "revision": rev, "hook_name": hook,
                            "normalize": sae_cfg.normalize})
           for hook, pair in todo]
-  train_saes(rows, jobs, log_fn=log_fn)
+  train_saes(rows, jobs, overwrite=overwrite, log_fn=log_fn)
 
 
 def _summary_row(rev: str, path: Path, hook: str, pair: store.RunDir) -> dict:

@@ -45,7 +45,7 @@ def main(argv):
                         ctx_len=40, buffer_batches=16)
     batches = sj.data.token_batches(model, cfg)
     stream = ActivationStream(model, batches, [hook], cfg.buffer_batches, 0)
-    kept = sum(stream._count_round(r) for r in range(stream.n_rounds))
+    kept = sum(stream.round_size(r) for r in range(stream.n_rounds))
     common = {"hook": hook, "d_model": FLAGS.d_model, "n_layers": FLAGS.n_layers,
               "batch": FLAGS.batch, "batches": len(batches),
               "backend": jax.devices()[0].platform}

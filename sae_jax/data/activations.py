@@ -102,10 +102,8 @@ class ActivationStream:
                seed: int, special_ids=None):
     self.model, self.batches, self.hooks = model, batches, tuple(hooks)
     self.buffer_batches, self.seed = buffer_batches, seed
-    tok = None
     if special_ids is None:
-      tok = model.tokenizer
-      special_ids = set(tok.all_special_ids)
+      special_ids = model.tokenizer.all_special_ids
     self.special_ids = frozenset(special_ids)
     self.n_rounds = -(-len(batches) // buffer_batches)
     self._round_sizes: dict[int, int] = {}
@@ -121,37 +119,31 @@ class ActivationStream:
              for b, dev in _prefetch(self.batches[i] for i in range(lo, hi))]
     rows = concat_rows(parts)
     perm = np.random.default_rng([self.seed, r]).permutation(len(rows.token))
-    self._round_sizes[r] = len(perm)
     return take_rows(rows, perm)
 
   def __iter__(self) -> Iterator[ActivationRows]:
     return self.rows_from(0)
 
   def rows_from(self, start: int) -> Iterator[ActivationRows]:
-    """Chunks of the mixed stream from row ``start`` on."""
+    """Chunks of the mixed stream from row ``start`` on (earlier rounds are only counted)."""
     seen = 0
     for r in range(self.n_rounds):
-      size = self._round_sizes.get(r)
-      if size is not None and seen + size <= start:
-        seen += size  # a round known to end before start: skip without recomputing
+      if seen < start and seen + self.round_size(r) <= start:
+        seen += self.round_size(r)
         continue
-      if size is None and r < self.n_rounds - 1 and start > seen:
-        size = self._count_round(r)
-        if seen + size <= start:
-          seen += size
-          continue
       rows = self.round_rows(r)
-      n = len(rows.token)
-      if seen + n > start:
-        yield take_rows(rows, slice(max(start - seen, 0), n))
-      seen += n
+      skip = max(start - seen, 0)
+      if len(rows.token) > skip:
+        yield take_rows(rows, slice(skip, None))
+      seen += len(rows.token)
 
-  def _count_round(self, r: int) -> int:
-    """Kept rows in round r without running the model (they depend only on the tokens)."""
-    lo, hi = r * self.buffer_batches, min((r + 1) * self.buffer_batches, len(self.batches))
-    n = sum(int(keep_mask(self.batches[i], self.special_ids).sum()) for i in range(lo, hi))
-    self._round_sizes[r] = n
-    return n
+  def round_size(self, r: int) -> int:
+    """Kept rows in round r, counted without running the model (they depend on tokens only)."""
+    if r not in self._round_sizes:
+      lo, hi = r * self.buffer_batches, min((r + 1) * self.buffer_batches, len(self.batches))
+      self._round_sizes[r] = sum(int(keep_mask(self.batches[i], self.special_ids).sum())
+                                 for i in range(lo, hi))
+    return self._round_sizes[r]
 
 
 class MultiHookRows:

@@ -94,7 +94,7 @@ def select_topk(pre: jax.Array, k: int, axis_name: str | None = None
   return _merge_shards(vals, idx, k, m_local, axis_name)
 
 
-def _owned(indices: jax.Array, m_local: int, axis_name: str | None):
+def owned_rows(indices: jax.Array, m_local: int, axis_name: str | None):
   """Local row of each global index and whether this shard owns it (non-owned -> m_local)."""
   local = indices - shard_offset(m_local, axis_name)
   owned = (local >= 0) & (local < m_local)
@@ -207,7 +207,7 @@ def _encode_bwd(k, k_aux, axis_name, compute_dtype, res, g):
                              jnp.where(aux_live, g.aux_values, 0.0)], axis=1)
   indices = jnp.concatenate([idx, aidx], axis=1)
   m_local = W_enc.shape[1]
-  rows, owned = _owned(indices, m_local, axis_name)
+  rows, owned = owned_rows(indices, m_local, axis_name)
   weights = jnp.where(owned, weights, 0.0).astype(jnp.float32)
   # dL/dW_enc[:, m] = sum over (n, j) selecting m of weights[n, j] * xc[n]: rows of W_enc^T.
   d_w_enc = _scatter_rows(rows, weights, xc, m_local, jnp.float32).T
@@ -260,7 +260,7 @@ def topk_encode(x: jax.Array, W_enc: jax.Array, b_enc: jax.Array, b_dec: jax.Arr
 
 def _decode_fwd(values, indices, W_dec, axis_name):
   m_local = W_dec.shape[0]
-  rows, owned = _owned(indices, m_local, axis_name)
+  rows, owned = owned_rows(indices, m_local, axis_name)
   weights = jnp.where(owned, values, 0.0).astype(jnp.float32)
   out = _gather_dot(rows, weights, W_dec)
   return out, (weights, rows, owned, W_dec)

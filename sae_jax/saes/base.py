@@ -25,7 +25,6 @@ PARAM_AXES: dict[str, tuple[str, ...]] = {
     "b_dec": ("embed",),
     "log_threshold": ("latent",),
 }
-BUFFER_AXES: dict[str, tuple[str, ...]] = {"norm_scale": (), "threshold": ()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,10 +188,11 @@ def expected_norm_scale(x: jax.Array) -> jax.Array:
   return jnp.sqrt(jnp.float32(x.shape[-1])) / jnp.maximum(mean_norm, 1e-12)
 
 
-def fired_counts(indices: jax.Array, values: jax.Array, m_local: int, offset) -> jax.Array:
+def fired_counts(indices: jax.Array, values: jax.Array, m_local: int,
+                 axis_name: str | None) -> jax.Array:
   """[M_l] int32: how many tokens activate each local latent, from global top-k codes [N, K]."""
-  local = indices - offset
-  ok = (local >= 0) & (local < m_local) & (values > 0)
-  rows = jnp.where(ok, local, m_local)
+  from sae_jax.kernels import owned_rows
+  rows, _ = owned_rows(indices, m_local, axis_name)
+  rows = jnp.where(values > 0, rows, m_local)  # m_local: dropped
   return jnp.zeros((m_local,), jnp.int32).at[rows.reshape(-1)].add(1, mode="drop")
 

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from sae_jax.config import SAEConfig
 from sae_jax.errors import DataError
+from sae_jax.kernels import sparse_decode
 from sae_jax.saes import registry
 from sae_jax.saes.base import normalize_inputs
 
@@ -37,8 +38,7 @@ def _encode_dense(cfg, params, buffers, x):
 
 @jax.jit
 def _decode_sparse(params, values, indices):
-  rows = params["W_dec"].astype(jnp.float32)[indices]  # [N, K, D]
-  return jnp.einsum("nk,nkd->nd", values.astype(jnp.float32), rows) + params["b_dec"]
+  return sparse_decode(values.astype(jnp.float32), indices, params["W_dec"]) + params["b_dec"]
 
 
 @dataclasses.dataclass

@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
-from sae_jax.kernels import select_topk, shard_offset, sparse_decode, topk_encode
+from sae_jax.kernels import select_topk, sparse_decode, topk_encode
 from sae_jax.saes.base import Architecture, TrainForward, TrainInfo, fired_counts
 from sae_jax.saes.registry import register
 
@@ -31,10 +31,9 @@ class TopK(Architecture):
     return jnp.maximum(top[:, :k], 0.0), idx[:, :k]
 
   def sparse_codes(self, params, x, dead, cfg, ctx, k, k_aux):
-    codes = topk_encode(x, params["W_enc"], params["b_enc"], params["b_dec"], k,
-                        aux_mask=dead, k_aux=k_aux, axis_name=ctx.model_axis,
-                        compute_dtype=cfg.compute_dtype)
-    return codes
+    return topk_encode(x, params["W_enc"], params["b_enc"], params["b_dec"], k,
+                       aux_mask=dead, k_aux=k_aux, axis_name=ctx.model_axis,
+                       compute_dtype=cfg.compute_dtype)
 
   def train_forward(self, params, buffers, x, dead, cfg, tcfg, ctx, k_aux):
     codes = self.sparse_codes(params, x, dead, cfg, ctx, cfg.k, k_aux)
@@ -46,7 +45,6 @@ class TopK(Architecture):
     aux = (sparse_decode(codes.aux_values, codes.aux_indices, W_dec, ctx.model_axis)
            if k_aux else None)
     m_local = W_dec.shape[0]
-    fired = fired_counts(codes.indices, lax.stop_gradient(values), m_local,
-                         shard_offset(m_local, ctx.model_axis))
+    fired = fired_counts(codes.indices, lax.stop_gradient(values), m_local, ctx.model_axis)
     return (TrainForward(partial, jnp.zeros((), jnp.float32), aux),
             TrainInfo(fired=fired, threshold=threshold))

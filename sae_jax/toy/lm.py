@@ -22,6 +22,7 @@ import optax
 from absl import logging
 
 from sae_jax import store
+from sae_jax.evals import next_token_nll
 from sae_jax.models import llama
 from sae_jax.models.base import TransformerConfig, forward
 from sae_jax.toy.world import PAD, World, WorldConfig
@@ -101,10 +102,8 @@ def encode(world: World, docs, length: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _loss(params, mc, ids, mask):
   _, logits = forward(llama, mc, params, ids, mask, (), (), True, jnp.float32)
-  logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-  nll = -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
-  m = mask[:, 1:].astype(jnp.float32)
-  return jnp.sum(nll * m) / jnp.sum(m)
+  total, count, _, _ = next_token_nll(logits, ids, mask)
+  return total / count
 
 
 def save_checkpoint(path: Path, params: dict, mc: TransformerConfig, world: World,

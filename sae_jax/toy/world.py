@@ -190,16 +190,6 @@ class World:
                    if rng.random() < self.cfg.p_adjective else None)
     return adj(), subj, verb, adj(), obj
 
-  def _np_logp(self, adj, noun_lp: float, lang: str) -> list[float]:
-    """log-probs of an optional adjective + noun (noun_lp: log p(noun concept))."""
-    pa = self.cfg.p_adjective
-    out = []
-    if adj is not None:
-      out.append(math.log(pa / len(self.adjectives) / len(getattr(adj, lang))))
-    else:
-      noun_lp += math.log(1 - pa)
-    return out, noun_lp
-
   def _render(self, clause, lang: str, rng, translation: bool) -> list[tuple]:
     """Tokens of one sentence as (word, concept|None, pos, logprob).
 

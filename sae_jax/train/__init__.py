@@ -1,8 +1,8 @@
 """SAE training: state, jitted sharded step, fit loop."""
 
 from sae_jax.train.state import TrainState, init_train_state, make_optimizer
-from sae_jax.train.loop import SAEJob, iterate_batches, train_sae, train_saes
+from sae_jax.train.loop import SAEJob, train_sae, train_saes
 from sae_jax.train.step import METRIC_NAMES, TrainStep, make_train_step
 
-__all__ = ["METRIC_NAMES", "TrainState", "TrainStep", "init_train_state", "iterate_batches",
+__all__ = ["METRIC_NAMES", "TrainState", "TrainStep", "init_train_state",
            "make_optimizer", "make_train_step", "train_sae", "train_saes", "SAEJob"]

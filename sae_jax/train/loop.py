@@ -35,12 +35,6 @@ from sae_jax.train.step import METRIC_NAMES, make_train_step
 from sae_jax.train.tensorboard import EventWriter
 
 
-def iterate_batches(activations, batch_size: int, d_in: int, seed: int,
-                    total_tokens: int | None):
-  """[batch_size, d_in] float32 batches, as train_sae would read them (no hold-out)."""
-  return iter(BatchStream(activations, batch_size, d_in, seed, total_tokens))
-
-
 class _SigtermFlag:
   """Turns SIGTERM (a preemption notice) into a flag the loop checks after each step."""
 

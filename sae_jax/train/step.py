@@ -99,8 +99,9 @@ class TrainStep:
   Programs are compiled lazily per AuxK width: none while no latent is dead, else k_aux
   columns, or fewer (a power of two) while fewer latents are dead. AuxK costs a second top-k
   and that many extra sparse rows per token. The choice is read from the input state (one
-  scalar sync per step), so a resumed run makes the same choice as an uninterrupted one. The state is donated. A batch with NaN/Inf leaves the state
-  unchanged except ``nan_batches`` (metrics NaN, ``skipped`` 1).
+  scalar sync per step), so a resumed run makes the same choice as an uninterrupted one. The
+  state is donated. A batch with NaN/Inf leaves the state unchanged except ``nan_batches``
+  (metrics NaN, ``skipped`` 1).
   """
 
   def __init__(self, sae_cfg: SAEConfig, tcfg: TrainConfig, mesh: Mesh):
@@ -113,7 +114,7 @@ class TrainStep:
     self.tx = make_optimizer(sae_cfg, tcfg)
     self.state_shardings = state_shardings(sae_cfg, tcfg, mesh)
     self.x_sharding = sharding.named_sharding(mesh, ("batch", "embed"))
-    self._compiled: dict[bool, Callable] = {}
+    self._compiled: dict[int, Callable] = {}
     dead_tokens = tcfg.dead_tokens
     self._num_dead = jax.jit(lambda tsf: (tsf >= dead_tokens).sum())
 
