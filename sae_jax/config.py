@@ -290,6 +290,10 @@ class TraceConfig(_JsonMixin):
     toy: train the toy world's model into ``model`` first if it is not there yet.
     toy_size: ``default`` (<= 5 min on 2 cores) or ``tiny`` (seconds).
     missing_revision: ``stop`` or ``skip`` when a revision cannot be found.
+    activations: ``stream`` (extract while training) or ``cache`` (extract every hook into
+      ``<workdir>/activations/<checkpoint>/<hook>/`` first, each host its own batches, then
+      train from the cache: the same SAEs on any number of hosts, and the cache is reused).
+    cache_dtype: ``float32`` or ``bfloat16`` rows in the cache.
   """
 
   model: str = ""
@@ -305,9 +309,15 @@ class TraceConfig(_JsonMixin):
   toy: bool = False
   toy_size: str = "default"
   missing_revision: str = "stop"
+  activations: str = "stream"
+  cache_dtype: str = "float32"
 
   def __post_init__(self):
     _check(bool(self.model), "trace model is empty; set a model directory or hub id")
+    _check(self.activations in ("stream", "cache"), f"activations={self.activations!r}; "
+           "allowed: 'stream', 'cache'")
+    _check(self.cache_dtype in ("float32", "bfloat16"), f"cache_dtype={self.cache_dtype!r}; "
+           "allowed: 'float32', 'bfloat16'")
     _check(len(self.hooks) >= 1, "trace hooks is empty; name at least one hook")
     _check(self.expansion >= 0, f"expansion={self.expansion} must be >= 0")
     _check(self.dtype in DTYPES, f"dtype={self.dtype!r}; allowed: {list(DTYPES)}")

@@ -16,10 +16,11 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import jax
 from absl import logging
 
 from sae_jax import data as sj_data
-from sae_jax import evals, store
+from sae_jax import distributed, evals, store
 from sae_jax.config import TraceConfig, TrainConfig
 from sae_jax.errors import CheckpointError, ConfigError
 from sae_jax.models import load_model
@@ -51,11 +52,11 @@ def discover_revisions(model_dir: Path) -> list[str]:
 def _prepare_toy(cfg: TraceConfig, log_fn) -> None:
   from sae_jax.toy.lm import TINY_LM, TINY_WORLD, LMConfig, train_toy_lm
   from sae_jax.toy.world import WorldConfig
-  if (Path(cfg.model) / "world.json").exists():
-    return
-  log_fn(f"training the toy world's model into {cfg.model} (first use)")
-  world, lm = (TINY_WORLD, TINY_LM) if cfg.toy_size == "tiny" else (WorldConfig(), LMConfig())
-  train_toy_lm(cfg.model, world, lm, log_fn=log_fn)
+  if not (Path(cfg.model) / "world.json").exists() and distributed.is_primary():
+    log_fn(f"training the toy world's model into {cfg.model} (first use)")
+    world, lm = (TINY_WORLD, TINY_LM) if cfg.toy_size == "tiny" else (WorldConfig(), LMConfig())
+    train_toy_lm(cfg.model, world, lm, log_fn=log_fn)
+  distributed.barrier("toy model ready")
 
 
 def _check_workdir(workdir: Path, cfg: TraceConfig, overwrite: bool) -> None:
@@ -88,7 +89,8 @@ def trace(cfg: TraceConfig, workdir: str | Path, overwrite: bool = False,
   if cfg.toy:
     _prepare_toy(cfg, log_fn)
   workdir.mkdir(parents=True, exist_ok=True)
-  store.atomic_write_json(workdir / "trace.json", cfg.to_dict())
+  if distributed.is_primary():
+    store.atomic_write_json(workdir / "trace.json", cfg.to_dict())
   revisions = list(cfg.revisions)
   local = Path(cfg.model).is_dir()
   if not revisions:
@@ -119,24 +121,45 @@ def trace(cfg: TraceConfig, workdir: str | Path, overwrite: bool = False,
       parse_hook(hook, model.cfg.n_layers)  # a hook the model lacks: one line, before work
     todo = [(h, p) for h, p in pairs if overwrite or not p.is_complete()]
     if todo:
-      _train_pairs(cfg, model, rev, todo, overwrite, log_fn)
+      _train_pairs(cfg, model, rev, todo, overwrite, log_fn, workdir)
     for hook, pair in pairs:
       rows.append(_summary_row(rev, path, hook, pair))
       log_fn(f"[{n + 1}/{len(revisions)}] {rev} {hook}: fvu {rows[-1]['fvu']:.4f} "
              f"CE recovered {rows[-1]['ce_loss_recovered']:.4f} "
              f"({time.perf_counter() - t0:.0f}s)")
-  store.atomic_write_text(workdir / "summary.csv", _csv(rows))
+  if distributed.is_primary():
+    store.atomic_write_text(workdir / "summary.csv", _csv(rows))
   log_fn("\n" + _table(rows))
   return rows
 
 
-def _train_pairs(cfg: TraceConfig, model, rev: str, todo, overwrite: bool, log_fn):
-  """Train the SAEs of one checkpoint: every hook's SAE from one shared model forward."""
+def _cached_rows(cfg: TraceConfig, model, rev: str, hooks, workdir: Path, log_fn):
+  """Cache mode: every host extracts its batches of each hook, then all read every cache."""
+  from sae_jax.data.cache import CacheReader, MultiCacheReader, write_cache
+  batches = sj_data.token_batches(model, cfg.data)
+  paths = {h: workdir / "activations" / rev / h for h in hooks}
+  for hook, path in paths.items():
+    log_fn(f"{rev} {hook}: caching activations into {path}")
+    write_cache(path, model, batches, hook, cfg.cache_dtype, jax.process_index(),
+                jax.process_count(), log_fn=log_fn)
+  distributed.barrier(f"cache {rev} written")
+  return MultiCacheReader({h: CacheReader(p, seed=cfg.data.seed) for h, p in paths.items()})
+
+
+def _train_pairs(cfg: TraceConfig, model, rev: str, todo, overwrite: bool, log_fn,
+                 workdir: Path):
+  """Train the SAEs of one checkpoint: every hook's SAE from one shared model forward (stream
+  mode) or from the hooks' caches read side by side (cache mode)."""
   d = model.cfg.d_model
   sae_cfg = cfg.sae.replace(d_in=d, d_sae=cfg.expansion * d if cfg.expansion else cfg.sae.d_sae)
   hooks = [h for h, _ in todo]
-  rows = sj_data.multi_hook_rows(model, cfg.data, hooks)
-  eval_batches = sj_data.token_batches(model, cfg.data.replace(seed=cfg.data.seed + 7919))
+  if cfg.activations == "cache":
+    rows = _cached_rows(cfg, model, rev, hooks, workdir, log_fn)
+  else:
+    rows = sj_data.multi_hook_rows(model, cfg.data, hooks)
+  # Only process 0 evaluates, on the whole held-out stream (not its shard of it), so eval.json
+  # does not depend on the number of hosts.
+  eval_batches = sj_data.token_batches(model, cfg.data.replace(seed=cfg.data.seed + 7919), 0, 1)
 
   def finisher(hook):
     def finish(sae, run):

@@ -102,6 +102,12 @@ def test_two_processes_write_the_same_cache_as_one(toy, tmp_path):
   assert one.keys() == two.keys() and len(one) > 1000
   for k in one:
     np.testing.assert_allclose(two[k], one[k], rtol=1e-5, atol=1e-5)
+  # Batch for batch, in the same places: a cache reads back identically whoever wrote it.
+  r1, r2 = CacheReader(tmp_path / "one"), CacheReader(tmp_path / "two")
+  assert r1.done == r2.done and list(r1.order) == list(r2.order)
+  for i in r1.done:
+    np.testing.assert_array_equal(r1.read_meta("doc", i), r2.read_meta("doc", i))
+    np.testing.assert_allclose(r1.read_batch(i), r2.read_batch(i), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.slow

@@ -30,5 +30,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.eval_batches = 8
   c.exports = ("llm_jp_sae", "sae_lens")
   c.missing_revision = "stop"
+  c.activations = "stream"  # or "cache": extract once, same SAEs on any host count
+  c.cache_dtype = "float32"
   c.dtype = "bfloat16"
   return c

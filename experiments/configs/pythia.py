@@ -22,4 +22,6 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.eval_batches = 8
   c.exports = ("sae_lens", "sparsify")
   c.missing_revision = "skip"
+  c.activations = "stream"  # or "cache": extract once, same SAEs on any host count
+  c.cache_dtype = "float32"
   return c

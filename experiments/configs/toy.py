@@ -22,4 +22,6 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.eval_batches = 2 if tiny else 4
   c.exports = ("sae_lens", "llm_jp_sae")
   c.missing_revision = "stop"
+  c.activations = "stream"  # or "cache": extract once, same SAEs on any host count
+  c.cache_dtype = "float32"
   return c

@@ -8,8 +8,9 @@ Layout of ``<dir>``::
     token/ doc/ pos/ language/   zarr3 [n_batches * B*T] per-row metadata
     manifest.<p>.json  batches finished by process p with their row counts (atomic rewrites)
 
-Batch ``i`` of the (per-host sharded) token pipeline occupies rows [i*B*T, i*B*T + n_i); each
-process writes only its own batches, so hosts write in parallel without coordination, and a
+Global batch ``i`` of the token pipeline occupies rows [i*B*T, i*B*T + n_i); process p writes
+global batches p, p + P, ... (the same batches whatever P, so the cache does not depend on the
+number of writers), so hosts write in parallel without coordination, and a
 killed writer resumes with the batches its manifest lacks. The cache is complete when the
 manifests cover every batch. Rows are raw activations (normalisation happens in the SAE).
 """
@@ -45,7 +46,7 @@ def cache_meta(model, hook: str, dtype: str, batches: TokenBatches, process_coun
           "hook": hook, "dtype": dtype, "normalisation": "none",
           "tokenizer": tokenizer_fingerprint(model.tokenizer), "d_model": model.cfg.d_model,
           "rows_per_batch": batches.cfg.batch_size * batches.cfg.ctx_len,
-          "n_batches": len(batches) * process_count, "process_count": process_count,
+          "n_batches": batches.n_global, "process_count": process_count,
           "data": batches.cfg.to_dict()}
 
 
@@ -100,11 +101,11 @@ def write_cache(path: str | Path, model, batches: TokenBatches, hook: str, dtype
   special = set(model.tokenizer.all_special_ids)
   np_dtype = np.dtype(dtype) if dtype == "float32" else _bf16()
   t0, written = time.perf_counter(), 0
-  for local in range(len(batches)):
-    global_index = local * process_count + process_index  # disjoint across processes
+  mine = range(process_index, batches.n_global, process_count)  # disjoint across processes
+  for local, global_index in enumerate(mine):
     if global_index in done:
       continue
-    rows = batch_rows(model, batches[local], [hook], special)
+    rows = batch_rows(model, batches.global_batch(global_index), [hook], special)
     n = len(rows.token)
     lo = global_index * rpb
     futures = [acts[lo:lo + n].write(rows.acts[hook].astype(np_dtype))]
@@ -120,7 +121,7 @@ def write_cache(path: str | Path, model, batches: TokenBatches, hook: str, dtype
     written += n
     store.atomic_write_json(mine_file, {str(k): v for k, v in sorted(done.items())})
     if (local + 1) % 50 == 0:
-      log_fn(f"cache {path.name}: {local + 1}/{len(batches)} batches, "
+      log_fn(f"cache {path.name}: {local + 1}/{len(mine)} batches, "
              f"{written / max(time.perf_counter() - t0, 1e-9):,.0f} tokens/s")
   return meta
 
@@ -145,7 +146,11 @@ class CacheReader:
   Iterating yields [n_i, D] float32 arrays (chunk order from ``seed``, the next chunk's read
   in flight while the current one is consumed); ``rows_from`` restarts at any row, so
   ``train_sae`` resumes exactly from a cache too. ``expect`` is checked against meta.json.
+  Every host of a multi-host run reads the same rows (``global_rows``) and trains on its slice
+  of each global batch, so a cache trains the same SAE on any number of processes.
   """
+
+  global_rows = True
 
   def __init__(self, path: str | Path, expect: dict | None = None, seed: int = 0):
     self.path = Path(path)
@@ -197,3 +202,31 @@ class CacheReader:
       seen += n
     if pending is not None:
       yield pending
+
+
+class MultiCacheReader:
+  """Several hooks' caches of the same tokens read side by side: {hook: rows} chunks.
+
+  The caches must come from one extraction setting (same batches and seed), so their chunks
+  hold the same tokens in the same order; ``sj.train_saes`` then trains an SAE per hook.
+  """
+
+  global_rows = True
+
+  def __init__(self, readers: dict[str, CacheReader]):
+    if not readers:
+      raise DataError("MultiCacheReader needs at least one cache")
+    self.readers = readers
+    first = next(iter(readers.values()))
+    for hook, r in readers.items():
+      if r.done != first.done or list(r.order) != list(first.order):
+        raise DataError(f"cache of {hook} at {r.path} holds other tokens than {first.path}; "
+                        "extract every hook with the same data settings")
+
+  def __iter__(self):
+    return self.rows_from(0)
+
+  def rows_from(self, start: int):
+    streams = {h: r.rows_from(start) for h, r in self.readers.items()}
+    for chunks in zip(*streams.values()):
+      yield dict(zip(streams, chunks))

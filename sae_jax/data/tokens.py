@@ -66,7 +66,11 @@ class TokenBatches:
     tokenized: output of :func:`tokenize_documents`.
     cfg: ctx_len, mode, batch_size, seed.
     pad_id: id used on padding positions.
-    process_index, process_count: this host's slice of the rows (disjoint, covering all).
+    process_index, process_count: this host's share. The shuffled rows form ``n_global``
+      batches whatever the process count; host p takes global batches p, p + P, p + 2P, ...
+      (disjoint, and the same batches a one-process run has), ``n_global // P`` of them so every
+      host steps in lockstep. ``global_batch(g)`` reads any global batch (the cache writer
+      uses it: there each host writes all of its batches, uneven counts included).
   """
 
   def __init__(self, tokenized: list[dict], cfg: DataConfig, pad_id: int,
@@ -75,12 +79,13 @@ class TokenBatches:
     rows = self._rows(tokenized, cfg)
     ds = grain.MapDataset.source(rows).seed(cfg.seed).shuffle()
     self.rows_global = len(rows)
-    ds = ds[process_index::process_count]
     self._rows_ds = ds
-    self._n = len(ds) // cfg.batch_size
+    self.process_index, self.process_count = process_index, process_count
+    self.n_global = len(ds) // cfg.batch_size
+    self._n = self.n_global // process_count
     if self._n == 0:
-      raise DataError(f"{len(ds)} sequences on this host are fewer than one batch of "
-                      f"{cfg.batch_size}")
+      raise DataError(f"{len(ds)} sequences make {self.n_global} batches of {cfg.batch_size}, "
+                      f"fewer than one per process ({process_count})")
 
   @staticmethod
   def _rows(tokenized, cfg: DataConfig) -> list[tuple]:
@@ -101,7 +106,13 @@ class TokenBatches:
     return self._n
 
   def __getitem__(self, i: int) -> TokenBatch:
+    """This host's batch i: global batch i * P + p."""
     if not 0 <= i < self._n:
+      raise IndexError(i)
+    return self.global_batch(i * self.process_count + self.process_index)
+
+  def global_batch(self, i: int) -> TokenBatch:
+    if not 0 <= i < self.n_global:
       raise IndexError(i)
     b, t = self.cfg.batch_size, self.cfg.ctx_len
     ids = np.full((b, t), self.pad_id, np.int32)

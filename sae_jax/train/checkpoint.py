@@ -17,6 +17,7 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
+from sae_jax import distributed
 from sae_jax.train.state import TrainState
 
 
@@ -66,7 +67,9 @@ class Checkpointer:
                         "falling back to the previous one", step, self.directory,
                         type(e).__name__, str(e)[:200], aside.name)
         self._manager.close()
-        shutil.move(str(self.directory / str(step)), str(aside))
+        if jax.process_index() == 0:  # every host fails alike; one moves it aside
+          shutil.move(str(self.directory / str(step)), str(aside))
+        distributed.barrier(f"moved aside {self.directory} {step}")
         self._manager = self._open()
     return None
 

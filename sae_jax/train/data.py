@@ -24,13 +24,24 @@ class BatchStream:
       None) or an iterable of arrays (shuffled within buffers of ``shuffle_batches`` batches,
       read once). The last ``holdout`` rows of an array, or the first ``holdout`` rows of an
       iterable, are kept out of training as ``eval_rows``.
+    process_index, process_count: this host among the processes of a multi-host run. Batches
+      are then this host's share, [batch_size / process_count, d_in]: of a *global* source
+      (an array, or one with ``global_rows = True`` such as a cache reader, which every host
+      reads alike) the host's slice of the same global batch, so the run equals a one-process
+      run; of a per-host source (the streamed extraction of this host's token shard, or any
+      plain iterable) the host's own next rows.
   """
 
   def __init__(self, activations: np.ndarray | Iterable[np.ndarray], batch_size: int, d_in: int,
-               seed: int, total_tokens: int | None, shuffle_batches: int = 8, holdout: int = 0):
+               seed: int, total_tokens: int | None, shuffle_batches: int = 8, holdout: int = 0,
+               process_index: int = 0, process_count: int = 1):
     self.batch_size, self.d_in, self.seed = batch_size, d_in, seed
     self.total_tokens, self.shuffle_batches = total_tokens, shuffle_batches
     self.served = 0  # batches handed out so far: the position
+    self.process_index, self.process_count = process_index, process_count
+    if batch_size % process_count:
+      raise ConfigError(f"batch_size={batch_size} must be a multiple of the process count "
+                        f"{process_count} (every host feeds an equal share of a batch)")
     self.eval_rows: np.ndarray | None = None
     self._array = None
     if hasattr(activations, "shape"):
@@ -58,24 +69,46 @@ class BatchStream:
     return None
 
   def position(self) -> dict:
-    return {"served": self.served, "batch_size": self.batch_size}
+    return {"served": self.served, "batch_size": self.batch_size,
+            "process_count": self.process_count}
 
   def restore(self, position: dict) -> None:
     if position.get("batch_size", self.batch_size) != self.batch_size:
       raise ConfigError(f"checkpoint was written with batch_size={position['batch_size']}, "
                         f"now {self.batch_size}")
+    was = int(position.get("process_count", 1))
+    if was != self.process_count and not self.is_global:
+      raise ConfigError(f"checkpoint was written by {was} process(es), now {self.process_count}: "
+                        "a per-host stream resumes only with the same process count (a cache "
+                        "or an array source resumes with any)")
     self.served = int(position["served"])
     if self._array is None and self.served and iter(self._source) is self._source:
       raise ConfigError("cannot resume from a one-shot iterator: pass a re-iterable source (a "
                         "list, or an object whose __iter__ starts over) to resume exactly")
 
+  @property
+  def is_global(self) -> bool:
+    """Whether every host reads the same rows (then each takes its slice of a global batch)."""
+    return self._array is not None or bool(getattr(self._source, "global_rows", False))
+
   def __iter__(self) -> Iterator[np.ndarray]:
+    if self.process_count == 1:
+      yield from self._batches(self.batch_size)
+    elif self.is_global:
+      lb, lo = self.batch_size // self.process_count, self.process_index
+      for batch in self._batches(self.batch_size):
+        yield _map_rows(batch, lambda a: a[lo * lb:(lo + 1) * lb])
+    else:
+      yield from self._batches(self.batch_size // self.process_count)
+
+  def _batches(self, b: int) -> Iterator[np.ndarray]:
+    """Batches of ``b`` rows from the current position (served counts them)."""
     if self._array is not None:
       gen, first = self._array_batches(), 0
     elif hasattr(self._source, "rows_from"):
-      gen, first = self._resumable_batches(self.served), self.served
+      gen, first = self._resumable_batches(self.served, b), self.served
     else:
-      gen, first = self._iterable_batches(), 0
+      gen, first = self._iterable_batches(b), 0
     total = self.total_batches
     for index, batch in enumerate(gen, start=first):
       if total is not None and index >= total:
@@ -85,13 +118,13 @@ class BatchStream:
       self.served = index + 1
       yield batch
 
-  def _resumable_batches(self, start_batch: int) -> Iterator[np.ndarray | dict]:
+  def _resumable_batches(self, start_batch: int, b: int) -> Iterator[np.ndarray | dict]:
     """In-order batches of a source that can start at any row (it does its own mixing).
 
     Chunks may be arrays or dicts of equally long arrays (several hooks of one forward); the
     batches then are dicts too.
     """
-    b, hold = self.batch_size, self._holdout
+    hold = self._holdout
     if hold and self.eval_rows is None:
       got, parts = 0, []
       for chunk in self._source.rows_from(0):
@@ -123,8 +156,7 @@ class BatchStream:
         yield np.asarray(a[np.sort(perm[i * b:(i + 1) * b])], np.float32)
       epoch += 1
 
-  def _iterable_batches(self) -> Iterator[np.ndarray]:
-    b = self.batch_size
+  def _iterable_batches(self, b: int) -> Iterator[np.ndarray]:
     cap = self.shuffle_batches * b
     need_eval = self._holdout
     held: list[np.ndarray] = []
@@ -144,17 +176,17 @@ class BatchStream:
       if have >= cap:
         rows = np.concatenate(pending)
         full = (have // b) * b
-        yield from self._shuffled(rows[:full], buffer_no)
+        yield from self._shuffled(rows[:full], buffer_no, b)
         buffer_no += 1
         pending, have = [rows[full:]], have - full
     if have >= b:
       rows = np.concatenate(pending)
-      yield from self._shuffled(rows[:(have // b) * b], buffer_no)
+      yield from self._shuffled(rows[:(have // b) * b], buffer_no, b)
 
-  def _shuffled(self, rows: np.ndarray, buffer_no: int) -> Iterator[np.ndarray]:
+  def _shuffled(self, rows: np.ndarray, buffer_no: int, b: int) -> Iterator[np.ndarray]:
     perm = np.random.default_rng([self.seed, 1 << 20, buffer_no]).permutation(rows.shape[0])
-    for i in range(rows.shape[0] // self.batch_size):
-      yield rows[perm[i * self.batch_size:(i + 1) * self.batch_size]]
+    for i in range(rows.shape[0] // b):
+      yield rows[perm[i * b:(i + 1) * b]]
 
 
 def _map_rows(rows, fn):

@@ -24,7 +24,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
-from sae_jax import __version__, evals, sharding, store
+from sae_jax import __version__, distributed, evals, sharding, store
 from sae_jax.config import SAEConfig, TrainConfig
 from sae_jax.errors import ConfigError, DataError, Preempted
 from sae_jax.saes.sae import SAE
@@ -59,6 +59,7 @@ class _RunLog:
   """metrics.jsonl + TensorBoard for a run directory (no-ops without one)."""
 
   def __init__(self, run: store.RunDir | None, resume_step: int | None):
+    run = run if distributed.is_primary() else None  # one writer in a multi-host run
     self.run = run
     self._jsonl = self._tb = None
     if run is None:
@@ -109,6 +110,9 @@ def _check_same_run(run: store.RunDir, current: dict, overwrite: bool) -> None:
     raise ConfigError(f"workdir {run.path} holds a run with a different config ("
                       + "; ".join(diffs[:6]) + "); use another workdir or overwrite=True")
   logging.warning("overwrite=True: discarding the run in %s (%s)", run.path, "; ".join(diffs))
+  distributed.barrier(f"overwrite-check {run.path}")  # every host has read it before it goes
+  if not distributed.is_primary():
+    return
   for p in (run.state, run.sae, run.tensorboard):
     shutil.rmtree(p, ignore_errors=True)
   for p in (run.metrics, run.eval, run.complete_marker, run.config):
@@ -179,7 +183,8 @@ class _Job:
         self.done_sae = load_sae(self.run.sae)
         return
       self.run.ensure()
-      store.atomic_write_json(self.run.config, _run_config(self.cfg, self.tcfg))
+      if distributed.is_primary():
+        store.atomic_write_json(self.run.config, _run_config(self.cfg, self.tcfg))
     self.step = make_train_step(self.cfg, self.tcfg, mesh)
     self.ckpt = (Checkpointer(self.run.state, self.tcfg.keep_checkpoints)
                  if self.run is not None else None)
@@ -242,7 +247,8 @@ def train_saes(activations, jobs: list[SAEJob], mesh: Mesh | None = None, *,
     return [r.done_sae for r in runs]
   tcfg, d_in = first_cfg, jobs[0].sae_config.d_in
   stream = BatchStream(activations, tcfg.batch_size, d_in, tcfg.seed, tcfg.total_tokens,
-                       tcfg.shuffle_batches, 0 if eval_activations is not None else tcfg.eval_tokens)
+                       tcfg.shuffle_batches, 0 if eval_activations is not None else tcfg.eval_tokens,
+                       jax.process_index(), jax.process_count())
   try:
     return _fit(runs, active, stream, mesh, eval_activations, log_fn)
   finally:
@@ -266,9 +272,10 @@ def _fit(runs, active, stream, mesh, eval_activations, log_fn) -> list[SAE]:
       first = next(batches)
     except StopIteration:
       raise DataError(f"no full batch of {tcfg.batch_size} tokens in the activations") from None
+    first_global = distributed.gather_rows(first)  # every host initialises from the same rows
     for r in active:
       key = None if r.job.init_seed is None else jax.random.key(r.job.init_seed)
-      r.state = init_train_state(r.cfg, r.tcfg, mesh, _rows_for(r, first), key)
+      r.state = init_train_state(r.cfg, r.tcfg, mesh, _rows_for(r, first_global), key)
     batches = _prepend(first, batches)
   eval_rows = eval_activations if eval_activations is not None else stream.eval_rows
   total = stream.total_batches
@@ -281,10 +288,11 @@ def _fit(runs, active, stream, mesh, eval_activations, log_fn) -> list[SAE]:
   x_sharding = active[0].step.x_sharding
   with _SigtermFlag() as sigterm:
     for batch in batches:
-      shared = None if isinstance(batch, dict) else jax.device_put(batch, x_sharding)
+      shared = None if isinstance(batch, dict) else distributed.to_global(batch, x_sharding)
       served = stream.served
       for r in active:
-        x = shared if shared is not None else jax.device_put(_rows_for(r, batch), x_sharding)
+        x = shared if shared is not None else distributed.to_global(_rows_for(r, batch),
+                                                                    x_sharding)
         r.state, r.metrics = r.step(r.state, x)
         if served % r.tcfg.log_every == 0 or served == total:
           r.last = {k: float(v) for k, v in r.metrics.items()}
@@ -325,11 +333,12 @@ def _fit(runs, active, stream, mesh, eval_activations, log_fn) -> list[SAE]:
             "steps": int(r.state.step), "nan_batches": int(r.state.nan_batches),
             "final_metrics": r.last, "train_config": r.tcfg.to_dict(),
             "sae_jax_version": __version__}
-    sae = SAE(r.cfg, jax.device_get(r.state.params), jax.device_get(r.state.buffers), meta)
+    sae = SAE(r.cfg, distributed.to_host(r.state.params), distributed.to_host(r.state.buffers),
+              meta)
     if eval_rows is not None:
       sae.metadata["eval"] = evals.reconstruction_metrics(sae, _rows_for(r, eval_rows))
       r.log.write(stream.served, "eval", sae.metadata["eval"])
-    if r.run is not None:
+    if r.run is not None and distributed.is_primary():
       sae.save(r.run.sae)
       store.atomic_write_json(r.run.eval, sae.metadata.get("eval", {}))
       r.log.close()
@@ -337,6 +346,7 @@ def _fit(runs, active, stream, mesh, eval_activations, log_fn) -> list[SAE]:
         r.job.on_complete(sae, r.run)
       r.run.mark_complete({"steps": int(r.state.step), "tokens_seen": meta["tokens_seen"]})
     r.done_sae = sae
+  distributed.barrier("train_saes: saved")  # no host moves on before the SAEs are marked done
   return [r.done_sae for r in runs]
 
 
@@ -356,7 +366,10 @@ def _prepend(first, rest):
 
 
 def _evaluate(sae_config: SAEConfig, state, rows) -> dict:
-  sae = SAE(sae_config, state.params, state.buffers)
+  if jax.process_count() > 1:  # this host's held-out rows, against a host copy of the params
+    sae = SAE(sae_config, distributed.to_host(state.params), distributed.to_host(state.buffers))
+  else:
+    sae = SAE(sae_config, state.params, state.buffers)
   return evals.reconstruction_metrics(sae, rows)
 
 

@@ -1,0 +1,34 @@
+"""One SAE trained over every process's devices: python multihost_script.py WORKDIR OUT.npz.
+
+Run alone (one process) or under launch/local_multiprocess.sh (several); with the same total
+device count both must give the same SAE. The mesh is 2 x (devices / 2): rows on "data",
+latents on "model", both spanning processes when there are several.
+"""
+import sys
+
+import jax
+import numpy as np
+from absl import logging
+
+import sae_jax as sj
+from sae_jax import distributed
+
+
+def main(workdir, out, steps=40):
+  distributed.initialize()
+  logging.set_verbosity(logging.WARNING)
+  rng = np.random.default_rng(0)
+  x = (rng.normal(size=(8_192, 32)) * np.linspace(0.2, 2.0, 32)).astype(np.float32)
+  cfg = sj.SAEConfig(architecture="topk", d_in=32, d_sae=256, k=4)
+  tcfg = sj.TrainConfig(batch_size=256, total_tokens=256 * steps, lr=2e-3, warmup_steps=5,
+                        checkpoint_every=10, log_every=10, eval_tokens=512, eval_every=20,
+                        dead_tokens=256 * 4)
+  mesh = sj.make_mesh(sj.MeshConfig(data=jax.device_count() // 2, model=2))
+  sae = sj.train_sae(x, cfg, tcfg, workdir=workdir, mesh=mesh)
+  if distributed.is_primary():
+    np.savez(out, **{k: np.asarray(v) for k, v in sae.params.items()},
+             processes=jax.process_count(), devices=jax.device_count())
+
+
+if __name__ == "__main__":
+  main(sys.argv[1], sys.argv[2], *(int(a) for a in sys.argv[3:]))

@@ -1,0 +1,124 @@
+"""The multi-host path: several local processes (jax.distributed over gloo) through
+launch/local_multiprocess.sh, against one process with the same number of devices."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import sae_jax as sj
+
+ROOT = Path(__file__).parents[1]
+LAUNCH = ROOT / "launch"
+SCRIPT = Path(__file__).parent / "multihost_script.py"
+
+
+def _one_process(args, devices=4, timeout=300):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+  for k in ("SAE_JAX_COORDINATOR", "SAE_JAX_NUM_PROCESSES", "SAE_JAX_PROCESS_ID"):
+    env.pop(k, None)
+  return subprocess.run([sys.executable, *args], env=env, timeout=timeout, capture_output=True,
+                        text=True, cwd=ROOT)
+
+
+def _two_processes(args, tmp_path, timeout=300):
+  return subprocess.run(["bash", str(LAUNCH / "local_multiprocess.sh"), "--processes", "2",
+                         "--devices-per-process", "2", "--log-dir", str(tmp_path / "logs"),
+                         "--", sys.executable, *args], timeout=timeout, capture_output=True,
+                        text=True, cwd=ROOT)
+
+
+def test_two_processes_train_the_same_sae_as_one(tmp_path):
+  """2 processes x 2 devices (a 2x2 mesh spanning both) == 1 process x 4 devices."""
+  two = _two_processes([str(SCRIPT), str(tmp_path / "w2"), str(tmp_path / "two.npz")], tmp_path)
+  assert two.returncode == 0, two.stderr[-3000:]
+  one = _one_process([str(SCRIPT), str(tmp_path / "w1"), str(tmp_path / "one.npz")])
+  assert one.returncode == 0, one.stderr[-3000:]
+  a, b = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
+  assert int(a["processes"]) == 1 and int(b["processes"]) == 2
+  assert int(a["devices"]) == int(b["devices"]) == 4
+  for k in ("W_enc", "W_dec", "b_enc", "b_dec"):
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+  # One writer: the run files exist once and are whole; the other host wrote no stray files.
+  assert (tmp_path / "w2" / "COMPLETE").exists()
+  steps = [json.loads(line)["step"] for line in (tmp_path / "w2" / "metrics.jsonl").open()
+           if json.loads(line)["split"] == "train"]
+  assert steps == sorted(set(steps)) == [10, 20, 30, 40]
+
+
+@pytest.mark.slow
+def test_two_process_trace_gives_the_same_saes_as_one(tiny_toy, tmp_path):
+  """The README's entry point under the launcher, cache mode: same SAEs, same evaluations."""
+  common = ["experiments/trace.py", "--config=experiments/configs/toy.py:tiny",
+            f"--config.model={tiny_toy}", f"--config.data.path={tiny_toy}",
+            "--config.activations=cache", "--config.revisions=('step3','step30')",
+            "--config.data.max_docs=1500", "--config.train.total_tokens=12288"]
+  two = _two_processes(common + [f"--workdir={tmp_path / 'two'}"], tmp_path, timeout=600)
+  assert two.returncode == 0, two.stderr[-3000:]
+  one = _one_process(common + [f"--workdir={tmp_path / 'one'}"], timeout=600)
+  assert one.returncode == 0, one.stderr[-3000:]
+  for rev in ("step3", "step30"):
+    pa, pb = (tmp_path / w / rev / "resid_post.0" for w in ("one", "two"))
+    a, b = sj.load_sae(pa / "sae"), sj.load_sae(pb / "sae")
+    for k in a.params:
+      # Same batches and the same global mesh; the cached rows agree to float rounding
+      # (each process's forward batches differ in size), hence not bit for bit.
+      np.testing.assert_allclose(np.asarray(a.params[k]), np.asarray(b.params[k]),
+                                 rtol=1e-5, atol=1e-5, err_msg=f"{rev} {k}")
+    ea, eb = (json.loads((p / "eval.json").read_text()) for p in (pa, pb))
+    assert ea.keys() == eb.keys()
+    for k in ("fvu", "ce_sae", "ce_loss_recovered"):
+      assert abs(ea[k] - eb[k]) < 1e-4, (rev, k, ea[k], eb[k])
+  assert (tmp_path / "two" / "summary.csv").read_text().count("\n") == 3
+
+
+def test_launchers_dry_run_print_their_commands():
+  out = subprocess.run(["bash", str(LAUNCH / "local_multiprocess.sh"), "--dry-run",
+                        "--processes", "3", "--port", "1234", "--", "python", "x.py", "--a=1"],
+                       capture_output=True, text=True, check=True).stdout.splitlines()
+  assert len(out) == 4 and out[-1] == "wait"
+  for i, line in enumerate(out[:3]):
+    assert f"SAE_JAX_PROCESS_ID={i}" in line and "SAE_JAX_NUM_PROCESSES=3" in line
+    assert "SAE_JAX_COORDINATOR=localhost:1234" in line and "python x.py --a=1" in line
+  tpu = subprocess.run(["bash", str(LAUNCH / "tpu_pod.sh"), "--dry-run", "--name", "sae-pod",
+                        "--zone", "us-central2-b", "--accelerator", "v4-32", "--repo",
+                        "https://github.com/example/sae_jax.git", "--",
+                        "--config=experiments/configs/llm_jp_3_1p8b.py", "--workdir=/mnt/runs/a"],
+                       capture_output=True, text=True, check=True).stdout
+  assert "gcloud compute tpus tpu-vm" in tpu and "--worker=all" in tpu and "v4-32" in tpu
+  assert "--coordinator=auto" in tpu and "experiments/trace.py" in tpu
+  gpu = subprocess.run(["bash", str(LAUNCH / "gpu.sh"), "--dry-run", "--nodes", "2", "--",
+                        "--workdir=/shared/runs/a"], capture_output=True, text=True,
+                       check=True).stdout
+  assert "sbatch" in gpu and "--nodes=2" in gpu and "--coordinator=auto" in gpu
+  gpu1 = subprocess.run(["bash", str(LAUNCH / "gpu.sh"), "--dry-run", "--",
+                         "--workdir=/tmp/a"], capture_output=True, text=True, check=True).stdout
+  assert "sbatch" not in gpu1 and "experiments/trace.py --workdir=/tmp/a" in gpu1
+
+
+@pytest.mark.parametrize("script,args,fragment", [
+    ("local_multiprocess.sh", ["--processes", "0", "--", "true"], "positive integers"),
+    ("local_multiprocess.sh", ["--bogus"], "unknown option '--bogus'"),
+    ("local_multiprocess.sh", ["--dry-run"], "no command given"),
+    ("tpu_pod.sh", ["--dry-run", "--", "--workdir=/x"], "--name"),
+    ("gpu.sh", ["--nodes", "two"], "--nodes=two"),
+])
+def test_launcher_mistakes_are_one_line_with_status_2(script, args, fragment):
+  r = subprocess.run(["bash", str(LAUNCH / script), *args], capture_output=True, text=True)
+  assert r.returncode == 2 and fragment in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_a_failing_process_stops_the_others(tmp_path):
+  """One process dies: the launcher stops its peer (which would hang in a collective)."""
+  code = ("import os, sys, time\n"
+          "if os.environ['SAE_JAX_PROCESS_ID'] == '1': sys.exit(3)\n"
+          "time.sleep(60)\n")
+  r = subprocess.run(["bash", str(LAUNCH / "local_multiprocess.sh"), "--log-dir",
+                      str(tmp_path / "logs"), "--", sys.executable, "-c", code],
+                     capture_output=True, text=True, timeout=30)
+  assert r.returncode == 3 and "stopping the others" in r.stderr
