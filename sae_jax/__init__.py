@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"  # before the imports: submodules record it in what they write
 
-from sae_jax import data, errors, kernels, saes, sharding
+from sae_jax import analysis, data, distributed, errors, kernels, saes, sharding
 from sae_jax.config import DataConfig, MeshConfig, SAEConfig, TrainConfig
 from sae_jax.formats import load_sae
 from sae_jax.models import load_model
@@ -10,5 +10,6 @@ from sae_jax.saes.sae import SAE
 from sae_jax.sharding import make_mesh
 from sae_jax.train import SAEJob, train_sae, train_saes
 
-__all__ = ["SAE", "DataConfig", "MeshConfig", "SAEConfig", "TrainConfig", "__version__", "data", "errors", "kernels",
-           "load_model", "load_sae", "make_mesh", "saes", "sharding", "train_sae", "train_saes", "SAEJob"]
+__all__ = ["SAE", "DataConfig", "MeshConfig", "SAEConfig", "SAEJob", "TrainConfig", "__version__",
+           "analysis", "data", "distributed", "errors", "kernels", "load_model", "load_sae",
+           "make_mesh", "saes", "sharding", "train_sae", "train_saes"]

@@ -1,0 +1,209 @@
+"""``sj.analysis.analyze(workdir)``: every complete SAE of a trace -> statistics, labels, report.
+
+Reads only the run store (``trace.json``, ``<checkpoint>/<hook>/sae`` + ``COMPLETE``) and the
+model checkpoints it names; writes ``<workdir>/analysis/``:
+
+    features.parquet / features.csv   one row per (checkpoint, hook, feature)
+    summary.parquet / summary.csv     one row per (checkpoint, hook): label counts and shares
+    agreement.csv                     paper-rule vs ground-truth label agreement per pair
+    codes/<checkpoint>/<hook>.npz     top-k codes over the evaluation set (overlap analysis)
+    overlap*.csv, lineage.csv         feature matching over training (see overlap.py)
+    plots/*.png, report.html          figures and the offline feature browser
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from absl import logging
+
+from sae_jax import store
+from sae_jax.analysis.evalset import EvalSet, build_eval_set
+from sae_jax.analysis.labels import LabelConfig, granularity_labels, language_labels
+from sae_jax.analysis.lexicon import Lexicon, load_lexicon, toy_lexicon
+from sae_jax.analysis.stats import FeatureStats, add_strong_firings, collect_stats
+from sae_jax.config import TraceConfig
+from sae_jax.errors import ConfigError, DataError
+
+SEED_SUFFIX = re.compile(r"^(?P<hook>.+)@seed(?P<seed>\d+)$")
+
+
+@dataclasses.dataclass(frozen=True)
+class AnalysisConfig:
+  """What the analysis computes.
+
+  Attributes:
+    eval_tokens: counted tokens in the evaluation set (the same for every checkpoint).
+    seqs_per_batch: evaluation sequences per model forward.
+    n_examples: strongest sequences kept per feature (the paper's example set: up to 50).
+    sample_size, sample_seed: the random sample of live features summarised beside all of them
+      (the paper labelled 100 per checkpoint by hand).
+    lexicon: a TSV lexicon file (form, concept, category[, language]); empty: the toy world's
+      own lexicon when the model is a toy model, else none (granularity: token vs multi_token).
+    labels: thresholds of the label rules.
+    browser_features: feature cards per (checkpoint, hook) in the HTML report (the sample and
+      the most frequent features).
+    contexts_per_feature, context_window: top contexts shown per card, tokens either side.
+    overlap: run the overlap / lineage analysis too.
+  """
+
+  eval_tokens: int = 20_000
+  seqs_per_batch: int = 64
+  n_examples: int = 50
+  sample_size: int = 100
+  sample_seed: int = 0
+  lexicon: str = ""
+  labels: LabelConfig = dataclasses.field(default_factory=LabelConfig)
+  browser_features: int = 300
+  contexts_per_feature: int = 5
+  context_window: int = 10
+  overlap: bool = True
+
+  def __post_init__(self):
+    if self.eval_tokens < 1 or self.seqs_per_batch < 1 or self.n_examples < 1:
+      raise ConfigError("eval_tokens, seqs_per_batch and n_examples must be >= 1 (got "
+                        f"{self.eval_tokens}, {self.seqs_per_batch}, {self.n_examples})")
+
+
+@dataclasses.dataclass
+class Pair:
+  """One complete SAE of the store: checkpoint label, hook, seed variant, directory."""
+
+  checkpoint: str
+  step: int | None
+  hook: str
+  seed: int  # 0: the trace's SAE; n: the seed-baseline SAE trained with init seed + n
+  path: Path
+
+  @property
+  def key(self) -> str:
+    return f"{self.checkpoint}/{self.hook}" + (f"@seed{self.seed}" if self.seed else "")
+
+
+def find_pairs(workdir: Path, cfg: TraceConfig) -> list[Pair]:
+  """Complete SAEs of the trace in ``workdir``, in training order."""
+  from sae_jax.models.hf import resolve
+  from sae_jax.trace import checkpoint_step
+  pairs = []
+  for rev_dir in sorted(p for p in workdir.iterdir() if p.is_dir()):
+    if rev_dir.name in ("analysis", "activations"):
+      continue
+    for hook_dir in sorted(p for p in rev_dir.iterdir() if p.is_dir()):
+      if not (hook_dir / "COMPLETE").exists():
+        continue
+      m = SEED_SUFFIX.match(hook_dir.name)
+      hook, seed = (m["hook"], int(m["seed"])) if m else (hook_dir.name, 0)
+      try:
+        path = resolve(cfg.model, rev_dir.name)
+      except Exception:
+        path = None
+      pairs.append(Pair(rev_dir.name, checkpoint_step(rev_dir.name, path), hook, seed,
+                        hook_dir))
+  pairs.sort(key=lambda p: (p.step is None, p.step or 0, p.checkpoint, p.hook, p.seed))
+  return pairs
+
+
+def _lexicon(cfg: AnalysisConfig, trace_cfg: TraceConfig) -> Lexicon | None:
+  if cfg.lexicon:
+    return load_lexicon(cfg.lexicon)
+  return toy_lexicon(trace_cfg.model) if Path(trace_cfg.model).is_dir() else None
+
+
+def _check_d_in(saes: dict[str, object], pairs: list[Pair]) -> None:
+  by_hook: dict[str, tuple[int, str]] = {}
+  for p in pairs:
+    d = saes[p.key].cfg.d_in
+    if p.hook in by_hook and by_hook[p.hook][0] != d:
+      raise DataError(f"SAEs of hook {p.hook} differ in d_in: {by_hook[p.hook][1]} has "
+                      f"{by_hook[p.hook][0]}, {p.key} has {d}; analyse them separately")
+    by_hook.setdefault(p.hook, (d, p.key))
+
+
+def analyze(workdir: str | Path, cfg: AnalysisConfig = AnalysisConfig(),
+            log_fn: Callable[[str], None] = logging.info) -> dict:
+  """Analyse every complete SAE under ``workdir``; returns {name: path} of what was written."""
+  from sae_jax.analysis import report
+  from sae_jax.formats import load_sae
+  workdir = Path(workdir)
+  if not (workdir / "trace.json").exists():
+    raise ConfigError(f"{workdir} holds no trace (trace.json missing); run the trace first")
+  trace_cfg = TraceConfig.from_dict(store.read_json(workdir / "trace.json"))
+  pairs = find_pairs(workdir, trace_cfg)
+  if not pairs:
+    raise DataError(f"{workdir} has no complete SAEs (no <checkpoint>/<hook>/COMPLETE); finish "
+                    "the trace first")
+  saes = {p.key: load_sae(p.path / "sae") for p in pairs}
+  _check_d_in(saes, pairs)
+  lexicon = _lexicon(cfg, trace_cfg)
+  out = workdir / "analysis"
+  out.mkdir(parents=True, exist_ok=True)
+  t0 = time.perf_counter()
+  checkpoints = list(dict.fromkeys(p.checkpoint for p in pairs))
+  evalset = None
+  stats: dict[str, FeatureStats] = {}
+  for n, rev in enumerate(checkpoints):
+    these = [p for p in pairs if p.checkpoint == rev]
+    model = _load(trace_cfg, rev)
+    if evalset is None:
+      evalset = build_eval_set(model, trace_cfg.data, cfg.eval_tokens)
+      log_fn(f"evaluation set: {evalset.ids.shape[0]} sequences, {evalset.n_tokens:,} tokens")
+    from sae_jax.data.cache import tokenizer_fingerprint
+    if tokenizer_fingerprint(model.tokenizer) != evalset.tokenizer_fingerprint:
+      raise DataError(f"checkpoint {rev} has another tokenizer than {checkpoints[0]}; the "
+                      "evaluation set must be the same tokens for every checkpoint")
+    for p in these:
+      codes_path = out / "codes" / p.checkpoint / (p.path.name + ".npz")
+      stats[p.key] = _pair_stats(model, saes[p.key], p, evalset, cfg, codes_path, log_fn)
+    log_fn(f"[{n + 1}/{len(checkpoints)}] analysed {rev} ({len(these)} SAE(s), "
+           f"{time.perf_counter() - t0:.0f}s)")
+  tables = report.build_tables(pairs, saes, stats, evalset, lexicon, cfg, workdir)
+  written = report.write_tables(tables, out)
+  if cfg.overlap:
+    from sae_jax.analysis import overlap
+    written.update(overlap.analyze_overlap(pairs, saes, out, tables, log_fn=log_fn))
+  written.update(report.write_report(tables, pairs, stats, evalset, cfg, out, workdir))
+  log_fn(f"analysis written to {out} ({time.perf_counter() - t0:.0f}s); open "
+         f"{out / 'report.html'}")
+  return written
+
+
+def _load(trace_cfg: TraceConfig, rev: str):
+  from sae_jax.models import load_model
+  from sae_jax.models.hf import resolve
+  model = load_model(resolve(trace_cfg.model, rev), dtype=trace_cfg.dtype)
+  model.revision = rev
+  return model
+
+
+def _pair_stats(model, sae, pair: Pair, evalset: EvalSet, cfg: AnalysisConfig,
+                codes_path: Path, log_fn) -> FeatureStats:
+  """Feature statistics of one SAE; its codes over the evaluation set go to ``codes_path``."""
+  codes_v, codes_i = [], []
+
+  def batches():
+    for s, ids, mask in evalset.batches(cfg.seqs_per_batch):
+      acts = np.asarray(model.activations(ids, [pair.hook])[pair.hook], np.float32)
+      rows, cols = np.nonzero(mask)
+      yield (acts[rows, cols], ids[rows, cols], rows + s, cols.astype(np.int32),
+             evalset.language[s:s + len(ids)][rows, cols])
+
+  k = sae.cfg.k or 64
+  st = collect_stats(sae, batches(), len(evalset.token_text), cfg.n_examples, k=k,
+                     log_fn=log_fn, total_tokens=evalset.n_tokens,
+                     on_codes=lambda v, i: (codes_v.append(v.astype(np.float32)),
+                                            codes_i.append(i.astype(np.int32))))
+  values, indices = np.concatenate(codes_v), np.concatenate(codes_i)
+  seq, pos = np.nonzero(evalset.mask)  # the codes' rows, in order
+  add_strong_firings(st, values, indices, evalset.ids[evalset.mask],
+                     evalset.language[evalset.mask], seq, pos.astype(np.int32),
+                     cfg.labels.example_fraction, seed=cfg.sample_seed)
+  codes_path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = codes_path.with_suffix(".tmp.npz")
+  np.savez(tmp, values=values, indices=indices)
+  tmp.replace(codes_path)
+  return st

@@ -1,0 +1,157 @@
+"""Language and granularity labels for every feature, with the rules' thresholds as config.
+
+Language (the paper's rule, Inaba et al. 2025 sec. 3): take the feature's example set (up to
+``n_examples`` sequences drawn at random among those where it fires at >= ``example_fraction``
+of its maximum), look at each example's maximally activating token, decide its script (Latin ->
+en, kana/kanji -> ja; a digit defers to the previous token, punctuation is undecided); more
+than ``language_share`` of the decided examples in one language -> that language, else
+``bilingual``; nothing decided -> ``none``; a feature that never fired -> ``dead``.
+The same rule run on the token metadata (the document's language, or the toy world's
+per-token truth) gives ``language_meta``; run on the whole population the examples sample
+(every firing at >= ``example_fraction`` of the max) with per-token ground truth instead of
+scripts, it gives ``language_truth``.
+
+Granularity, over the same example tokens:
+  ``token``                 one surface form has >= ``token_share`` of the examples;
+  ``concept_synonym``       one concept (lexicon) has >= ``concept_share`` of the covered
+                            examples, with several surface forms of one language;
+  ``concept_translation``   the same, with surface forms of several languages;
+  ``semantic``              one category has >= ``category_share``, several concepts;
+  ``other``                 none of these (or under ``min_coverage`` of examples in the lexicon).
+Without a lexicon only ``token`` vs ``multi_token`` is claimed. ``granularity_truth`` applies
+the rules to that whole population of strong firings instead of the 50 examples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from sae_jax.analysis.lexicon import Lexicon, script_of
+from sae_jax.analysis.stats import FeatureStats
+
+LANGUAGE_LABELS = ("en", "ja", "bilingual", "none", "dead")
+GRANULARITY_LABELS = ("token", "concept_synonym", "concept_translation", "semantic", "other",
+                      "multi_token", "dead")
+_EN, _JA = 0, 1  # LANGUAGE_CODES of en / ja
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelConfig:
+  """Thresholds of the label rules (see the module docstring)."""
+
+  example_fraction: float = 0.7
+  language_share: float = 0.9
+  token_share: float = 0.9
+  concept_share: float = 0.9
+  category_share: float = 0.9
+  min_coverage: float = 0.5
+  max_digit_lookback: int = 8
+
+
+def _lang_from_shares(n_en: np.ndarray, n_ja: np.ndarray, share: float) -> np.ndarray:
+  total = n_en + n_ja
+  out = np.full(n_en.shape, "bilingual", dtype=object)
+  out[n_en > share * total] = "en"
+  out[n_ja > share * total] = "ja"
+  out[total == 0] = "none"
+  return out
+
+
+def example_tokens(stats: FeatureStats, ids: np.ndarray, fraction: float
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(mask [M, E], seq [M, E], pos [M, E]) of every feature's example set."""
+  return stats.examples(fraction)
+
+
+def language_labels(stats: FeatureStats, ids: np.ndarray, token_text: list[str],
+                    token_lang: np.ndarray, cfg: LabelConfig = LabelConfig()) -> dict:
+  """{'language', 'language_meta', 'language_truth', 'en_share'}: [M] arrays."""
+  scripts = np.asarray([script_of(t) for t in token_text], dtype=object)
+  mask, seq, pos = example_tokens(stats, ids, cfg.example_fraction)
+  # Paper rule: the script of each example's max token; digits defer to the previous token.
+  script = scripts[ids[seq, pos]]
+  p = pos.copy()
+  for _ in range(cfg.max_digit_lookback):
+    digit = (script == "digit") & (p > 0)
+    if not digit.any():
+      break
+    p = np.where(digit, p - 1, p)
+    script = np.where(digit, scripts[ids[seq, p]], script)
+  n_en = ((script == "en") & mask).sum(1)
+  n_ja = ((script == "ja") & mask).sum(1)
+  paper = _lang_from_shares(n_en, n_ja, cfg.language_share)
+  # The same rule on the token metadata (document language, or per-token truth).
+  meta = token_lang[seq, pos]
+  meta_label = _lang_from_shares(((meta == _EN) & mask).sum(1), ((meta == _JA) & mask).sum(1),
+                                 cfg.language_share)
+  # Ground truth (where tokens carry their language, as in the toy world): the same rule on the
+  # whole population the examples sample - every firing at >= example_fraction of the max -
+  # with each token's true language instead of its script.
+  if stats.strong_lang is not None:
+    truth = _lang_from_shares(stats.strong_lang[_EN], stats.strong_lang[_JA], cfg.language_share)
+  else:
+    truth = _lang_from_shares(stats.lang_sum[_EN], stats.lang_sum[_JA], cfg.language_share)
+  dead = ~stats.live
+  for a in (paper, meta_label, truth):
+    a[dead] = "dead"
+  en_share = np.where(n_en + n_ja > 0, n_en / np.maximum(n_en + n_ja, 1), np.nan)
+  return {"language": paper, "language_meta": meta_label, "language_truth": truth,
+          "en_share": en_share}
+
+
+def _classify(forms: np.ndarray, weights: np.ndarray, entries: list, cfg: LabelConfig,
+              have_lexicon: bool) -> str:
+  """One feature's granularity from its (token id, weight) list; entries[t]: lexicon entry."""
+  total = weights.sum()
+  if total <= 0:
+    return "dead"
+  by_form: dict[int, float] = {}
+  for t, w in zip(forms, weights):
+    by_form[int(t)] = by_form.get(int(t), 0.0) + float(w)
+  if max(by_form.values()) >= cfg.token_share * total:
+    return "token"
+  if not have_lexicon:
+    return "multi_token"
+  covered = [(t, w, entries[t]) for t, w in by_form.items() if entries[t] is not None]
+  cov = sum(w for _, w, _ in covered)
+  if cov < cfg.min_coverage * total:
+    return "other"
+  by_concept: dict[str, float] = {}
+  by_category: dict[str, float] = {}
+  for _, w, e in covered:
+    by_concept[e.concept] = by_concept.get(e.concept, 0.0) + w
+    by_category[e.category] = by_category.get(e.category, 0.0) + w
+  top_concept = max(by_concept, key=by_concept.get)
+  if by_concept[top_concept] >= cfg.concept_share * cov:
+    langs = {e.language for _, _, e in covered if e.concept == top_concept}
+    return "concept_translation" if len(langs - {None}) > 1 else "concept_synonym"
+  top_cat = max(by_category, key=by_category.get)
+  if by_category[top_cat] >= cfg.category_share * cov and len(by_concept) > 1:
+    return "semantic"
+  return "other"
+
+
+def granularity_labels(stats: FeatureStats, ids: np.ndarray, token_text: list[str],
+                       lexicon: Lexicon | None, cfg: LabelConfig = LabelConfig()) -> dict:
+  """{'granularity', 'granularity_truth'}: [M] label arrays (truth: over all firings)."""
+  entries = ([lexicon.lookup(t) for t in token_text] if lexicon is not None
+             else [None] * len(token_text))
+  mask, seq, pos = example_tokens(stats, ids, cfg.example_fraction)
+  ex_tok = ids[seq, pos]
+  g = np.empty(stats.d_sae, dtype=object)
+  gt = np.empty(stats.d_sae, dtype=object)
+  have = lexicon is not None
+  for f in range(stats.d_sae):
+    if not stats.live[f]:
+      g[f] = gt[f] = "dead"
+      continue
+    m = mask[f]
+    g[f] = _classify(ex_tok[f][m], np.ones(int(m.sum())), entries, cfg, have)
+    if stats.strong_keys is not None:
+      toks, weight = stats.strong_tokens(f)
+    else:
+      toks, weight = stats.token_counts(f, mass=True)
+    gt[f] = _classify(toks, weight.astype(float), entries, cfg, have)
+  return {"granularity": g, "granularity_truth": gt}
