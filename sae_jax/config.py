@@ -294,6 +294,13 @@ class TraceConfig(_JsonMixin):
       ``<workdir>/activations/<checkpoint>/<hook>/`` first, each host its own batches, then
       train from the cache: the same SAEs on any number of hosts, and the cache is reused).
     cache_dtype: ``float32`` or ``bfloat16`` rows in the cache.
+    seed_baseline, baseline_seeds: at these revisions (labels, or ``final``) also train
+      ``baseline_seeds`` SAEs that differ only in their init seed, into
+      ``<checkpoint>/<hook>@seed<n>/``: how much two runs on the same activations share sets
+      the scale for overlap across checkpoints.
+    analyze: run ``sj.analysis.analyze`` on the workdir when the trace is done.
+    analysis_eval_tokens: evaluation-set size of that analysis.
+    lexicon: TSV lexicon for granularity labels (empty: the toy world's own, if any).
   """
 
   model: str = ""
@@ -311,6 +318,11 @@ class TraceConfig(_JsonMixin):
   missing_revision: str = "stop"
   activations: str = "stream"
   cache_dtype: str = "float32"
+  seed_baseline: tuple[str, ...] = ()
+  baseline_seeds: int = 1
+  analyze: bool = True
+  analysis_eval_tokens: int = 20_000
+  lexicon: str = ""
 
   def __post_init__(self):
     _check(bool(self.model), "trace model is empty; set a model directory or hub id")
@@ -319,6 +331,9 @@ class TraceConfig(_JsonMixin):
     _check(self.cache_dtype in ("float32", "bfloat16"), f"cache_dtype={self.cache_dtype!r}; "
            "allowed: 'float32', 'bfloat16'")
     _check(len(self.hooks) >= 1, "trace hooks is empty; name at least one hook")
+    _check(self.baseline_seeds >= 0, f"baseline_seeds={self.baseline_seeds} must be >= 0")
+    _check(self.analysis_eval_tokens >= 1,
+           f"analysis_eval_tokens={self.analysis_eval_tokens} must be >= 1")
     _check(self.expansion >= 0, f"expansion={self.expansion} must be >= 0")
     _check(self.dtype in DTYPES, f"dtype={self.dtype!r}; allowed: {list(DTYPES)}")
     _check(self.toy_size in ("default", "tiny"), f"toy_size={self.toy_size!r}; allowed: "

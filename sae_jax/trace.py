@@ -77,7 +77,9 @@ def _comparable(config: dict) -> dict:
   d = json.loads(json.dumps(config))  # a copy, with tuples as lists (as trace.json has them)
   for k in TrainConfig.RESTART_SAFE:
     d.get("train", {}).pop(k, None)
-  d.pop("missing_revision", None)
+  for k in ("missing_revision", "analyze", "analysis_eval_tokens", "lexicon", "seed_baseline",
+            "baseline_seeds"):  # these change what is added or analysed, not what exists
+    d.pop(k, None)
   return d
 
 
@@ -99,6 +101,7 @@ def trace(cfg: TraceConfig, workdir: str | Path, overwrite: bool = False,
                         "the revisions to trace")
     revisions = discover_revisions(Path(cfg.model))
   rows, t0 = [], time.perf_counter()
+  seeded = _seed_revisions(cfg, revisions)
   for n, rev in enumerate(revisions):
     try:
       path = resolve(cfg.model, rev)
@@ -109,9 +112,13 @@ def trace(cfg: TraceConfig, workdir: str | Path, overwrite: bool = False,
       raise CheckpointError(f"revision {rev!r} of {cfg.model!r} is missing ({e}); set "
                             "missing_revision='skip' to continue without it") from None
     pairs = [(h, store.RunDir.for_pair(workdir, rev, h)) for h in cfg.hooks]
+    # The seed baseline: the same hook's SAE again with another init seed, same batches.
+    seeds = [(h, store.RunDir.for_pair(workdir, rev, f"{h}@seed{s}"), s)
+             for s in range(1, cfg.baseline_seeds + 1) if rev in seeded for h in cfg.hooks]
+    runs = [(h, p, 0) for h, p in pairs] + seeds
     # With overwrite, finished pairs go through train_saes, which keeps those whose config
     # still matches and retrains the others.
-    if not overwrite and all(p.is_complete() for _, p in pairs):
+    if not overwrite and all(p.is_complete() for _, p, _ in runs):
       rows += [_summary_row(rev, path, h, p) for h, p in pairs]
       log_fn(f"[{n + 1}/{len(revisions)}] {rev}: done already")
       continue
@@ -119,7 +126,7 @@ def trace(cfg: TraceConfig, workdir: str | Path, overwrite: bool = False,
     model.revision = rev
     for hook, _ in pairs:
       parse_hook(hook, model.cfg.n_layers)  # a hook the model lacks: one line, before work
-    todo = [(h, p) for h, p in pairs if overwrite or not p.is_complete()]
+    todo = [(h, p, s) for h, p, s in runs if overwrite or not p.is_complete()]
     if todo:
       _train_pairs(cfg, model, rev, todo, overwrite, log_fn, workdir)
     for hook, pair in pairs:
@@ -130,7 +137,24 @@ def trace(cfg: TraceConfig, workdir: str | Path, overwrite: bool = False,
   if distributed.is_primary():
     store.atomic_write_text(workdir / "summary.csv", _csv(rows))
   log_fn("\n" + _table(rows))
+  if cfg.analyze and distributed.is_primary():
+    from sae_jax.analysis import AnalysisConfig, analyze
+    analyze(workdir, AnalysisConfig(eval_tokens=cfg.analysis_eval_tokens, lexicon=cfg.lexicon),
+            log_fn=log_fn)
+  distributed.barrier("trace: analysed")
   return rows
+
+
+def _seed_revisions(cfg: TraceConfig, revisions: list[str]) -> set[str]:
+  """The revisions that get seed-baseline SAEs ("final": the last one)."""
+  if not cfg.baseline_seeds:
+    return set()
+  chosen = {revisions[-1] if r == "final" else r for r in cfg.seed_baseline}
+  unknown = chosen - set(revisions)
+  if unknown:
+    raise ConfigError(f"seed_baseline names {sorted(unknown)}, not among the traced revisions "
+                      f"{revisions}; use revision labels or 'final'")
+  return chosen
 
 
 def _cached_rows(cfg: TraceConfig, model, rev: str, hooks, workdir: Path, log_fn):
@@ -152,7 +176,7 @@ def _train_pairs(cfg: TraceConfig, model, rev: str, todo, overwrite: bool, log_f
   mode) or from the hooks' caches read side by side (cache mode)."""
   d = model.cfg.d_model
   sae_cfg = cfg.sae.replace(d_in=d, d_sae=cfg.expansion * d if cfg.expansion else cfg.sae.d_sae)
-  hooks = [h for h, _ in todo]
+  hooks = list(dict.fromkeys(h for h, _, _ in todo))
   if cfg.activations == "cache":
     rows = _cached_rows(cfg, model, rev, hooks, workdir, log_fn)
   else:
@@ -172,10 +196,11 @@ def _train_pairs(cfg: TraceConfig, model, rev: str, todo, overwrite: bool, log_f
           log_fn(f"{rev} {hook}: not exported as {fmt}: {e}")
     return finish
 
-  jobs = [SAEJob(sae_cfg, cfg.train, pair.path, hook=hook, name=hook, on_complete=finisher(hook),
+  jobs = [SAEJob(sae_cfg, cfg.train, pair.path, hook=hook, name=pair.path.name,
+                 on_complete=finisher(hook), init_seed=cfg.train.seed + seed if seed else None,
                  metadata={"model_name": str(cfg.model), "revision": rev, "hook_name": hook,
-                           "normalize": sae_cfg.normalize})
-          for hook, pair in todo]
+                           "normalize": sae_cfg.normalize, "baseline_seed": seed})
+          for hook, pair, seed in todo]
   train_saes(rows, jobs, overwrite=overwrite, log_fn=log_fn)
 
 

@@ -32,5 +32,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.missing_revision = "stop"
   c.activations = "stream"  # or "cache": extract once, same SAEs on any host count
   c.cache_dtype = "float32"
+  c.seed_baseline = ("final",)  # a second init seed there: the overlap baseline
+  c.baseline_seeds = 1
+  c.analyze = True  # features, labels, overlap, report.html at the end
+  c.analysis_eval_tokens = 5_000 if tiny else 1_000_000
+  c.lexicon = ""  # TSV form/concept/category for granularity labels
   c.dtype = "bfloat16"
   return c

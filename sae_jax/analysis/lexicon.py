@@ -98,7 +98,7 @@ def load_lexicon(path: str | Path) -> Lexicon:
 def toy_lexicon(model_dir: str | Path) -> Lexicon | None:
   """The toy world's lexicon (its ground truth), or None if ``model_dir`` is not a toy model."""
   from sae_jax import store
-  from sae_jax.toy.world import FUNCTION_WORDS, World, WorldConfig
+  from sae_jax.toy.world import World, WorldConfig
   summary_path = Path(model_dir) / "world.json"
   if not summary_path.exists():
     return None
@@ -110,6 +110,6 @@ def toy_lexicon(model_dir: str | Path) -> Lexicon | None:
     for lang in ("en", "ja"):
       for form in getattr(c, lang):
         entries[form] = Entry(str(c.id), c.category, lang)
-  for word, lang in FUNCTION_WORDS.items():
-    entries[word] = Entry(f"function:{word}", "function", lang)
+  # Function words (the, は, を, .) carry no concept: left out, so a feature on them is
+  # token-level or "other", never a semantic category of its own.
   return Lexicon(entries, f"toy world {summary_path}")

@@ -350,7 +350,8 @@ def _html(overlap_df, lineage_df, threshold: float) -> str:
   h = (f"<h2>Feature overlap (activation correlation &ge; {threshold})</h2>" +
        _table_html(overlap_df, cols))
   if not lineage_df.empty:
-    births = lineage_df.groupby(["hook", "birth"]).size().reset_index(name="features")
+    births = (lineage_df.groupby(["hook", "birth", "birth_step"], dropna=False).size()
+              .reset_index(name="features").sort_values(["hook", "birth_step"]))
     h += "<h3>Births of the final features</h3>" + _table_html(births, list(births.columns))
     bil = lineage_df[lineage_df.language == "bilingual"]
     if len(bil):

@@ -342,10 +342,11 @@ function renderList() {
     div.className = 'feat'; div.dataset.f = it.f;
     div.textContent = '#' + it.f + '  ' + it.lang + ' / ' + it.gran + '  ' +
       it.top.slice(0, 3).map(t => t[0]).join(' ');
-    div.onclick = () => showCard(it); $('list').appendChild(div); }
+    div.onclick = () => { location.hash = encodeURIComponent($('pair').value + ':' + it.f); };
+    $('list').appendChild(div); }
 }
 function showCard(it) {
-  let h = '<h3>feature ' + it.f + ' <small>(' + esc($('pair').value) + ')</small></h3>';
+  let h = '<h3 id="card-title">feature ' + it.f + ' <small>(' + esc($('pair').value) + ')</small></h3>';
   h += '<span class="lbl">language: ' + esc(it.lang) + '</span>';
   h += '<span class="lbl">by metadata: ' + esc(it.lang_meta) + '</span>';
   if (it.lang_truth) h += '<span class="lbl">truth: ' + esc(it.lang_truth) + '</span>';
@@ -365,10 +366,18 @@ function showCard(it) {
     h += ' <small>max ' + c.max + '</small></div>'; }
   $('card').innerHTML = h;
   for (const a of document.querySelectorAll('a.link')) a.onclick = e => { e.preventDefault();
-    const d = DATA[a.dataset.pair]; if (!d) return; $('pair').value = a.dataset.pair;
-    renderList(); const t = d.items.find(x => x.f == a.dataset.f); if (t) showCard(t); };
+    location.hash = encodeURIComponent(a.dataset.pair + ':' + a.dataset.f); };
 }
 for (const id of ['pair', 'lang', 'gran', 'sample', 'q']) $(id).oninput = renderList;
-renderList();
+// A card is linkable: report.html#<checkpoint>/<hook>:<feature> opens it.
+function fromHash() {
+  const m = decodeURIComponent(location.hash.slice(1)).match(/^(.*):(\d+)$/);
+  if (!m || !DATA[m[1]]) { renderList(); return; }
+  $('pair').value = m[1]; renderList();
+  const it = DATA[m[1]].items.find(x => x.f == m[2]);
+  if (it) showCard(it);
+}
+window.onhashchange = fromHash;
+fromHash();
 </script></body></html>
 """
