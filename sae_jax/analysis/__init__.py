@@ -5,7 +5,7 @@
     m = sj.analysis.match_activations(codes_a, codes_b)   # activation-correlation matching
 """
 
-from sae_jax.analysis.analyze import AnalysisConfig, analyze, find_pairs
+from sae_jax.analysis.analyze import AnalysisConfig, analyze, feature_stats, find_pairs
 from sae_jax.analysis.evalset import EvalSet, build_eval_set
 from sae_jax.analysis.labels import LabelConfig, granularity_labels, language_labels
 from sae_jax.analysis.lexicon import Lexicon, load_lexicon, script_of, toy_lexicon
@@ -14,5 +14,6 @@ from sae_jax.analysis.stats import FeatureStats, StatsAccumulator, collect_stats
 
 __all__ = ["AnalysisConfig", "EvalSet", "FeatureStats", "LabelConfig", "Lexicon", "Matching",
            "StatsAccumulator", "analyze", "assign_one_to_one", "build_eval_set", "collect_stats",
+           "feature_stats",
            "find_pairs", "granularity_labels", "language_labels", "load_lexicon",
            "match_activations", "match_decoders", "script_of", "toy_lexicon"]

@@ -183,18 +183,33 @@ def _load(trace_cfg: TraceConfig, rev: str):
 def _pair_stats(model, sae, pair: Pair, evalset: EvalSet, cfg: AnalysisConfig,
                 codes_path: Path, log_fn) -> FeatureStats:
   """Feature statistics of one SAE; its codes over the evaluation set go to ``codes_path``."""
-  codes_v, codes_i = [], []
+  st, values, indices = feature_stats(
+      sae, evalset, lambda ids: model.activations(ids, [pair.hook])[pair.hook], cfg, log_fn)
+  codes_path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = codes_path.with_suffix(".tmp.npz")
+  np.savez(tmp, values=values, indices=indices)
+  tmp.replace(codes_path)
+  return st
 
+
+def feature_stats(sae, evalset: EvalSet, acts_fn: Callable, cfg: AnalysisConfig = AnalysisConfig(),
+                  log_fn: Callable[[str], None] | None = None
+                  ) -> tuple[FeatureStats, np.ndarray, np.ndarray]:
+  """Statistics of ``sae`` over ``evalset`` plus its codes (values, indices) [N, k].
+
+  ``acts_fn(ids [b, T]) -> [b, T, d_in]`` gives the hook's activations (a model forward, or
+  anything else in tests); rows are the evaluation set's counted tokens in order.
+  """
   def batches():
     for s, ids, mask in evalset.batches(cfg.seqs_per_batch):
-      acts = np.asarray(model.activations(ids, [pair.hook])[pair.hook], np.float32)
+      acts = np.asarray(acts_fn(ids), np.float32)
       rows, cols = np.nonzero(mask)
       yield (acts[rows, cols], ids[rows, cols], rows + s, cols.astype(np.int32),
              evalset.language[s:s + len(ids)][rows, cols])
 
-  k = sae.cfg.k or 64
-  st = collect_stats(sae, batches(), len(evalset.token_text), cfg.n_examples, k=k,
-                     log_fn=log_fn, total_tokens=evalset.n_tokens,
+  codes_v, codes_i = [], []
+  st = collect_stats(sae, batches(), len(evalset.token_text), cfg.n_examples,
+                     k=sae.cfg.k or 64, log_fn=log_fn, total_tokens=evalset.n_tokens,
                      on_codes=lambda v, i: (codes_v.append(v.astype(np.float32)),
                                             codes_i.append(i.astype(np.int32))))
   values, indices = np.concatenate(codes_v), np.concatenate(codes_i)
@@ -202,8 +217,4 @@ def _pair_stats(model, sae, pair: Pair, evalset: EvalSet, cfg: AnalysisConfig,
   add_strong_firings(st, values, indices, evalset.ids[evalset.mask],
                      evalset.language[evalset.mask], seq, pos.astype(np.int32),
                      cfg.labels.example_fraction, seed=cfg.sample_seed)
-  codes_path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = codes_path.with_suffix(".tmp.npz")
-  np.savez(tmp, values=values, indices=indices)
-  tmp.replace(codes_path)
-  return st
+  return st, values, indices

@@ -371,7 +371,7 @@ function showCard(it) {
 for (const id of ['pair', 'lang', 'gran', 'sample', 'q']) $(id).oninput = renderList;
 // A card is linkable: report.html#<checkpoint>/<hook>:<feature> opens it.
 function fromHash() {
-  const m = decodeURIComponent(location.hash.slice(1)).match(/^(.*):(\d+)$/);
+  const m = decodeURIComponent(location.hash.slice(1)).match(/^(.*):(\\d+)$/);
   if (!m || !DATA[m[1]]) { renderList(); return; }
   $('pair').value = m[1]; renderList();
   const it = DATA[m[1]].items.find(x => x.f == m[2]);

@@ -1,0 +1,230 @@
+"""Analysis I: statistics, language and granularity labels on hand-built SAEs, bad inputs, and
+the toy trace end to end (ground-truth agreement, report opened in headless Chromium)."""
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import sae_jax as sj
+from sae_jax.analysis import (AnalysisConfig, EvalSet, StatsAccumulator, feature_stats,
+                              granularity_labels, language_labels, load_lexicon, script_of)
+from sae_jax.errors import ConfigError, DataError
+
+# A little vocabulary: synonyms (dog/hound), a translation (いぬ), a category (cat), a digit.
+VOCAB = ["<pad>", "<bos>", "dog", "hound", "いぬ", "cat", "apple", "the", "42", "ねこ", "."]
+TOK = {t: i for i, t in enumerate(VOCAB)}
+LEXICON = ("# form concept category language\n"
+           "dog\tDOG\tanimal\ten\nhound\tDOG\tanimal\ten\nいぬ\tDOG\tanimal\tja\n"
+           "cat\tCAT\tanimal\ten\nねこ\tCAT\tanimal\tja\napple\tAPPLE\tfood\ten\n")
+# feature -> the tokens it fires on (activation 1.0 each)
+FIRES = {0: ["dog"], 1: ["dog", "hound"], 2: ["dog", "いぬ"], 3: ["dog", "cat"], 4: ["いぬ"],
+         5: ["42"], 6: []}
+EXPECTED = {0: ("en", "token"), 1: ("en", "concept_synonym"),
+            2: ("bilingual", "concept_translation"), 3: ("en", "semantic"), 4: ("ja", "token"),
+            5: ("ja", "token"), 6: ("dead", "dead")}
+LANG = {"dog": 0, "hound": 0, "cat": 0, "apple": 0, "the": 0, "いぬ": 1, "ねこ": 1, "42": 1,
+        ".": 3, "<bos>": 4, "<pad>": 4}
+
+
+def _hand_sae():
+  """Encoder = token one-hot selector: feature f fires (1.0) exactly on FIRES[f]."""
+  v, m = len(VOCAB), 8
+  w_enc = np.zeros((v, m), np.float32)
+  for f, toks in FIRES.items():
+    for t in toks:
+      w_enc[TOK[t], f] = 1.0
+  cfg = sj.SAEConfig(architecture="topk", d_in=v, d_sae=m, k=m, normalize="none")
+  params = {"W_enc": jnp.asarray(w_enc), "b_enc": jnp.zeros(m), "W_dec": jnp.asarray(w_enc.T),
+            "b_dec": jnp.zeros(v)}
+  return sj.SAE(cfg, params, {"norm_scale": jnp.ones(()), "threshold": jnp.zeros(())})
+
+
+def _evalset(n_seq=200, t=12, seed=0):
+  """Random sequences; '42' always follows 'いぬ' (the digit rule defers to it)."""
+  rng = np.random.default_rng(seed)
+  words = ["dog", "hound", "いぬ", "cat", "apple", "the", "ねこ", "."]
+  ids = np.zeros((n_seq, t), np.int32)
+  for s in range(n_seq):
+    row = [TOK["<bos>"]]
+    while len(row) < t:
+      w = words[rng.integers(len(words))]
+      row += [TOK[w], TOK["42"]] if w == "いぬ" and rng.random() < 0.5 else [TOK[w]]
+    ids[s] = row[:t]
+  mask = ids != TOK["<bos>"]
+  lang = np.vectorize(lambda i: LANG[VOCAB[i]])(ids).astype(np.int8)
+  return EvalSet(ids, mask, np.repeat(np.arange(n_seq)[:, None], t, 1), lang,
+                 np.ones_like(mask), list(VOCAB), "test")
+
+
+def _one_hot(ids):
+  return np.eye(len(VOCAB), dtype=np.float32)[ids]
+
+
+def test_hand_built_features_get_the_expected_labels(tmp_path):
+  (tmp_path / "lex.tsv").write_text(LEXICON)
+  lex = load_lexicon(tmp_path / "lex.tsv")
+  ev = _evalset()
+  st, values, indices = feature_stats(_hand_sae(), ev, _one_hot, AnalysisConfig(seqs_per_batch=32))
+  assert values.shape == (ev.n_tokens, 8)
+  # Statistics against a direct count.
+  flat = ev.ids[ev.mask]
+  for f, toks in FIRES.items():
+    assert st.count[f] == np.isin(flat, [TOK[t] for t in toks]).sum()
+    if toks:
+      assert st.act_max[f] == 1.0
+      ids_, counts = st.token_counts(f)
+      assert set(ids_.tolist()) == {TOK[t] for t in toks}
+  lang = language_labels(st, ev.ids, ev.token_text, ev.language)
+  gran = granularity_labels(st, ev.ids, ev.token_text, lex)
+  for f, (want_lang, want_gran) in EXPECTED.items():
+    assert lang["language"][f] == want_lang, (f, lang["language"][f])
+    assert gran["granularity"][f] == want_gran, (f, gran["granularity"][f])
+    assert lang["language_truth"][f] == want_lang, f
+  # Without a lexicon only token vs multi-token is claimed.
+  plain = granularity_labels(st, ev.ids, ev.token_text, None)["granularity"]
+  assert [plain[f] for f in range(6)] == ["token", "multi_token", "multi_token", "multi_token",
+                                          "token", "token"]
+
+
+def test_examples_are_a_sample_of_strong_sequences_each_once():
+  ev = _evalset(n_seq=300)
+  st, _, _ = feature_stats(_hand_sae(), ev, _one_hot, AnalysisConfig(n_examples=50))
+  mask, seq, pos = st.examples(0.7)
+  for f in range(6):
+    s = seq[f][mask[f]]
+    assert len(s) == 50 and len(set(s.tolist())) == 50  # 50 distinct sequences
+    assert all(VOCAB[ev.ids[a, b]] in FIRES[f] for a, b in zip(s, pos[f][mask[f]]))
+  # The strongest-sequence table is filled too (top contexts in the browser).
+  assert np.isfinite(st.ex_val[:6]).all() and not np.isfinite(st.ex_val[6]).any()
+
+
+def test_stats_accumulator_merges_like_one_pass():
+  """Small merge thresholds (many merges) give the same statistics as one big merge."""
+  rng = np.random.default_rng(1)
+  n, k, m, v = 3000, 4, 64, 50
+  vals = rng.random((n, k)).astype(np.float32) * (rng.random((n, k)) > 0.2)
+  idx = rng.integers(0, m, (n, k))
+  tok, seq = rng.integers(0, v, n), np.arange(n) // 10
+  pos, lang = (np.arange(n) % 10).astype(np.int32), rng.integers(0, 2, n)
+  outs = []
+  for merge_every in (10**9, 97):
+    acc = StatsAccumulator(m, v, n_examples=5, merge_every=merge_every)
+    for lo in range(0, n, 250):
+      sl = slice(lo, lo + 250)
+      acc.add(vals[sl], idx[sl], tok[sl], seq[sl], pos[sl], lang[sl])
+    outs.append(acc.finish())
+  a, b = outs
+  for name in ("count", "act_sum", "act_max", "lang_count", "pair_keys", "pair_counts",
+               "ex_val", "ex_seq"):
+    np.testing.assert_allclose(getattr(a, name), getattr(b, name), rtol=1e-6, err_msg=name)
+  # Direct check of the per-feature maxima and one feature's top sequences.
+  fire = vals > 0
+  want_max = np.zeros(m, np.float32)
+  np.maximum.at(want_max, idx[fire], vals[fire])
+  np.testing.assert_array_equal(a.act_max, want_max)
+
+
+def test_scripts():
+  assert [script_of(t) for t in ["dog", "\u2581Tokyo", "いぬ", "東京", "カタカナ", "42", ".", ""]
+          ] == ["en", "en", "ja", "ja", "ja", "digit", "none", "none"]
+
+
+def test_malformed_lexicon_line_is_named(tmp_path):
+  p = tmp_path / "lex.tsv"
+  p.write_text("dog\tDOG\tanimal\nhound DOG animal\n")
+  with pytest.raises(DataError, match=r"line 2 is malformed"):
+    load_lexicon(p)
+  with pytest.raises(ConfigError, match="does not exist"):
+    load_lexicon(tmp_path / "nope.tsv")
+
+
+def _fake_store(tmp_path, d_ins):
+  cfg = sj.config.TraceConfig(model=str(tmp_path / "no_model"), hooks=("resid_post.0",))
+  (tmp_path / "trace.json").write_text(cfg.to_json())
+  for rev, d in zip(("step1", "step2"), d_ins):
+    pair = tmp_path / rev / "resid_post.0"
+    sae_cfg = sj.SAEConfig(architecture="topk", d_in=d, d_sae=16, k=2)
+    from sae_jax.saes.sae import SAE
+    from sae_jax.train.state import _init_state
+    import jax
+    state = _init_state(sae_cfg, sj.TrainConfig(), None, jax.random.key(0))
+    SAE(sae_cfg, state.params, state.buffers).save(pair / "sae")
+    (pair / "COMPLETE").write_text("{}")
+
+
+def test_bad_workdirs_are_one_line_errors(tmp_path):
+  with pytest.raises(ConfigError, match="trace.json missing"):
+    sj.analysis.analyze(tmp_path)
+  cfg = sj.config.TraceConfig(model="x", hooks=("resid_post.0",))
+  (tmp_path / "trace.json").write_text(cfg.to_json())
+  (tmp_path / "step1" / "resid_post.0").mkdir(parents=True)  # started, never completed
+  with pytest.raises(DataError, match="no complete SAEs"):
+    sj.analysis.analyze(tmp_path)
+  other = tmp_path / "mixed"
+  other.mkdir()
+  _fake_store(other, (8, 12))
+  with pytest.raises(DataError, match=r"hook resid_post.0 differ in d_in: step1/resid_post.0 "
+                                      r"has 8, step2/resid_post.0 has 12"):
+    sj.analysis.analyze(other)
+
+
+def _chromium(*args, timeout=90):
+  exe = shutil.which("chromium") or shutil.which("chromium-browser")
+  assert exe, ("headless Chromium is required for the report test: apt-get install chromium "
+               "(.ci/run installs it)")
+  flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+  return subprocess.run([exe, *flags, *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_toy_trace_analysis_end_to_end(tiny_toy, tmp_path):
+  """Tiny toy trace -> the trace runs the analysis -> tables, agreement, overlap, report."""
+  from sae_jax.cli import trace_config_from
+  from sae_jax.trace import trace
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(
+      "toy_config", Path(__file__).parents[1] / "experiments" / "configs" / "toy.py")
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  c = mod.get_config("tiny")
+  c.model = c.data.path = str(tiny_toy)
+  c.revisions = ("step0", "step10", "step30")
+  cfg = trace_config_from(c, "unused")
+  work = tmp_path / "run"
+  trace(cfg, work, log_fn=lambda s: None)
+  out = work / "analysis"
+  for f in ("features.parquet", "features.csv", "summary.parquet", "summary.csv", "eval.csv",
+            "overlap.csv", "lineage.csv", "report.html", "plots/language_composition.png",
+            "plots/granularity_composition.png", "plots/firing_frequency.png",
+            "plots/eval_metrics.png", "plots/overlap.png", "plots/lineage.png"):
+    assert (out / f).exists(), f
+  import pandas as pd
+  summary = pd.read_csv(out / "summary.csv")
+  final = summary[(summary.checkpoint == "step30") & (summary.seed == 0)].iloc[0]
+  assert final.agreement_language >= 0.95, final.agreement_language
+  assert 0 <= final.agreement_granularity <= 1 and final.sample_size == min(100, final.n_live)
+  shares = [final[f"share_lang_{x}"] for x in ("en", "ja", "bilingual", "none")]
+  assert abs(sum(shares) - 1) < 1e-9
+  overlap = pd.read_csv(out / "overlap.csv")
+  assert set(overlap.kind) == {"seed", "next", "final"}
+  assert (work / "step30" / "resid_post.0@seed1" / "COMPLETE").exists()
+  lineage = pd.read_csv(out / "lineage.csv")
+  assert len(lineage) == final.n_live and set(lineage.birth) <= {"step0", "step10", "step30"}
+  # The report in a real browser: the tables render and a linked feature card opens.
+  feats = pd.read_parquet(out / "features.parquet")
+  f = int(feats[(feats.checkpoint == "step30") & (feats.seed == 0)].feature.iloc[0])
+  url = (out / "report.html").as_uri() + f"#step30%2Fresid_post.0%3A{f}"
+  dom = _chromium("--user-data-dir=" + str(tmp_path / "chrome"), "--virtual-time-budget=3000",
+                  "--dump-dom", url)
+  assert dom.returncode == 0, dom.stderr[-2000:]
+  assert "Feature populations per checkpoint" in dom.stdout and "<td>step30</td>" in dom.stdout
+  assert f'id="card-title">feature {f} ' in dom.stdout and 'class="ctx"' in dom.stdout
+  shot = tmp_path / "report.png"
+  r = _chromium("--user-data-dir=" + str(tmp_path / "chrome2"), "--window-size=1300,4000",
+                f"--screenshot={shot}", url)
+  assert r.returncode == 0 and shot.stat().st_size > 20_000
