@@ -298,6 +298,9 @@ class TraceConfig(_JsonMixin):
       ``baseline_seeds`` SAEs that differ only in their init seed, into
       ``<checkpoint>/<hook>@seed<n>/``: how much two runs on the same activations share sets
       the scale for overlap across checkpoints.
+    warm_start: initialise each checkpoint's SAE from the previous checkpoint's (same hook),
+      as SAE-Track does; off by default (the paper trains each from scratch). Decoder matching
+      across checkpoints is meaningful with it.
     analyze: run ``sj.analysis.analyze`` on the workdir when the trace is done.
     analysis_eval_tokens: evaluation-set size of that analysis.
     lexicon: TSV lexicon for granularity labels (empty: the toy world's own, if any).
@@ -318,6 +321,7 @@ class TraceConfig(_JsonMixin):
   missing_revision: str = "stop"
   activations: str = "stream"
   cache_dtype: str = "float32"
+  warm_start: bool = False
   seed_baseline: tuple[str, ...] = ()
   baseline_seeds: int = 1
   analyze: bool = True
@@ -343,8 +347,9 @@ class TraceConfig(_JsonMixin):
     from sae_jax.formats import FORMATS
     bad = [f for f in self.exports if f not in FORMATS]
     _check(not bad, f"unknown export format(s) {bad}; allowed: {list(FORMATS)}")
-    for name in ("revisions", "hooks", "exports"):
-      object.__setattr__(self, name, tuple(getattr(self, name)))
+    for name in ("revisions", "hooks", "exports", "seed_baseline"):
+      value = getattr(self, name)  # a lone string (--config.hooks=resid_post.3) is one item
+      object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]):

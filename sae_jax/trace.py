@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 import jax
+import numpy as np
 from absl import logging
 
 from sae_jax import data as sj_data
@@ -102,6 +103,7 @@ def trace(cfg: TraceConfig, workdir: str | Path, overwrite: bool = False,
     revisions = discover_revisions(Path(cfg.model))
   rows, t0 = [], time.perf_counter()
   seeded = _seed_revisions(cfg, revisions)
+  done_revs: list[str] = []  # revisions traced so far (the warm start's source)
   for n, rev in enumerate(revisions):
     try:
       path = resolve(cfg.model, rev)
@@ -121,6 +123,7 @@ def trace(cfg: TraceConfig, workdir: str | Path, overwrite: bool = False,
     if not overwrite and all(p.is_complete() for _, p, _ in runs):
       rows += [_summary_row(rev, path, h, p) for h, p in pairs]
       log_fn(f"[{n + 1}/{len(revisions)}] {rev}: done already")
+      done_revs.append(rev)
       continue
     model = load_model(path, dtype=cfg.dtype)
     model.revision = rev
@@ -128,7 +131,9 @@ def trace(cfg: TraceConfig, workdir: str | Path, overwrite: bool = False,
       parse_hook(hook, model.cfg.n_layers)  # a hook the model lacks: one line, before work
     todo = [(h, p, s) for h, p, s in runs if overwrite or not p.is_complete()]
     if todo:
-      _train_pairs(cfg, model, rev, todo, overwrite, log_fn, workdir)
+      warm = _warm_params(cfg, workdir, done_revs[-1] if done_revs else None, todo, log_fn)
+      _train_pairs(cfg, model, rev, todo, overwrite, log_fn, workdir, warm)
+    done_revs.append(rev)
     for hook, pair in pairs:
       rows.append(_summary_row(rev, path, hook, pair))
       log_fn(f"[{n + 1}/{len(revisions)}] {rev} {hook}: fvu {rows[-1]['fvu']:.4f} "
@@ -143,6 +148,21 @@ def trace(cfg: TraceConfig, workdir: str | Path, overwrite: bool = False,
             log_fn=log_fn)
   distributed.barrier("trace: analysed")
   return rows
+
+
+def _warm_params(cfg: TraceConfig, workdir: Path, previous: str | None, todo, log_fn) -> dict:
+  """hook -> the previous checkpoint's SAE parameters (warm start), where there is one."""
+  if not cfg.warm_start or previous is None:
+    return {}
+  from sae_jax.formats import load_sae
+  out = {}
+  for hook in dict.fromkeys(h for h, _, _ in todo):
+    prev = store.RunDir.for_pair(workdir, previous, hook)
+    if prev.is_complete():
+      out[hook] = {k: np.asarray(v) for k, v in load_sae(prev.sae).params.items()}
+    else:
+      log_fn(f"warm start: no complete SAE for {previous} {hook}; starting from scratch")
+  return out
 
 
 def _seed_revisions(cfg: TraceConfig, revisions: list[str]) -> set[str]:
@@ -171,7 +191,7 @@ def _cached_rows(cfg: TraceConfig, model, rev: str, hooks, workdir: Path, log_fn
 
 
 def _train_pairs(cfg: TraceConfig, model, rev: str, todo, overwrite: bool, log_fn,
-                 workdir: Path):
+                 workdir: Path, warm: dict | None = None):
   """Train the SAEs of one checkpoint: every hook's SAE from one shared model forward (stream
   mode) or from the hooks' caches read side by side (cache mode)."""
   d = model.cfg.d_model
@@ -198,6 +218,7 @@ def _train_pairs(cfg: TraceConfig, model, rev: str, todo, overwrite: bool, log_f
 
   jobs = [SAEJob(sae_cfg, cfg.train, pair.path, hook=hook, name=pair.path.name,
                  on_complete=finisher(hook), init_seed=cfg.train.seed + seed if seed else None,
+                 init_params=(warm or {}).get(hook) if not seed else None,
                  metadata={"model_name": str(cfg.model), "revision": rev, "hook_name": hook,
                            "normalize": sae_cfg.normalize, "baseline_seed": seed})
           for hook, pair, seed in todo]

@@ -165,3 +165,20 @@ def test_cli_library_errors_are_one_line_with_status_2(toy, tmp_path):
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert "error: hook 'resid_post.7' is past the last block" in proc.stderr
   assert "Traceback" not in proc.stderr
+
+
+def test_warm_start_begins_each_sae_from_the_previous_checkpoints(toy, tmp_path):
+  """One short step per SAE: warm-started SAEs stay next to their predecessor; cold ones do
+  not (their b_dec is the new checkpoint's geometric median)."""
+  kw = dict(revisions=("step10", "step30"), analyze=False, exports=())
+  ends = {}
+  for warm in (True, False):
+    cfg = _cfg(toy, warm_start=warm, **kw)
+    cfg = cfg.replace(train=cfg.train.replace(total_tokens=1024, warmup_steps=100,
+                                              eval_tokens=0, eval_every=0))
+    trace(cfg, tmp_path / str(warm), log_fn=lambda s: None)
+    p = _params(tmp_path / str(warm))
+    ends[warm] = {k: np.abs(p["step30/resid_post.0/sae"][k] -
+                            p["step10/resid_post.0/sae"][k]).max() for k in ("b_dec", "W_dec")}
+  assert ends[True]["b_dec"] < 1e-3 and ends[True]["W_dec"] < 1e-3, ends
+  assert ends[False]["b_dec"] > 10 * ends[True]["b_dec"] + 1e-3, ends

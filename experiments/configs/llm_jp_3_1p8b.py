@@ -32,6 +32,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.missing_revision = "stop"
   c.activations = "stream"  # or "cache": extract once, same SAEs on any host count
   c.cache_dtype = "float32"
+  c.warm_start = False  # True: init each SAE from the previous checkpoint's (SAE-Track)
   c.seed_baseline = ("final",)  # a second init seed there: the overlap baseline
   c.baseline_seeds = 1
   c.analyze = True  # features, labels, overlap, report.html at the end

@@ -131,6 +131,7 @@ class SAEJob:
   name: str = ""
   hook: str | None = None  # with a multi-hook source ({hook: rows} chunks): the rows to train on
   init_seed: int | None = None  # parameter init seed (default: train_config.seed)
+  init_params: dict | None = None  # warm start from another SAE's parameters
 
 
 # TrainConfig fields that shape the shared batch stream: equal across the SAEs of one stream.
@@ -275,7 +276,8 @@ def _fit(runs, active, stream, mesh, eval_activations, log_fn) -> list[SAE]:
     first_global = distributed.gather_rows(first)  # every host initialises from the same rows
     for r in active:
       key = None if r.job.init_seed is None else jax.random.key(r.job.init_seed)
-      r.state = init_train_state(r.cfg, r.tcfg, mesh, _rows_for(r, first_global), key)
+      r.state = init_train_state(r.cfg, r.tcfg, mesh, _rows_for(r, first_global), key,
+                                 r.job.init_params)
     batches = _prepend(first, batches)
   eval_rows = eval_activations if eval_activations is not None else stream.eval_rows
   total = stream.total_batches

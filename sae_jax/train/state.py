@@ -11,6 +11,7 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -90,16 +91,20 @@ def state_shardings(sae_cfg: SAEConfig, tcfg: TrainConfig, mesh: Mesh) -> TrainS
   return sharding.tree_shardings(state_axes(sae_cfg, abstract), mesh)
 
 
-def _init_state(sae_cfg, tcfg, first_batch, key) -> TrainState:
+def _init_state(sae_cfg, tcfg, first_batch, key, init_params=None) -> TrainState:
   arch = registry.get(sae_cfg.architecture)
   params = arch.init_params(key, sae_cfg)
+  warm = init_params is not None
+  if warm:  # warm start: another SAE's parameters (same shapes), fresh optimizer and counters
+    params = {k: jnp.asarray(init_params[k], v.dtype) for k, v in params.items()}
   buffers = arch.init_buffers(sae_cfg)
   if first_batch is not None:
     if sae_cfg.normalize == "expected_norm":
       buffers["norm_scale"] = expected_norm_scale(first_batch)
-    x, _ = normalize_inputs(first_batch, sae_cfg.normalize, buffers["norm_scale"])
-    b_dec = geometric_median(x, tcfg.geometric_median_iters)
-    params["b_dec"] = b_dec.astype(params["b_dec"].dtype)
+    if not warm:
+      x, _ = normalize_inputs(first_batch, sae_cfg.normalize, buffers["norm_scale"])
+      b_dec = geometric_median(x, tcfg.geometric_median_iters)
+      params["b_dec"] = b_dec.astype(params["b_dec"].dtype)
   opt_state = make_optimizer(sae_cfg, tcfg).init(params)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
                     buffers=buffers, tokens_since_fired=jnp.zeros((sae_cfg.d_sae,), jnp.int32),
@@ -118,11 +123,14 @@ def check_batch(x, d_in: int, what: str = "activations") -> None:
 
 
 def init_train_state(sae_cfg: SAEConfig, tcfg: TrainConfig, mesh: Mesh, first_batch,
-                     key: jax.Array | None = None) -> TrainState:
+                     key: jax.Array | None = None, init_params: dict | None = None
+                     ) -> TrainState:
   """A fresh TrainState placed on ``mesh``; b_dec and the norm factor come from first_batch.
 
   Args:
     first_batch: [n, d_in] activations (any n); must be finite.
+    init_params: warm start from these parameters (another SAE's, same config shapes)
+      instead of a fresh initialisation; the norm factor still comes from first_batch.
   """
   check_batch(first_batch, sae_cfg.d_in, "first batch")
   first_batch = jnp.asarray(first_batch, jnp.float32)
@@ -131,5 +139,13 @@ def init_train_state(sae_cfg: SAEConfig, tcfg: TrainConfig, mesh: Mesh, first_ba
   sharding.check_divisible(sae_cfg.d_sae, mesh, "model", "d_sae")
   key = jax.random.key(tcfg.seed) if key is None else key
   shardings = state_shardings(sae_cfg, tcfg, mesh)
-  init = jax.jit(lambda x, k: _init_state(sae_cfg, tcfg, x, k), out_shardings=shardings)
-  return init(jax.device_put(first_batch, NamedSharding(mesh, P())), key)
+  if init_params is not None:
+    want = jax.eval_shape(lambda: registry.get(sae_cfg.architecture).init_params(
+        jax.random.key(0), sae_cfg))
+    got = {k: tuple(jnp.shape(v)) for k, v in init_params.items()}
+    bad = {k: (got.get(k), tuple(v.shape)) for k, v in want.items() if got.get(k) != v.shape}
+    if bad:
+      raise ConfigError(f"warm-start parameters do not fit the SAE: {bad} (given, wanted)")
+    init_params = {k: np.asarray(init_params[k]) for k in want}
+  init = jax.jit(lambda x, k, p: _init_state(sae_cfg, tcfg, x, k, p), out_shardings=shardings)
+  return init(jax.device_put(first_batch, NamedSharding(mesh, P())), key, init_params)
