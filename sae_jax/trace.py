@@ -145,7 +145,7 @@ def trace(cfg: TraceConfig, workdir: str | Path, overwrite: bool = False,
   if cfg.analyze and distributed.is_primary():
     from sae_jax.analysis import AnalysisConfig, analyze
     analyze(workdir, AnalysisConfig(eval_tokens=cfg.analysis_eval_tokens, lexicon=cfg.lexicon),
-            log_fn=log_fn)
+            log_fn=log_fn, if_changed=True)
   distributed.barrier("trace: analysed")
   return rows
 
@@ -177,16 +177,28 @@ def _seed_revisions(cfg: TraceConfig, revisions: list[str]) -> set[str]:
   return chosen
 
 
-def _cached_rows(cfg: TraceConfig, model, rev: str, hooks, workdir: Path, log_fn):
-  """Cache mode: every host extracts its batches of each hook, then all read every cache."""
-  from sae_jax.data.cache import CacheReader, MultiCacheReader, write_cache
+def write_caches(cfg: TraceConfig, model, rev: str, hooks, workdir: Path, log_fn=print
+                 ) -> dict[str, Path]:
+  """Extract every hook of one checkpoint into ``<workdir>/activations/<rev>/<hook>/``.
+
+  Each process writes its own batches (resumable); returns {hook: cache path} once every
+  process is done.
+  """
+  from sae_jax.data.cache import write_cache
   batches = sj_data.token_batches(model, cfg.data)
-  paths = {h: workdir / "activations" / rev / h for h in hooks}
+  paths = {h: Path(workdir) / "activations" / rev / h for h in hooks}
   for hook, path in paths.items():
     log_fn(f"{rev} {hook}: caching activations into {path}")
     write_cache(path, model, batches, hook, cfg.cache_dtype, jax.process_index(),
                 jax.process_count(), log_fn=log_fn)
   distributed.barrier(f"cache {rev} written")
+  return paths
+
+
+def _cached_rows(cfg: TraceConfig, model, rev: str, hooks, workdir: Path, log_fn):
+  """Cache mode: every host extracts its batches of each hook, then all read every cache."""
+  from sae_jax.data.cache import CacheReader, MultiCacheReader
+  paths = write_caches(cfg, model, rev, hooks, workdir, log_fn)
   return MultiCacheReader({h: CacheReader(p, seed=cfg.data.seed) for h, p in paths.items()})
 
 

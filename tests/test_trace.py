@@ -125,7 +125,8 @@ def test_trace_runs_skips_done_work_and_resumes_exactly(toy, tmp_path):
   assert not (tmp_path / "b" / "step30" / "resid_post.0" / "COMPLETE").exists()
   trace(cfg, tmp_path / "b")
   a, b = _params(tmp_path / "a"), _params(tmp_path / "b")
-  assert a.keys() == b.keys() and len(a) == 5
+  assert a.keys() == b.keys() and len(a) == 6  # five checkpoints + the seed baseline
+  assert "step30/resid_post.0@seed1/sae" in a
   for k in a:
     for name in a[k]:
       np.testing.assert_array_equal(a[k][name], b[k][name], err_msg=f"{k} {name}")
@@ -182,3 +183,27 @@ def test_warm_start_begins_each_sae_from_the_previous_checkpoints(toy, tmp_path)
                             p["step10/resid_post.0/sae"][k]).max() for k in ("b_dec", "W_dec")}
   assert ends[True]["b_dec"] < 1e-3 and ends[True]["W_dec"] < 1e-3, ends
   assert ends[False]["b_dec"] > 10 * ends[True]["b_dec"] + 1e-3, ends
+
+
+def test_collect_activations_then_train_sae_from_the_cache(toy, tmp_path):
+  common = ["--config=experiments/configs/toy.py:tiny", f"--config.model={toy}",
+            f"--config.data.path={toy}", "--config.data.max_docs=800",
+            "--config.train.total_tokens=4096"]
+  run = lambda script, *args: subprocess.run(
+      [sys.executable, f"experiments/{script}", *common, *args], cwd=ROOT, capture_output=True,
+      text=True, timeout=300)
+  p = run("collect_activations.py", f"--workdir={tmp_path}", "--revisions=step30")
+  assert p.returncode == 0, p.stderr[-2000:]
+  cache = tmp_path / "activations" / "step30" / "resid_post.0"
+  assert (cache / "meta.json").exists() and list(cache.glob("manifest.*.json"))
+  p = run("train_sae.py", f"--workdir={tmp_path / 'sae'}", "--revision=step30",
+          f"--cache={cache}")
+  assert p.returncode == 0, p.stderr[-2000:]
+  assert (tmp_path / "sae" / "COMPLETE").exists() and "done:" in p.stdout
+  sae = sj.load_sae(tmp_path / "sae" / "sae")
+  assert sae.metadata["revision"] == "step30" and sae.metadata["eval"]["fvu"] < 1
+  # The cache of another hook is refused in one line.
+  p = run("train_sae.py", f"--workdir={tmp_path / 'sae2'}", "--revision=step30",
+          "--hook=resid_post.1", f"--cache={cache}")
+  assert p.returncode == 2 and "hook: cached 'resid_post.0', asked 'resid_post.1'" in p.stderr
+  assert "Traceback" not in p.stderr

@@ -14,6 +14,7 @@ model checkpoints it names; writes ``<workdir>/analysis/``:
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import time
 from pathlib import Path
@@ -124,9 +125,19 @@ def _check_d_in(saes: dict[str, object], pairs: list[Pair]) -> None:
     by_hook.setdefault(p.hook, (d, p.key))
 
 
+def _fingerprint(pairs: list[Pair], cfg: AnalysisConfig) -> dict:
+  """What an analysis was made of: the SAEs (their COMPLETE stamps) and the settings."""
+  return {"pairs": {p.key: (p.path / "COMPLETE").stat().st_mtime_ns for p in pairs},
+          "config": json.loads(json.dumps(dataclasses.asdict(cfg)))}
+
+
 def analyze(workdir: str | Path, cfg: AnalysisConfig = AnalysisConfig(),
-            log_fn: Callable[[str], None] = logging.info) -> dict:
-  """Analyse every complete SAE under ``workdir``; returns {name: path} of what was written."""
+            log_fn: Callable[[str], None] = logging.info, if_changed: bool = False) -> dict:
+  """Analyse every complete SAE under ``workdir``; returns {name: path} of what was written.
+
+  ``if_changed``: do nothing when ``analysis/DONE.json`` records the same SAEs and settings
+  (a rerun of a finished trace does no work); the report is then returned as it is.
+  """
   from sae_jax.analysis import report
   from sae_jax.formats import load_sae
   workdir = Path(workdir)
@@ -137,10 +148,16 @@ def analyze(workdir: str | Path, cfg: AnalysisConfig = AnalysisConfig(),
   if not pairs:
     raise DataError(f"{workdir} has no complete SAEs (no <checkpoint>/<hook>/COMPLETE); finish "
                     "the trace first")
+  out = workdir / "analysis"
+  done = out / "DONE.json"
+  fingerprint = _fingerprint(pairs, cfg)
+  if if_changed and done.exists() and store.read_json(done).get("fingerprint") == fingerprint:
+    log_fn(f"analysis of {len(pairs)} SAE(s) is up to date: {out / 'report.html'}")
+    return {k: out / k for k in store.read_json(done)["written"]}
+  done.unlink(missing_ok=True)  # until the new analysis is whole
   saes = {p.key: load_sae(p.path / "sae") for p in pairs}
   _check_d_in(saes, pairs)
   lexicon = _lexicon(cfg, trace_cfg)
-  out = workdir / "analysis"
   out.mkdir(parents=True, exist_ok=True)
   t0 = time.perf_counter()
   checkpoints = list(dict.fromkeys(p.checkpoint for p in pairs))
@@ -167,6 +184,9 @@ def analyze(workdir: str | Path, cfg: AnalysisConfig = AnalysisConfig(),
     from sae_jax.analysis import overlap
     written.update(overlap.analyze_overlap(pairs, saes, out, tables, log_fn=log_fn))
   written.update(report.write_report(tables, pairs, stats, evalset, cfg, out, workdir))
+  store.atomic_write_json(done, {"fingerprint": fingerprint,
+                                 "written": sorted(str(p.relative_to(out))
+                                                   for p in written.values())})
   log_fn(f"analysis written to {out} ({time.perf_counter() - t0:.0f}s); open "
          f"{out / 'report.html'}")
   return written
