@@ -56,3 +56,21 @@ def trace_config_from(config, workdir: str):
       if holder.get(key) and not os.path.isabs(holder[key]):
         holder[key] = os.path.join(workdir, holder[key])
   return TraceConfig.from_dict(d)
+
+
+def add_study_settings(c, analysis_eval_tokens: int):
+  """The settings every shipped trace shares: activation source, seed baseline, analysis.
+
+  Present in every config so each can be overridden on the command line
+  (``--config.activations=cache``, ``--config.warm_start=True``, ...).
+  """
+  c.missing_revision = "stop"
+  c.activations = "stream"  # or "cache": extract once, same SAEs on any host count
+  c.cache_dtype = "float32"
+  c.warm_start = False  # True: init each SAE from the previous checkpoint's (SAE-Track)
+  c.seed_baseline = ("final",)  # a second init seed there: the overlap baseline
+  c.baseline_seeds = 1
+  c.analyze = True  # features, labels, overlap, report.html at the end
+  c.analysis_eval_tokens = analysis_eval_tokens
+  c.lexicon = ""  # TSV form/concept/category for granularity labels
+  return c

@@ -10,6 +10,8 @@ Wikipedia dump with a ``language`` column (e.g. a local jsonl/parquet mix of ja 
 
 import ml_collections
 
+from sae_jax.cli import add_study_settings
+
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   tiny = arg == "tiny"
@@ -29,14 +31,5 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                 buffer_batches=64, max_docs=20_000 if tiny else None)
   c.eval_batches = 8
   c.exports = ("llm_jp_sae", "sae_lens")
-  c.missing_revision = "stop"
-  c.activations = "stream"  # or "cache": extract once, same SAEs on any host count
-  c.cache_dtype = "float32"
-  c.warm_start = False  # True: init each SAE from the previous checkpoint's (SAE-Track)
-  c.seed_baseline = ("final",)  # a second init seed there: the overlap baseline
-  c.baseline_seeds = 1
-  c.analyze = True  # features, labels, overlap, report.html at the end
-  c.analysis_eval_tokens = 5_000 if tiny else 1_000_000
-  c.lexicon = ""  # TSV form/concept/category for granularity labels
+  return add_study_settings(c, analysis_eval_tokens=5_000 if tiny else 1_000_000)
   c.dtype = "bfloat16"
-  return c

@@ -3,6 +3,8 @@ middle block of Pythia-160m over log-spaced steps. ``:tiny`` trains on a few tho
 
 import ml_collections
 
+from sae_jax.cli import add_study_settings
+
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   tiny = arg == "tiny"
@@ -21,13 +23,4 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                 buffer_batches=32, max_docs=2000 if tiny else None)
   c.eval_batches = 8
   c.exports = ("sae_lens", "sparsify")
-  c.missing_revision = "skip"
-  c.activations = "stream"  # or "cache": extract once, same SAEs on any host count
-  c.cache_dtype = "float32"
-  c.warm_start = False  # True: init each SAE from the previous checkpoint's (SAE-Track)
-  c.seed_baseline = ("final",)  # a second init seed there: the overlap baseline
-  c.baseline_seeds = 1
-  c.analyze = True  # features, labels, overlap, report.html at the end
-  c.analysis_eval_tokens = 5_000 if tiny else 200_000
-  c.lexicon = ""  # TSV form/concept/category for granularity labels
-  return c
+  return add_study_settings(c, analysis_eval_tokens=5_000 if tiny else 200_000)

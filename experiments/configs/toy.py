@@ -3,6 +3,8 @@ is the seconds-long variant."""
 
 import ml_collections
 
+from sae_jax.cli import add_study_settings
+
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   tiny = arg == "tiny"
@@ -21,13 +23,4 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                 batch_size=64, buffer_batches=16)
   c.eval_batches = 2 if tiny else 4
   c.exports = ("sae_lens", "llm_jp_sae")
-  c.missing_revision = "stop"
-  c.activations = "stream"  # or "cache": extract once, same SAEs on any host count
-  c.cache_dtype = "float32"
-  c.warm_start = False  # True: init each SAE from the previous checkpoint's (SAE-Track)
-  c.seed_baseline = ("final",)  # a second init seed there: the overlap baseline
-  c.baseline_seeds = 1
-  c.analyze = True  # features, labels, overlap, report.html at the end
-  c.analysis_eval_tokens = 5_000 if tiny else 20_000
-  c.lexicon = ""  # TSV form/concept/category for granularity labels
-  return c
+  return add_study_settings(c, analysis_eval_tokens=5_000 if tiny else 20_000)

@@ -25,7 +25,7 @@ from absl import logging
 
 from sae_jax import store
 from sae_jax.analysis.evalset import EvalSet, build_eval_set
-from sae_jax.analysis.labels import LabelConfig, granularity_labels, language_labels
+from sae_jax.analysis.labels import LabelConfig
 from sae_jax.analysis.lexicon import Lexicon, load_lexicon, toy_lexicon
 from sae_jax.analysis.stats import FeatureStats, add_strong_firings, collect_stats
 from sae_jax.config import TraceConfig

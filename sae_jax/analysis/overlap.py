@@ -203,7 +203,6 @@ def analyze_overlap(pairs, saes, out: Path, tables: dict, threshold: float = 0.5
                     log_fn: Callable[[str], None] = print) -> dict:
   """Overlap curves, seed baseline, lineage and births for every hook of a trace."""
   import pandas as pd
-  features = tables["features"]
   labels = tables["labels"]
   rows, lineage_rows, links = [], [], {}
   for hook in dict.fromkeys(p.hook for p in pairs):
