@@ -8,7 +8,8 @@
 # Process i gets SAE_JAX_COORDINATOR=localhost:P, SAE_JAX_NUM_PROCESSES=N, SAE_JAX_PROCESS_ID=i
 # (read by sae_jax.distributed.initialize, which the experiments/ entry points call). Process 0
 # prints to this terminal; the others to DIR/process_<i>.log. The exit status is the first
-# non-zero one among the processes (all are stopped when one fails).
+# non-zero one among the processes: on a failure the others are stopped (forced after
+# GRACE_S=10 s); on a preemption (143) they get GRACE_S=60 s to checkpoint with it.
 set -euo pipefail
 
 dry_run=0; n=2; devices=4; port=""; log_dir=""
@@ -75,9 +76,21 @@ while [[ $remaining -gt 0 ]]; do
   remaining=$((remaining - 1))
   if [[ $rc -ne 0 && $status -eq 0 ]]; then
     status=$rc
-    echo "local_multiprocess.sh: a process exited with status $rc; stopping the others" \
-         "(logs in $log_dir)" >&2
-    kill "${pids[@]}" 2>/dev/null || true
+    if [[ $rc -eq 143 ]]; then
+      # Preempted (SIGTERM): the others stop at the same batch after a joint checkpoint;
+      # give them time to finish it before forcing them.
+      echo "local_multiprocess.sh: a process was preempted (status 143); waiting for the" \
+           "others to checkpoint" >&2
+      ( sleep "${GRACE_S:-60}"; kill -9 "${pids[@]}" ) >/dev/null 2>&1 &
+    else
+      echo "local_multiprocess.sh: a process exited with status $rc; stopping the others" \
+           "(logs in $log_dir)" >&2
+      kill "${pids[@]}" 2>/dev/null || true
+      # A process blocked in a collective with its dead peer ignores SIGTERM's flag: force it.
+      ( sleep "${GRACE_S:-10}"; kill -9 "${pids[@]}" ) >/dev/null 2>&1 &
+    fi
+    killer=$!
   fi
 done
+[[ -n "${killer:-}" ]] && { kill "$killer" 2>/dev/null || true; }
 exit $status

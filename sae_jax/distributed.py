@@ -98,6 +98,13 @@ def to_host(tree):
   return jax.tree.map(get, tree)
 
 
+def any_process(flag: bool) -> bool:
+  """Whether ``flag`` is set on any process (a collective: every process must call it)."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  return bool(np.asarray(multihost_utils.process_allgather(np.asarray([flag], np.int32))).any())
+
+
 def barrier(name: str) -> None:
   """Wait until every process reaches ``name`` (no-op with one process)."""
   if jax.process_count() > 1:

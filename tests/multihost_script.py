@@ -21,7 +21,8 @@ def main(workdir, out, steps=40):
   x = (rng.normal(size=(8_192, 32)) * np.linspace(0.2, 2.0, 32)).astype(np.float32)
   cfg = sj.SAEConfig(architecture="topk", d_in=32, d_sae=256, k=4)
   tcfg = sj.TrainConfig(batch_size=256, total_tokens=256 * steps, lr=2e-3, warmup_steps=5,
-                        checkpoint_every=10, log_every=10, eval_tokens=512, eval_every=20,
+                        checkpoint_every=10 if steps <= 40 else 50, log_every=10,
+                        eval_tokens=512, eval_every=20,
                         dead_tokens=256 * 4)
   mesh = sj.make_mesh(sj.MeshConfig(data=jax.device_count() // 2, model=2))
   sae = sj.train_sae(x, cfg, tcfg, workdir=workdir, mesh=mesh)

@@ -122,3 +122,52 @@ def test_a_failing_process_stops_the_others(tmp_path):
                       str(tmp_path / "logs"), "--", sys.executable, "-c", code],
                      capture_output=True, text=True, timeout=30)
   assert r.returncode == 3 and "stopping the others" in r.stderr
+
+
+def _pid_of_process(index: int, marker: str) -> int | None:
+  """The pid of local process ``index`` of a launcher run whose command line has ``marker``."""
+  for d in Path("/proc").iterdir():
+    if not d.name.isdigit():
+      continue
+    try:
+      cmd = (d / "cmdline").read_bytes().decode(errors="replace")
+      env = (d / "environ").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+      continue
+    if marker in cmd and "multihost_script" in cmd and f"SAE_JAX_PROCESS_ID={index}" in env:
+      return int(d.name)
+  return None
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_host_stops_all_at_one_batch_and_resumes_exactly(tmp_path):
+  """A preemption notice reaching only process 1: both hosts checkpoint the same batch and
+  exit 143; the rerun finishes with the SAE of an uninterrupted run."""
+  import signal
+  import time
+  work, steps = tmp_path / "w", "400"
+  args = ["bash", str(LAUNCH / "local_multiprocess.sh"), "--processes", "2",
+          "--devices-per-process", "2", "--log-dir", str(tmp_path / "logs"), "--",
+          sys.executable, str(SCRIPT), str(work), str(tmp_path / "two.npz"), steps]
+  out = open(tmp_path / "launcher.log", "w")  # a file, not a pipe: a full pipe would stall it
+  launcher = subprocess.Popen(args, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+  t0 = time.time()
+  while not list((work / "state").glob("[0-9]*")):
+    assert time.time() - t0 < 240 and launcher.poll() is None, "no checkpoint appeared"
+    time.sleep(0.05)
+  pid = _pid_of_process(1, str(work))
+  assert pid is not None
+  os.kill(pid, signal.SIGTERM)
+  launcher.wait(timeout=300)
+  out.close()
+  assert launcher.returncode == 143, (tmp_path / "launcher.log").read_text()[-2000:]
+  assert not (work / "COMPLETE").exists()
+  saved = sorted(int(p.name) for p in (work / "state").glob("[0-9]*"))
+  assert saved and saved[-1] < int(steps)
+  again = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert again.returncode == 0, again.stderr[-3000:]
+  ref = _one_process([str(SCRIPT), str(tmp_path / "w1"), str(tmp_path / "one.npz"), steps])
+  assert ref.returncode == 0, ref.stderr[-3000:]
+  a, b = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
+  for k in ("W_enc", "W_dec", "b_enc", "b_dec"):
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)

@@ -29,6 +29,7 @@ class Checkpointer:
     self.keep = keep
     self._manager = self._open()
     self.last_save_blocking_s = 0.0
+    self.last_saved_step: int | None = None  # by this object (restored runs: the restored step)
 
   def _open(self) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(max_to_keep=self.keep, create=True,
@@ -44,6 +45,7 @@ class Checkpointer:
     self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_position)), force=True)
     self.last_save_blocking_s = time.perf_counter() - t
+    self.last_saved_step = step
 
   def wait(self) -> None:
     self._manager.wait_until_finished()
@@ -60,6 +62,7 @@ class Checkpointer:
       try:
         out = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+        self.last_saved_step = step
         return out["state"], dict(out["data"])
       except Exception as e:  # a damaged checkpoint may fail in many ways; all mean "skip it"
         aside = self.directory / f"corrupt_{step}_{int(time.time())}"

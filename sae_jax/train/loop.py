@@ -134,6 +134,9 @@ class SAEJob:
   init_params: dict | None = None  # warm start from another SAE's parameters
 
 
+# Multi-host runs agree on a SIGTERM every this many batches (a tiny collective).
+_SIGTERM_AGREE_EVERY = 8
+
 # TrainConfig fields that shape the shared batch stream: equal across the SAEs of one stream.
 _STREAM_FIELDS = ("batch_size", "total_tokens", "seed", "shuffle_batches", "eval_tokens")
 
@@ -288,6 +291,7 @@ def _fit(runs, active, stream, mesh, eval_activations, log_fn) -> list[SAE]:
     r.log = _RunLog(r.run, resume_step)
   t0, start = time.perf_counter(), stream.served
   x_sharding = active[0].step.x_sharding
+  multi_host = jax.process_count() > 1
   with _SigtermFlag() as sigterm:
     for batch in batches:
       shared = None if isinstance(batch, dict) else distributed.to_global(batch, x_sharding)
@@ -305,14 +309,20 @@ def _fit(runs, active, stream, mesh, eval_activations, log_fn) -> list[SAE]:
                                       time.perf_counter() - t0, r.last))
         if eval_rows is not None and r.tcfg.eval_every and served % r.tcfg.eval_every == 0:
           r.log.write(served, "eval", _evaluate(r.cfg, r.state, _rows_for(r, eval_rows)))
-      if served % tcfg.checkpoint_every == 0 or sigterm.raised:
+      stop = sigterm.raised
+      if multi_host and (served % _SIGTERM_AGREE_EVERY == 0 or served == total):
+        # Hosts get the notice at different batches; they must stop (and save) at the same one.
+        stop = distributed.any_process(stop)
+      elif multi_host:
+        stop = False
+      if served % tcfg.checkpoint_every == 0 or stop:
         for r in active:
           if r.ckpt is not None:
             r.ckpt.save(served, r.state, stream.position())
             r.log.flush()
             if served % r.tcfg.log_every == 0:
               r.log.write(served, "checkpoint", {"save_blocking_s": r.ckpt.last_save_blocking_s})
-      if sigterm.raised:
+      if stop:
         saved = any(r.ckpt is not None for r in active)
         for r in active:
           if r.ckpt is not None:
@@ -325,7 +335,9 @@ def _fit(runs, active, stream, mesh, eval_activations, log_fn) -> list[SAE]:
     if r.metrics is not None:
       r.last = {k: float(v) for k, v in r.metrics.items()}
     _check_nan_budget(r.state, r.tcfg)
-    if r.ckpt is not None and stream.served not in r.ckpt.steps():
+    # Decided from what this run saved, not from the directory: another host may not see a
+    # checkpoint's final name yet, and every host must take the same (collective) save.
+    if r.ckpt is not None and r.ckpt.last_saved_step != stream.served:
       r.ckpt.save(stream.served, r.state, stream.position())  # a kill below resumes here
   for r in active:
     if r.ckpt is not None:
