@@ -20,5 +20,6 @@ def test_quickstart_notebook_executes(tmp_path, monkeypatch, capsys):
     exec(compile(src, str(NOTEBOOK), "exec"), namespace)  # noqa: S102 - our own notebook
   out = capsys.readouterr().out
   assert "world entropy" in out and "feature" in out and "Japanese" in out
+  assert "shared features (activation correlation" in out
   assert (tmp_path / "sae_lens" / "cfg.json").exists()
   assert namespace["sae"].metadata["eval"]["fvu"] < 1.0

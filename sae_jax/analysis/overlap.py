@@ -315,7 +315,8 @@ def _plots(overlap_df, lineage_df, pairs, out: Path, threshold: float) -> tuple[
   ax.set_ylabel(f"share matched (corr >= {threshold})")
   ax.set_title("Feature overlap over training", fontsize=10)
   ax.tick_params(axis="x", rotation=45, labelsize=8)
-  ax.legend(fontsize=7)
+  if ax.get_legend_handles_labels()[0]:
+    ax.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(out / "plots" / "overlap.png", dpi=110)
   plt.close(fig)
