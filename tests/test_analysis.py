@@ -209,6 +209,9 @@ def test_toy_trace_analysis_end_to_end(tiny_toy, tmp_path):
   assert final.agreement_language >= 0.95, final.agreement_language
   assert 0 <= final.agreement_granularity <= 1 and final.sample_size == min(100, final.n_live)
   shares = [final[f"share_lang_{x}"] for x in ("en", "ja", "bilingual", "none")]
+  feats_final = pd.read_parquet(out / "features.parquet").query("checkpoint == 'step30'")
+  ja_only = feats_final[feats_final.language_truth == "ja"]
+  assert len(ja_only) and (ja_only.frequency_ja > ja_only.frequency_en).mean() > 0.9
   assert abs(sum(shares) - 1) < 1e-9
   overlap = pd.read_csv(out / "overlap.csv")
   assert set(overlap.kind) == {"seed", "next", "final"}

@@ -41,12 +41,17 @@ def build_tables(pairs, saes, stats, evalset, lexicon, cfg, workdir: Path) -> di
     in_sample = np.zeros(st.d_sae, bool)
     in_sample[sample] = True
     entropy = st.token_entropy()
+    # Firing frequency per language: firings on tokens of a language / that language's tokens.
+    lang_tokens = np.bincount(np.clip(evalset.language[evalset.mask].astype(np.int64), 0, 4),
+                              minlength=5)
+    freq_lang = st.lang_count / np.maximum(lang_tokens, 1)[:, None]
     n_ex = st.examples(cfg.labels.example_fraction)[0].sum(1)
     for f in live:
       top, _ = _top_tokens(st, int(f), evalset.token_text)
       feature_rows.append({
           "checkpoint": p.checkpoint, "step": p.step, "hook": p.hook, "seed": p.seed,
           "feature": int(f), "frequency": float(st.frequency[f]),
+          "frequency_en": float(freq_lang[0, f]), "frequency_ja": float(freq_lang[1, f]),
           "mean_act": float(st.mean_act[f]), "max_act": float(st.act_max[f]),
           "token_entropy": float(entropy[f]), "n_examples": int(n_ex[f]),
           "language": lang["language"][f], "language_meta": lang["language_meta"][f],
@@ -244,7 +249,8 @@ def write_report(tables, pairs, stats, evalset, cfg, out: Path, workdir: Path) -
     for r in chosen.itertuples():
       _, top = _top_tokens(st, r.feature, evalset.token_text)
       items.append({
-          "f": int(r.feature), "freq": r.frequency, "mean": round(r.mean_act, 4),
+          "f": int(r.feature), "freq": r.frequency, "freq_en": r.frequency_en,
+          "freq_ja": r.frequency_ja, "mean": round(r.mean_act, 4),
           "max": round(r.max_act, 4), "entropy": round(r.token_entropy, 3),
           "lang": r.language, "lang_meta": r.language_meta, "lang_truth": r.language_truth,
           "gran": r.granularity, "gran_truth": r.granularity_truth, "sample": bool(r.in_sample),
@@ -352,7 +358,9 @@ function showCard(it) {
   if (it.lang_truth) h += '<span class="lbl">truth: ' + esc(it.lang_truth) + '</span>';
   h += '<span class="lbl">granularity: ' + esc(it.gran) + '</span>';
   if (it.gran_truth) h += '<span class="lbl">truth: ' + esc(it.gran_truth) + '</span>';
-  h += '<p>firing frequency ' + it.freq.toExponential(2) + ', mean ' + it.mean + ', max ' +
+  h += '<p>firing frequency ' + it.freq.toExponential(2) + ' (en ' +
+    it.freq_en.toExponential(2) + ', ja ' + it.freq_ja.toExponential(2) + '), mean ' +
+    it.mean + ', max ' +
     it.max + ', token entropy ' + it.entropy + ' nats</p>';
   h += '<p>top tokens: ' + it.top.map(t => esc(t[0]) + ' (' + t[1] + ')').join(', ') + '</p>';
   if (it.links.length) h += '<p>matched: ' + it.links.map(l => '<a href="#" class="link" ' +
