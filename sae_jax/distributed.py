@@ -105,6 +105,11 @@ def any_process(flag: bool) -> bool:
   return bool(np.asarray(multihost_utils.process_allgather(np.asarray([flag], np.int32))).any())
 
 
+def all_processes(flag: bool) -> bool:
+  """Whether ``flag`` is set on every process (a collective: every process must call it)."""
+  return not any_process(not flag)
+
+
 def barrier(name: str) -> None:
   """Wait until every process reaches ``name`` (no-op with one process)."""
   if jax.process_count() > 1:

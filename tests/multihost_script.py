@@ -20,14 +20,24 @@ def main(workdir, out, steps=40):
   rng = np.random.default_rng(0)
   x = (rng.normal(size=(8_192, 32)) * np.linspace(0.2, 2.0, 32)).astype(np.float32)
   cfg = sj.SAEConfig(architecture="topk", d_in=32, d_sae=256, k=4)
-  tcfg = sj.TrainConfig(batch_size=256, total_tokens=256 * steps, lr=2e-3, warmup_steps=5,
+  tcfg = sj.TrainConfig(batch_size=256, total_tokens=256 * abs(steps), lr=2e-3, warmup_steps=5,
                         checkpoint_every=10 if steps <= 40 else 50, log_every=10,
                         eval_tokens=512, eval_every=20,
                         dead_tokens=256 * 4)
   mesh = sj.make_mesh(sj.MeshConfig(data=jax.device_count() // 2, model=2))
-  sae = sj.train_sae(x, cfg, tcfg, workdir=workdir, mesh=mesh)
+  if steps < 0:
+    # Per-host streams of unequal length (process p holds 7 + 3p half-batches, one pass):
+    # every host must stop at the shortest, together.
+    p = jax.process_index()
+    mine = x[p * 3000:p * 3000 + 128 * (7 + 3 * p)]
+    source = [mine[i:i + 64] for i in range(0, len(mine), 64)]
+    sae = sj.train_sae(source, cfg, tcfg.replace(total_tokens=None, eval_tokens=0,
+                                                 eval_every=0, shuffle_batches=1),
+                       workdir=workdir, mesh=mesh)
+  else:
+    sae = sj.train_sae(x, cfg, tcfg, workdir=workdir, mesh=mesh)
   if distributed.is_primary():
-    np.savez(out, **{k: np.asarray(v) for k, v in sae.params.items()},
+    np.savez(out, **{k: np.asarray(v) for k, v in sae.params.items()}, steps=sae.metadata["steps"],
              processes=jax.process_count(), devices=jax.device_count())
 
 

@@ -77,6 +77,14 @@ def test_two_process_trace_gives_the_same_saes_as_one(tiny_toy, tmp_path):
   assert (tmp_path / "two" / "summary.csv").read_text().count("\n") == 3
 
 
+def test_per_host_streams_of_unequal_length_stop_together(tmp_path):
+  """Host 0 has 7 local batches of 128 rows, host 1 has 10: both stop after 7, no hang."""
+  two = _two_processes([str(SCRIPT), str(tmp_path / "w"), str(tmp_path / "two.npz"), "-1"],
+                       tmp_path, timeout=240)
+  assert two.returncode == 0, two.stderr[-3000:]
+  assert int(np.load(tmp_path / "two.npz")["steps"]) == 7
+
+
 def test_launchers_dry_run_print_their_commands():
   out = subprocess.run(["bash", str(LAUNCH / "local_multiprocess.sh"), "--dry-run",
                         "--processes", "3", "--port", "1234", "--", "python", "x.py", "--a=1"],

@@ -8,7 +8,7 @@ served are skipped.
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -30,15 +30,19 @@ class BatchStream:
       reads alike) the host's slice of the same global batch, so the run equals a one-process
       run; of a per-host source (the streamed extraction of this host's token shard, or any
       plain iterable) the host's own next rows.
+    all_have: for a per-host source on several hosts, a collective "does every host have a
+      next batch" (hosts' streams may end a batch apart; all must stop at the same one).
   """
 
   def __init__(self, activations: np.ndarray | Iterable[np.ndarray], batch_size: int, d_in: int,
                seed: int, total_tokens: int | None, shuffle_batches: int = 8, holdout: int = 0,
-               process_index: int = 0, process_count: int = 1):
+               process_index: int = 0, process_count: int = 1,
+               all_have: Callable[[bool], bool] | None = None):
     self.batch_size, self.d_in, self.seed = batch_size, d_in, seed
     self.total_tokens, self.shuffle_batches = total_tokens, shuffle_batches
     self.served = 0  # batches handed out so far: the position
     self.process_index, self.process_count = process_index, process_count
+    self._all_have = all_have
     if batch_size % process_count:
       raise ConfigError(f"batch_size={batch_size} must be a multiple of the process count "
                         f"{process_count} (every host feeds an equal share of a batch)")
@@ -99,7 +103,16 @@ class BatchStream:
       for batch in self._batches(self.batch_size):
         yield _map_rows(batch, lambda a: a[lo * lb:(lo + 1) * lb])
     else:
-      yield from self._batches(self.batch_size // self.process_count)
+      batches = self._batches(self.batch_size // self.process_count)
+      while True:
+        batch = next(batches, None)
+        if self._all_have is not None and not self._all_have(batch is not None):
+          if batch is not None:
+            self.served -= 1  # not trained on: a resume starts with it
+          return
+        if batch is None:
+          return
+        yield batch
 
   def _batches(self, b: int) -> Iterator[np.ndarray]:
     """Batches of ``b`` rows from the current position (served counts them)."""

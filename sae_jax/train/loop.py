@@ -252,7 +252,8 @@ def train_saes(activations, jobs: list[SAEJob], mesh: Mesh | None = None, *,
   tcfg, d_in = first_cfg, jobs[0].sae_config.d_in
   stream = BatchStream(activations, tcfg.batch_size, d_in, tcfg.seed, tcfg.total_tokens,
                        tcfg.shuffle_batches, 0 if eval_activations is not None else tcfg.eval_tokens,
-                       jax.process_index(), jax.process_count())
+                       jax.process_index(), jax.process_count(),
+                       distributed.all_processes if jax.process_count() > 1 else None)
   try:
     return _fit(runs, active, stream, mesh, eval_activations, log_fn)
   finally:
