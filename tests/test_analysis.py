@@ -231,3 +231,17 @@ def test_toy_trace_analysis_end_to_end(tiny_toy, tmp_path):
   r = _chromium("--user-data-dir=" + str(tmp_path / "chrome2"), "--window-size=1300,4000",
                 f"--screenshot={shot}", url)
   assert r.returncode == 0 and shot.stat().st_size > 20_000
+
+
+def test_eval_set_of_a_text_source_is_the_documents_after_training(tiny_toy, tmp_path):
+  """Training reads the first max_docs documents; the evaluation set takes the ones after."""
+  import json as _json
+  from sae_jax.analysis import build_eval_set
+  model = sj.load_model(tiny_toy, revision="step30")
+  words = [w for w in model.tokenizer.get_vocab() if w.isalpha() and w.isascii()][:30]
+  docs = tmp_path / "docs.jsonl"
+  docs.write_text("".join(_json.dumps({"text": " ".join([w] * 6)}) + "\n" for w in words))
+  cfg = sj.DataConfig(source="hf", path=str(docs), max_docs=20, ctx_len=8, batch_size=4)
+  ev = build_eval_set(model, cfg, n_tokens=40)
+  seen = {model.tokenizer.convert_ids_to_tokens(int(i)) for i in ev.ids[ev.mask]}
+  assert seen and seen <= set(words[20:]), seen

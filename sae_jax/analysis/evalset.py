@@ -1,7 +1,7 @@
 """The evaluation set: fixed token sequences, the same for every checkpoint, with metadata.
 
-Drawn from the trace's data source with a seed of its own (the toy world draws documents the
-SAEs never trained on); per token it carries the document, the position, the language code of
+Held out from training: the toy world draws documents with a seed of its own; other sources
+give the documents after the first ``max_docs`` the trace trained on; per token it carries the document, the position, the language code of
 the document or, for the toy world, of the token itself (``sae_jax.data.tokens.LANGUAGE_CODES``).
 """
 
@@ -11,6 +11,7 @@ import dataclasses
 from typing import Iterator
 
 import numpy as np
+from absl import logging
 
 from sae_jax.config import DataConfig
 from sae_jax.errors import DataError
@@ -46,10 +47,23 @@ def build_eval_set(model, data_cfg: DataConfig, n_tokens: int, seed_offset: int 
   from sae_jax.data.cache import tokenizer_fingerprint
   from sae_jax.data.sources import load_documents
   from sae_jax.data.tokens import TokenBatches, tokenize_documents
-  cfg = data_cfg.replace(seed=data_cfg.seed + seed_offset, batch_size=1,
-                         max_docs=max(8, n_tokens // 4) if data_cfg.source == "toy"
-                         else data_cfg.max_docs)
-  tok = tokenize_documents(load_documents(cfg), model.tokenizer, cfg, model.cfg.vocab_size)
+  if data_cfg.source == "toy":  # a draw of its own seed: documents training never saw
+    cfg = data_cfg.replace(seed=data_cfg.seed + seed_offset, batch_size=1,
+                           max_docs=max(8, n_tokens // 4))
+    docs = load_documents(cfg)
+  else:
+    # Training reads the first max_docs documents: take the ones after them.
+    cfg = data_cfg.replace(seed=data_cfg.seed + seed_offset, batch_size=1)
+    skip = data_cfg.max_docs or 0
+    extra = max(64, 2 * n_tokens // max(data_cfg.ctx_len, 1))
+    docs = load_documents(cfg.replace(max_docs=skip + extra))[skip:]
+    if not skip:
+      logging.warning("the trace trains on every document of %s; the evaluation set overlaps "
+                      "its training text (set data.max_docs to hold some out)", data_cfg.path)
+    if not docs:
+      raise DataError(f"no documents of {data_cfg.path!r} are left after the {skip} the trace "
+                      "trained on; the evaluation set needs held-out documents")
+  tok = tokenize_documents(docs, model.tokenizer, cfg, model.cfg.vocab_size)
   pad = model.tokenizer.pad_token_id
   tb = TokenBatches(tok, cfg, pad if pad is not None else 0, 0, 1)
   special = np.asarray(sorted(set(model.tokenizer.all_special_ids)), np.int64)
