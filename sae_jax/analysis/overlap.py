@@ -24,6 +24,7 @@ activations share), lineage chains across consecutive checkpoints, birth checkpo
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -99,6 +100,7 @@ def match_activations(codes_a, codes_b, d_sae_a: int | None = None, d_sae_b: int
   best_b = np.full(mb, -np.inf, np.float32)  # B's best score, for mutuality
   best_b_arg = np.full(mb, -1, np.int64)
   inv_b = np.where(std_b > 0, 1 / np.maximum(std_b, 1e-30), 0)
+  t0 = last = time.perf_counter()
   for lo in range(0, ma, block):
     hi = min(lo + block, ma)
     co = (at[lo:hi] @ b).toarray() / n  # E[a_i b_j] for the block
@@ -115,8 +117,9 @@ def match_activations(codes_a, codes_b, d_sae_a: int | None = None, d_sae_b: int
     better = col_best > best_b
     best_b_arg[better] = lo + corr.argmax(0)[better]
     best_b[better] = col_best[better]
-    if log_fn is not None:
-      log_fn(f"activation matching: {hi}/{ma} features")
+    if log_fn is not None and time.perf_counter() - last > 10:  # only a long match reports
+      last = time.perf_counter()
+      log_fn(f"activation matching: {hi:,}/{ma:,} features ({last - t0:.0f}s)")
   return _finish(cand, cand_s, best_b_arg, std_a > 0)
 
 
@@ -229,7 +232,7 @@ def analyze_overlap(pairs, saes, out: Path, tables: dict, threshold: float = 0.5
           m = matches[(p.key, q.key)]
         else:
           m = match_activations(codes[p.key], codes[q.key], saes[p.key].cfg.d_sae,
-                                saes[q.key].cfg.d_sae)
+                                saes[q.key].cfg.d_sae, log_fn=log_fn)
         matches[(p.key, q.key)] = m
         live = labels[p.key]["language"] != "dead"
         row = {"hook": hook, "kind": kind, "a": p.checkpoint, "b": q.checkpoint, "step": p.step,
@@ -251,7 +254,7 @@ def analyze_overlap(pairs, saes, out: Path, tables: dict, threshold: float = 0.5
     for i in range(len(base) - 1, 0, -1):
       newer, older = base[i], base[i - 1]
       m = match_activations(codes[newer.key], codes[older.key], saes[newer.key].cfg.d_sae,
-                            saes[older.key].cfg.d_sae)
+                            saes[older.key].cfg.d_sae, log_fn=log_fn)
       back[newer.key] = m
     fin_labels = labels[final.key]
     for f in np.nonzero(fin_labels["language"] != "dead")[0]:
