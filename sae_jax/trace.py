@@ -66,8 +66,12 @@ def _check_workdir(workdir: Path, cfg: TraceConfig, overwrite: bool) -> None:
   saved = workdir / "trace.json"
   if not saved.exists():
     return
-  diffs = store.config_differences(_comparable(store.read_json(saved)),
-                                   _comparable(cfg.to_dict()))
+  old = store.read_json(saved)
+  try:  # fields added since that trace was written compare at their defaults
+    old = TraceConfig.from_dict(old).to_dict()
+  except Exception:  # noqa: BLE001 - an unreadable old config is compared as it is
+    pass
+  diffs = store.config_differences(_comparable(old), _comparable(cfg.to_dict()))
   if diffs and not overwrite:
     raise ConfigError(f"workdir {workdir} holds another trace (" + "; ".join(diffs[:5]) +
                       "); use another workdir or overwrite")
