@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
+import traceback
 
 from sae_jax.errors import SaeJaxError
 
@@ -17,9 +19,31 @@ def run_main(main):
       return main(argv)
     except SaeJaxError as e:
       print(f"error: {e}", file=sys.stderr)
-      sys.exit(2)
+      _exit(2)
+    except SystemExit:
+      raise  # a preemption (143) or a normal exit: every host gets there together
+    except BaseException:
+      if _multi_host():
+        traceback.print_exc()
+        _exit(1)
+      raise
 
   return wrapped
+
+
+def _multi_host() -> bool:
+  jax = sys.modules.get("jax")
+  return jax is not None and jax.distributed.is_initialized()
+
+
+def _exit(code: int):
+  """Exit now. On one host of several, skip JAX's shutdown barrier: the other hosts are not
+  coming (they wait in a collective for this one), and the launcher stops them."""
+  if _multi_host():
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+  sys.exit(code)
 
 
 def parse_flags_or_exit(argv):

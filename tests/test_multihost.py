@@ -179,3 +179,26 @@ def test_sigterm_to_one_host_stops_all_at_one_batch_and_resumes_exactly(tmp_path
   a, b = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
   for k in ("W_enc", "W_dec", "b_enc", "b_dec"):
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_an_error_on_one_host_ends_the_whole_run_quickly(tmp_path):
+  """Process 0 fails while process 1 waits in a collective: the run ends within seconds with
+  the error shown (not after JAX's 5-minute shutdown barrier)."""
+  import time
+  code = ("from absl import app\n"
+          "from sae_jax.cli import run_main\n"
+          "from sae_jax import distributed\n"
+          "def main(argv):\n"
+          "  distributed.initialize()\n"
+          "  import jax\n"
+          "  from jax.experimental import multihost_utils\n"
+          "  if jax.process_index() == 0:\n"
+          "    raise RuntimeError('boom on process 0')\n"
+          "  multihost_utils.sync_global_devices('never reached by process 0')\n"
+          "app.run(run_main(main))\n")
+  t = time.time()
+  r = subprocess.run(["bash", str(LAUNCH / "local_multiprocess.sh"), "--log-dir",
+                      str(tmp_path / "logs"), "--", sys.executable, "-c", code], cwd=ROOT,
+                     capture_output=True, text=True, timeout=120)
+  assert r.returncode != 0 and "boom on process 0" in r.stderr
+  assert time.time() - t < 60

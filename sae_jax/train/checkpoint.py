@@ -9,6 +9,7 @@ previous one is used.
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import time
 from pathlib import Path
@@ -32,8 +33,14 @@ class Checkpointer:
     self.last_saved_step: int | None = None  # by this object (restored runs: the restored step)
 
   def _open(self) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=self.keep, create=True,
-                                           enable_async_checkpointing=True)
+    # Several runs (the SAEs of one stream) save the same step at once; on several hosts their
+    # Orbax barriers must not share names, or one run's barrier passes on another's arrival and
+    # finalises before every host's metadata is written.
+    key = hashlib.sha1(str(self.directory).encode()).hexdigest()[:12]
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=self.keep, create=True, enable_async_checkpointing=True,
+        multiprocessing_options=ocp.options.MultiprocessingOptions(
+            barrier_sync_key_prefix=f"sae_jax_{key}"))
     return ocp.CheckpointManager(self.directory, options=options)
 
   def steps(self) -> list[int]:
