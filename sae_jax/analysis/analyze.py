@@ -178,7 +178,7 @@ def analyze(workdir: str | Path, cfg: AnalysisConfig = AnalysisConfig(),
       stats[p.key] = _pair_stats(model, saes[p.key], p, evalset, cfg, codes_path, log_fn)
     log_fn(f"[{n + 1}/{len(checkpoints)}] analysed {rev} ({len(these)} SAE(s), "
            f"{time.perf_counter() - t0:.0f}s)")
-  tables = report.build_tables(pairs, saes, stats, evalset, lexicon, cfg, workdir)
+  tables = report.build_tables(pairs, stats, evalset, lexicon, cfg)
   written = report.write_tables(tables, out)
   if cfg.overlap:
     from sae_jax.analysis import overlap

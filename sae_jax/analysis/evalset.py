@@ -83,11 +83,3 @@ def build_eval_set(model, data_cfg: DataConfig, n_tokens: int, seed_offset: int 
   return EvalSet(ids.astype(np.int32), mask, doc, lang.astype(np.int8), attn,
                  [t if t is not None else "" for t in vocab],
                  tokenizer_fingerprint(model.tokenizer))
-
-
-def eval_activations(model, hooks: list[str], evalset: EvalSet, seqs_per_batch: int = 64
-                     ) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
-  """(first sequence, {hook: [b, T, d] float32}) over the evaluation set, one forward each."""
-  for s, ids, _ in evalset.batches(seqs_per_batch):
-    acts = model.activations(ids, hooks)
-    yield s, {h: np.asarray(a, np.float32) for h, a in acts.items()}

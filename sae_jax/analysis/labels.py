@@ -59,17 +59,11 @@ def _lang_from_shares(n_en: np.ndarray, n_ja: np.ndarray, share: float) -> np.nd
   return out
 
 
-def example_tokens(stats: FeatureStats, ids: np.ndarray, fraction: float
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """(mask [M, E], seq [M, E], pos [M, E]) of every feature's example set."""
-  return stats.examples(fraction)
-
-
 def language_labels(stats: FeatureStats, ids: np.ndarray, token_text: list[str],
                     token_lang: np.ndarray, cfg: LabelConfig = LabelConfig()) -> dict:
   """{'language', 'language_meta', 'language_truth', 'en_share'}: [M] arrays."""
   scripts = np.asarray([script_of(t) for t in token_text], dtype=object)
-  mask, seq, pos = example_tokens(stats, ids, cfg.example_fraction)
+  mask, seq, pos = stats.examples(cfg.example_fraction)
   # Paper rule: the script of each example's max token; digits defer to the previous token.
   script = scripts[ids[seq, pos]]
   p = pos.copy()
@@ -138,7 +132,7 @@ def granularity_labels(stats: FeatureStats, ids: np.ndarray, token_text: list[st
   """{'granularity', 'granularity_truth'}: [M] label arrays (truth: over all firings)."""
   entries = ([lexicon.lookup(t) for t in token_text] if lexicon is not None
              else [None] * len(token_text))
-  mask, seq, pos = example_tokens(stats, ids, cfg.example_fraction)
+  mask, seq, pos = stats.examples(cfg.example_fraction)
   ex_tok = ids[seq, pos]
   g = np.empty(stats.d_sae, dtype=object)
   gt = np.empty(stats.d_sae, dtype=object)

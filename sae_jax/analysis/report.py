@@ -25,7 +25,7 @@ def _top_tokens(stats, f: int, token_text, n: int = 5) -> tuple[str, list]:
   return "; ".join(f"{t} ({s:.2f})" for t, s in top), top
 
 
-def build_tables(pairs, saes, stats, evalset, lexicon, cfg, workdir: Path) -> dict:
+def build_tables(pairs, stats, evalset, lexicon, cfg) -> dict:
   """{'features', 'summary', 'eval'} DataFrames (+ per-pair label arrays for the report)."""
   import pandas as pd
   feature_rows, summary_rows, eval_rows, labels = [], [], [], {}
@@ -190,7 +190,7 @@ def _eval_plot(ev, path: Path) -> None:
 
 # ---- the HTML report -------------------------------------------------------------------------
 
-def _contexts(pair, stats, evalset, labels_f: int, codes, row_of, cfg) -> list:
+def _contexts(stats, evalset, labels_f: int, codes, row_of, cfg) -> list:
   """Top contexts of one feature: tokens around its maximum with the feature's activations."""
   out = []
   values, indices = codes
@@ -254,7 +254,7 @@ def write_report(tables, pairs, stats, evalset, cfg, out: Path, workdir: Path) -
           "max": round(r.max_act, 4), "entropy": round(r.token_entropy, 3),
           "lang": r.language, "lang_meta": r.language_meta, "lang_truth": r.language_truth,
           "gran": r.granularity, "gran_truth": r.granularity_truth, "sample": bool(r.in_sample),
-          "top": top, "ctx": _contexts(p, st, evalset, r.feature, codes, row_of, cfg),
+          "top": top, "ctx": _contexts(st, evalset, r.feature, codes, row_of, cfg),
           "links": lineage.get(p.key, {}).get(int(r.feature), [])})
     cards[p.key] = {"checkpoint": p.checkpoint, "hook": p.hook, "seed": p.seed,
                     "items": items}

@@ -311,11 +311,10 @@ def _fit(runs, active, stream, mesh, eval_activations, log_fn) -> list[SAE]:
         if eval_rows is not None and r.tcfg.eval_every and served % r.tcfg.eval_every == 0:
           r.log.write(served, "eval", _evaluate(r.cfg, r.state, _rows_for(r, eval_rows)))
       stop = sigterm.raised
-      if multi_host and (served % _SIGTERM_AGREE_EVERY == 0 or served == total):
-        # Hosts get the notice at different batches; they must stop (and save) at the same one.
-        stop = distributed.any_process(stop)
-      elif multi_host:
-        stop = False
+      if multi_host:
+        # Hosts get the notice at different batches; they stop (and save) at one they agree on.
+        stop = ((served % _SIGTERM_AGREE_EVERY == 0 or served == total)
+                and distributed.any_process(stop))
       if served % tcfg.checkpoint_every == 0 or stop:
         for r in active:
           if r.ckpt is not None:
