@@ -27,7 +27,7 @@ from sae_jax import store
 from sae_jax.analysis.evalset import EvalSet, build_eval_set
 from sae_jax.analysis.labels import LabelConfig
 from sae_jax.analysis.lexicon import Lexicon, load_lexicon, toy_lexicon
-from sae_jax.analysis.stats import FeatureStats, add_strong_firings, collect_stats
+from sae_jax.analysis.stats import FeatureStats, add_strong_firings, collect_stats_many
 from sae_jax.config import TraceConfig
 from sae_jax.errors import ConfigError, DataError
 
@@ -173,9 +173,7 @@ def analyze(workdir: str | Path, cfg: AnalysisConfig = AnalysisConfig(),
     if tokenizer_fingerprint(model.tokenizer) != evalset.tokenizer_fingerprint:
       raise DataError(f"checkpoint {rev} has another tokenizer than {checkpoints[0]}; the "
                       "evaluation set must be the same tokens for every checkpoint")
-    for p in these:
-      codes_path = out / "codes" / p.checkpoint / (p.path.name + ".npz")
-      stats[p.key] = _pair_stats(model, saes[p.key], p, evalset, cfg, codes_path, log_fn)
+    stats.update(_checkpoint_stats(model, these, saes, evalset, cfg, out, log_fn))
     log_fn(f"[{n + 1}/{len(checkpoints)}] analysed {rev} ({len(these)} SAE(s), "
            f"{time.perf_counter() - t0:.0f}s)")
   tables = report.build_tables(pairs, stats, evalset, lexicon, cfg)
@@ -200,16 +198,21 @@ def _load(trace_cfg: TraceConfig, rev: str):
   return model
 
 
-def _pair_stats(model, sae, pair: Pair, evalset: EvalSet, cfg: AnalysisConfig,
-                codes_path: Path, log_fn) -> FeatureStats:
-  """Feature statistics of one SAE; its codes over the evaluation set go to ``codes_path``."""
-  st, values, indices = feature_stats(
-      sae, evalset, lambda ids: model.activations(ids, [pair.hook])[pair.hook], cfg, log_fn)
-  codes_path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = codes_path.with_suffix(".tmp.npz")
-  np.savez(tmp, values=values, indices=indices)
-  tmp.replace(codes_path)
-  return st
+def _checkpoint_stats(model, pairs: list[Pair], saes: dict, evalset: EvalSet,
+                      cfg: AnalysisConfig, out: Path, log_fn) -> dict[str, FeatureStats]:
+  """Statistics of every SAE of one checkpoint from one forward per batch (all their hooks);
+  each SAE's codes over the evaluation set go to ``analysis/codes/``."""
+  hooks = list(dict.fromkeys(p.hook for p in pairs))
+  found = feature_stats_many({p.key: (saes[p.key], p.hook) for p in pairs}, evalset,
+                             lambda ids: model.activations(ids, hooks), cfg, log_fn)
+  for p in pairs:
+    _, values, indices = found[p.key]
+    path = out / "codes" / p.checkpoint / (p.path.name + ".npz")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, values=values, indices=indices)
+    tmp.replace(path)
+  return {key: st for key, (st, _, _) in found.items()}
 
 
 def feature_stats(sae, evalset: EvalSet, acts_fn: Callable, cfg: AnalysisConfig = AnalysisConfig(),
@@ -220,21 +223,37 @@ def feature_stats(sae, evalset: EvalSet, acts_fn: Callable, cfg: AnalysisConfig 
   ``acts_fn(ids [b, T]) -> [b, T, d_in]`` gives the hook's activations (a model forward, or
   anything else in tests); rows are the evaluation set's counted tokens in order.
   """
+  return feature_stats_many({"": (sae, "")}, evalset, lambda ids: {"": acts_fn(ids)}, cfg,
+                            log_fn)[""]
+
+
+def feature_stats_many(saes: dict, evalset: EvalSet, acts_fn: Callable,
+                       cfg: AnalysisConfig = AnalysisConfig(),
+                       log_fn: Callable[[str], None] | None = None) -> dict:
+  """{name: (FeatureStats, values, indices)} of several SAEs ({name: (sae, hook)}) over one
+  pass of ``evalset``; ``acts_fn(ids [b, T]) -> {hook: [b, T, d]}`` runs once per batch."""
   def batches():
     for s, ids, mask in evalset.batches(cfg.seqs_per_batch):
-      acts = np.asarray(acts_fn(ids), np.float32)
+      acts = acts_fn(ids)
       rows, cols = np.nonzero(mask)
-      yield (acts[rows, cols], ids[rows, cols], rows + s, cols.astype(np.int32),
+      yield ({h: np.asarray(a, np.float32)[rows, cols] for h, a in acts.items()},
+             ids[rows, cols], rows + s, cols.astype(np.int32),
              evalset.language[s:s + len(ids)][rows, cols])
 
-  codes_v, codes_i = [], []
-  st = collect_stats(sae, batches(), len(evalset.token_text), cfg.n_examples,
-                     k=sae.cfg.k or 64, log_fn=log_fn, total_tokens=evalset.n_tokens,
-                     on_codes=lambda v, i: (codes_v.append(v.astype(np.float32)),
-                                            codes_i.append(i.astype(np.int32))))
-  values, indices = np.concatenate(codes_v), np.concatenate(codes_i)
+  codes = {name: ([], []) for name in saes}
+
+  def keep(name, v, i):
+    codes[name][0].append(v.astype(np.float32))
+    codes[name][1].append(i.astype(np.int32))
+
+  found = collect_stats_many(saes, batches(), len(evalset.token_text), cfg.n_examples,
+                             log_fn=log_fn, total_tokens=evalset.n_tokens, on_codes=keep)
   seq, pos = np.nonzero(evalset.mask)  # the codes' rows, in order
-  add_strong_firings(st, values, indices, evalset.ids[evalset.mask],
-                     evalset.language[evalset.mask], seq, pos.astype(np.int32),
-                     cfg.labels.example_fraction, seed=cfg.sample_seed)
-  return st, values, indices
+  out = {}
+  for name, st in found.items():
+    values, indices = np.concatenate(codes[name][0]), np.concatenate(codes[name][1])
+    add_strong_firings(st, values, indices, evalset.ids[evalset.mask],
+                       evalset.language[evalset.mask], seq, pos.astype(np.int32),
+                       cfg.labels.example_fraction, seed=cfg.sample_seed)
+    out[name] = (st, values, indices)
+  return out

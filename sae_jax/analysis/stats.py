@@ -212,32 +212,52 @@ def collect_stats(sae, batches: Iterable[tuple], vocab: int, n_examples: int = 5
   one are read through their ``k`` strongest latents per token, 64 by default); only [n, k]
   codes come back to the host (and go to ``on_codes(values, indices)`` when given).
   """
-  k = k or sae.cfg.k or 64
-  enc = jax.jit(lambda x: sae.encode(x, k=k))
-  acc = StatsAccumulator(sae.cfg.d_sae, vocab, n_examples)
-  t0, last = time.perf_counter(), time.perf_counter()
+  one = collect_stats_many({"": (sae, None)}, (({None: b[0]},) + tuple(b[1:]) for b in batches),
+                           vocab, n_examples, {"": k} if k else None, log_fn, total_tokens,
+                           None if on_codes is None else lambda _, v, i: on_codes(v, i))
+  return one[""]
+
+
+def collect_stats_many(saes: dict, batches: Iterable[tuple], vocab: int, n_examples: int = 50,
+                       ks: dict | None = None, log_fn: Callable[[str], None] | None = None,
+                       total_tokens: int | None = None,
+                       on_codes: Callable[[str, np.ndarray, np.ndarray], None] | None = None
+                       ) -> dict[str, FeatureStats]:
+  """Statistics of several SAEs over one pass of ``batches``: {name: FeatureStats}.
+
+  ``saes``: {name: (sae, hook)}; each batch is ({hook: acts [n, d]}, token, seq, pos, lang), so
+  SAEs of several hooks (or several seeds of one hook) share one model forward per batch.
+  """
+  enc = {name: jax.jit(lambda x, sae=sae, k=(ks or {}).get(name) or sae.cfg.k or 64:
+                       sae.encode(x, k=k)) for name, (sae, _) in saes.items()}
+  acc = {name: StatsAccumulator(sae.cfg.d_sae, vocab, n_examples)
+         for name, (sae, _) in saes.items()}
+  t0 = last = time.perf_counter()
   pending = None
-  for item in batches:
-    acts, meta = item[0], item[1:]
-    codes = enc(acts)  # dispatched now; the previous batch is folded while this one runs
+  for acts, *meta in batches:
+    # Dispatched now; the previous batch is folded on the host while these run.
+    codes = {name: enc[name](acts[hook]) for name, (_, hook) in saes.items()}
     if pending is not None:
       _fold(acc, pending, on_codes)
     pending = (codes, meta)
     if log_fn is not None and time.perf_counter() - last > 10:
       last = time.perf_counter()
-      rate = acc.n_tokens / (last - t0)
-      eta = f", eta {(total_tokens - acc.n_tokens) / rate:.0f}s" if total_tokens else ""
-      log_fn(f"feature stats: {acc.n_tokens:,} tokens, {rate:,.0f} tok/s{eta}")
+      done = next(iter(acc.values())).n_tokens
+      rate = done / (last - t0)
+      eta = f", eta {(total_tokens - done) / rate:.0f}s" if total_tokens else ""
+      log_fn(f"feature stats: {done:,} tokens, {rate:,.0f} tok/s{eta}")
   if pending is not None:
     _fold(acc, pending, on_codes)
-  return acc.finish()
+  return {name: a.finish() for name, a in acc.items()}
 
 
-def _fold(acc: StatsAccumulator, pending, on_codes) -> None:
-  values, indices = (np.asarray(c) for c in pending[0])
-  if on_codes is not None:
-    on_codes(values, indices)
-  acc.add(values, indices, *pending[1])
+def _fold(acc: dict, pending, on_codes) -> None:
+  codes, meta = pending
+  for name, (values, indices) in codes.items():
+    values, indices = np.asarray(values), np.asarray(indices)
+    if on_codes is not None:
+      on_codes(name, values, indices)
+    acc[name].add(values, indices, *meta)
 
 
 def _mix(x: np.ndarray) -> np.ndarray:
