@@ -228,12 +228,11 @@ def analyze_overlap(pairs, saes, out: Path, tables: dict, threshold: float = 0.5
     matches = {}
     for i, p in enumerate(base[:-1]):
       for q, kind in ((base[i + 1], "next"), (final, "final")):
-        if kind == "final" and q is base[i + 1]:
-          m = matches[(p.key, q.key)]
-        else:
-          m = match_activations(codes[p.key], codes[q.key], saes[p.key].cfg.d_sae,
-                                saes[q.key].cfg.d_sae, log_fn=log_fn)
-        matches[(p.key, q.key)] = m
+        if (p.key, q.key) not in matches:  # "final" is "next" for the last pair
+          matches[(p.key, q.key)] = match_activations(
+              codes[p.key], codes[q.key], saes[p.key].cfg.d_sae, saes[q.key].cfg.d_sae,
+              log_fn=log_fn)
+        m = matches[(p.key, q.key)]
         live = labels[p.key]["language"] != "dead"
         row = {"hook": hook, "kind": kind, "a": p.checkpoint, "b": q.checkpoint, "step": p.step,
                "overlap": m.overlap(threshold, live),
@@ -249,20 +248,24 @@ def analyze_overlap(pairs, saes, out: Path, tables: dict, threshold: float = 0.5
           row[f"overlap_gran_{name}"] = m.overlap(threshold, sel)
         rows.append(row)
       log_fn(f"overlap {hook}: {p.checkpoint} matched")
-    # Lineage: walk every final feature back through consecutive assignments.
+    # Lineage: walk every final feature back through the consecutive one-to-one assignments
+    # matched above (older -> newer), read in reverse: each newer feature's predecessor.
     back = {}
-    for i in range(len(base) - 1, 0, -1):
-      newer, older = base[i], base[i - 1]
-      m = match_activations(codes[newer.key], codes[older.key], saes[newer.key].cfg.d_sae,
-                            saes[older.key].cfg.d_sae, log_fn=log_fn)
-      back[newer.key] = m
+    for i in range(1, len(base)):
+      m = matches[(base[i - 1].key, base[i].key)]
+      pred = np.full(saes[base[i].key].cfg.d_sae, -1, np.int64)
+      pred_score = np.zeros(saes[base[i].key].cfg.d_sae, np.float32)
+      hit = np.nonzero(m.assignment >= 0)[0]
+      pred[m.assignment[hit]] = hit
+      pred_score[m.assignment[hit]] = m.assignment_score[hit]
+      back[base[i].key] = (pred, pred_score)
     fin_labels = labels[final.key]
     for f in np.nonzero(fin_labels["language"] != "dead")[0]:
       chain, cur, birth = [int(f)], int(f), final.checkpoint
       ancestor_specific = False
       for i in range(len(base) - 1, 0, -1):
-        m = back[base[i].key]
-        part, score = int(m.assignment[cur]), float(m.assignment_score[cur])
+        pred, pred_score = back[base[i].key]
+        part, score = int(pred[cur]), float(pred_score[cur])
         if part < 0 or score < threshold:
           break
         cur, birth = part, base[i - 1].checkpoint
