@@ -29,6 +29,7 @@ def build_tables(pairs, stats, evalset, lexicon, cfg) -> dict:
   """{'features', 'summary', 'eval'} DataFrames (+ per-pair label arrays for the report)."""
   import pandas as pd
   feature_rows, summary_rows, eval_rows, labels = [], [], [], {}
+  top_list = {}  # (pair key, feature) -> [(token, share)], for the report's cards
   has_truth = lexicon is not None and lexicon.source.startswith("toy world")
   for p in pairs:
     st = stats[p.key]
@@ -47,7 +48,7 @@ def build_tables(pairs, stats, evalset, lexicon, cfg) -> dict:
     freq_lang = st.lang_count / np.maximum(lang_tokens, 1)[:, None]
     n_ex = st.examples(cfg.labels.example_fraction)[0].sum(1)
     for f in live:
-      top, _ = _top_tokens(st, int(f), evalset.token_text)
+      top, top_list[(p.key, int(f))] = _top_tokens(st, int(f), evalset.token_text)
       feature_rows.append({
           "checkpoint": p.checkpoint, "step": p.step, "hook": p.hook, "seed": p.seed,
           "feature": int(f), "frequency": float(st.frequency[f]),
@@ -89,7 +90,8 @@ def build_tables(pairs, stats, evalset, lexicon, cfg) -> dict:
     eval_rows.append({"checkpoint": p.checkpoint, "step": p.step, "hook": p.hook, "seed": p.seed,
                       **{k: ev.get(k, float("nan")) for k in EVAL_FIELDS}})
   return {"features": pd.DataFrame(feature_rows), "summary": pd.DataFrame(summary_rows),
-          "eval": pd.DataFrame(eval_rows), "labels": labels, "has_truth": has_truth}
+          "eval": pd.DataFrame(eval_rows), "labels": labels, "has_truth": has_truth,
+          "top_tokens": top_list}
 
 
 def write_tables(tables: dict, out: Path) -> dict:
@@ -247,14 +249,13 @@ def write_report(tables, pairs, stats, evalset, cfg, out: Path, workdir: Path) -
       codes = (z["values"], z["indices"])
     items = []
     for r in chosen.itertuples():
-      _, top = _top_tokens(st, r.feature, evalset.token_text)
       items.append({
           "f": int(r.feature), "freq": r.frequency, "freq_en": r.frequency_en,
           "freq_ja": r.frequency_ja, "mean": round(r.mean_act, 4),
           "max": round(r.max_act, 4), "entropy": round(r.token_entropy, 3),
           "lang": r.language, "lang_meta": r.language_meta, "lang_truth": r.language_truth,
           "gran": r.granularity, "gran_truth": r.granularity_truth, "sample": bool(r.in_sample),
-          "top": top, "ctx": _contexts(st, evalset, r.feature, codes, row_of, cfg),
+          "top": tables["top_tokens"][(p.key, int(r.feature))], "ctx": _contexts(st, evalset, r.feature, codes, row_of, cfg),
           "links": lineage.get(p.key, {}).get(int(r.feature), [])})
     cards[p.key] = {"checkpoint": p.checkpoint, "hook": p.hook, "seed": p.seed,
                     "items": items}
