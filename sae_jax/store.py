@@ -1,8 +1,11 @@
-"""The run directory: layout, atomic writes, completion markers.
+"""The run store: the one owner of the workdir layout, atomic writes, completion markers.
 
 ```
 <workdir>/trace.json                      the full config of a trace
-<workdir>/<checkpoint>/<hook>/            one (checkpoint, hook) pair: a RunDir
+<workdir>/summary.csv                     one row per (checkpoint, hook) SAE of the trace
+<workdir>/analysis/                       what ``sj.analysis.analyze`` writes (reserved name)
+<workdir>/activations/<checkpoint>/<hook>/ activation caches (reserved name)
+<workdir>/<checkpoint>/<hook>[@seed<n>]/  one SAE: a RunDir (``@seed<n>``: seed-baseline SAE)
     config.json    the SAE + train configs it was started with (a restart must match)
     sae/           the trained SAE (cfg.json + sae.safetensors)
     state/         Orbax train state + data position (resume)
@@ -19,8 +22,10 @@ reader (or a restarted run) sees the old content or the new, never half of it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -29,6 +34,9 @@ from typing import Any, Iterator
 from sae_jax.errors import CheckpointError, ConfigError
 
 COMPLETE = "COMPLETE"
+# Top-level names of a workdir that are not checkpoints.
+RESERVED = ("analysis", "activations")
+_SEED_SUFFIX = re.compile(r"^(?P<hook>.+)@seed(?P<seed>\d+)$")
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -71,6 +79,44 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, write: Any, suffix: str = "") -> None:
+  """Atomically create ``path`` with ``write(tmp_path)`` (any writer that takes a file name).
+
+  ``suffix`` keeps the extension some writers insist on (``np.savez`` appends ``.npz``).
+  """
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp" + suffix)
+  os.close(fd)
+  try:
+    write(tmp)
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(FileNotFoundError):
+      os.unlink(tmp)
+    raise
+
+
+def write_table(df, stem: str | os.PathLike, formats: tuple[str, ...] = ("parquet", "csv")
+                ) -> dict[str, Path]:
+  """Write a pandas DataFrame as ``<stem>.parquet`` and ``<stem>.csv``, each atomically.
+
+  Returns {file name: path} of what was written.
+  """
+  stem = Path(stem)
+  out = {}
+  for ext in formats:
+    path = stem.with_name(f"{stem.name}.{ext}")
+    if ext == "parquet":
+      atomic_write_bytes(path, lambda t: df.to_parquet(t, index=False))
+    elif ext == "csv":
+      atomic_write_bytes(path, lambda t: df.to_csv(t, index=False))
+    else:
+      raise ConfigError(f"table format {ext!r}; allowed: 'parquet', 'csv'")
+    out[path.name] = path
+  return out
 
 
 def read_json(path: str | os.PathLike) -> Any:
@@ -125,3 +171,130 @@ def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str
     elif a != b:
       out.append(f"{name}: {a!r} -> {b!r}")
   return out
+
+
+def run_name(hook: str, seed: int = 0) -> str:
+  """Directory name of a hook's SAE: ``resid_post.1``, or ``resid_post.1@seed2`` for the
+  seed-baseline SAE trained with init seed + 2."""
+  return f"{hook}@seed{seed}" if seed else hook
+
+
+def parse_run_name(name: str) -> tuple[str, int]:
+  """Inverse of :func:`run_name`: (hook, seed)."""
+  m = _SEED_SUFFIX.match(name)
+  return (m["hook"], int(m["seed"])) if m else (name, 0)
+
+
+def checkpoint_step(label: str, model_dir: str | os.PathLike | None = None) -> int | None:
+  """Training step of a checkpoint: from its ``config.json`` (the toy world records it) when
+  ``model_dir/label`` holds one, else the label's trailing number ("step1000", "iter_0001000")."""
+  if model_dir is not None:
+    config = Path(model_dir) / label / "config.json"
+    if config.is_file():
+      info = read_json(config).get("sae_jax_toy", {})
+      if "step" in info:
+        return int(info["step"])
+  m = re.search(r"(\d+)$", label)
+  return int(m.group(1)) if m else None
+
+
+def order_checkpoints(labels, model_dir: str | os.PathLike | None = None) -> list[str]:
+  """Checkpoint labels in training order (labels without a step last, by name)."""
+  def key(label):
+    step = checkpoint_step(label, model_dir)
+    return (step is None, step or 0, label)
+  return sorted(labels, key=key)
+
+
+def local_revisions(model_dir: str | os.PathLike) -> list[str]:
+  """Revision subdirectories (holding config.json) of a local model directory, in training
+  order."""
+  model_dir = Path(model_dir)
+  found = [p.name for p in model_dir.iterdir() if p.is_dir() and (p / "config.json").exists()]
+  return order_checkpoints(found, model_dir)
+
+
+@dataclasses.dataclass(frozen=True)
+class SAERecord:
+  """One SAE directory of a workdir.
+
+  Attributes:
+    checkpoint: the checkpoint label (a revision). step: its training step, if known.
+    hook: the activation site. seed: 0 for the trace's SAE, n for the seed-baseline SAE
+    trained with init seed + n. path: the RunDir's directory. complete: COMPLETE exists.
+  """
+
+  checkpoint: str
+  step: int | None
+  hook: str
+  seed: int
+  path: Path
+  complete: bool
+
+  @property
+  def key(self) -> str:
+    """``<checkpoint>/<hook>[@seed<n>]``: unique within a workdir."""
+    return f"{self.checkpoint}/{run_name(self.hook, self.seed)}"
+
+  @property
+  def run(self) -> "RunDir":
+    return RunDir(self.path)
+
+
+class Store:
+  """A workdir: where each artifact of a trace lives, and which SAEs it holds.
+
+  ``model_dir``: the traced model's local directory, if any (checkpoint steps are read from
+  its revision subdirectories; without it, from the labels).
+  """
+
+  def __init__(self, workdir: str | os.PathLike, model_dir: str | os.PathLike | None = None):
+    self.path = Path(workdir)
+    if self.path.exists() and not self.path.is_dir():
+      raise ConfigError(f"workdir {self.path} is a file; pass a directory (it is created if "
+                        "missing)")
+    self.model_dir = Path(model_dir) if model_dir and Path(model_dir).is_dir() else None
+
+  trace_config = property(lambda self: self.path / "trace.json")
+  summary = property(lambda self: self.path / "summary.csv")
+  analysis = property(lambda self: self.path / "analysis")
+
+  def run(self, checkpoint: str, hook: str, seed: int = 0) -> RunDir:
+    """The RunDir of one SAE (it may not exist yet)."""
+    _check_label(checkpoint)
+    return RunDir(self.path / checkpoint / run_name(hook, seed))
+
+  def cache(self, checkpoint: str, hook: str) -> Path:
+    """Where one hook's activation cache of one checkpoint lives."""
+    _check_label(checkpoint)
+    return self.path / "activations" / checkpoint / hook
+
+  def step(self, checkpoint: str) -> int | None:
+    return checkpoint_step(checkpoint, self.model_dir)
+
+  def saes(self, complete_only: bool = True) -> list[SAERecord]:
+    """The SAEs of this workdir in training order (then hook, then seed)."""
+    if not self.path.is_dir():
+      return []
+    out = []
+    for ckpt_dir in self.path.iterdir():
+      if not ckpt_dir.is_dir() or ckpt_dir.name in RESERVED or ckpt_dir.name.startswith("."):
+        continue
+      step = self.step(ckpt_dir.name)
+      for run_dir in ckpt_dir.iterdir():
+        if not run_dir.is_dir() or run_dir.name.startswith("."):
+          continue
+        complete = (run_dir / COMPLETE).exists()
+        # A run directory holds config.json from its start; anything else is not an SAE.
+        if not complete and (complete_only or not (run_dir / "config.json").exists()):
+          continue
+        hook, seed = parse_run_name(run_dir.name)
+        out.append(SAERecord(ckpt_dir.name, step, hook, seed, run_dir, complete))
+    out.sort(key=lambda r: (r.step is None, r.step or 0, r.checkpoint, r.hook, r.seed))
+    return out
+
+
+def _check_label(checkpoint: str) -> None:
+  if checkpoint in RESERVED or not checkpoint or "/" in checkpoint:
+    raise ConfigError(f"checkpoint label {checkpoint!r} cannot name a run directory; labels "
+                      f"must be non-empty, without '/', and not one of {list(RESERVED)}")

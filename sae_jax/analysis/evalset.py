@@ -2,7 +2,7 @@
 
 Held out from training: the toy world draws documents with a seed of its own; other sources
 give the documents after the first ``max_docs`` the trace trained on; per token it carries the document, the position, the language code of
-the document or, for the toy world, of the token itself (``sae_jax.data.tokens.LANGUAGE_CODES``).
+the document or, for the toy world, of the token itself (``sae_jax.languages.LANGUAGE_CODES``).
 """
 
 from __future__ import annotations

@@ -30,11 +30,11 @@ import numpy as np
 
 from sae_jax.analysis.lexicon import Lexicon, script_of
 from sae_jax.analysis.stats import FeatureStats
+from sae_jax.languages import EN, JA
 
 LANGUAGE_LABELS = ("en", "ja", "bilingual", "none", "dead")
 GRANULARITY_LABELS = ("token", "concept_synonym", "concept_translation", "semantic", "other",
                       "multi_token", "dead")
-_EN, _JA = 0, 1  # LANGUAGE_CODES of en / ja
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,15 +78,15 @@ def language_labels(stats: FeatureStats, ids: np.ndarray, token_text: list[str],
   paper = _lang_from_shares(n_en, n_ja, cfg.language_share)
   # The same rule on the token metadata (document language, or per-token truth).
   meta = token_lang[seq, pos]
-  meta_label = _lang_from_shares(((meta == _EN) & mask).sum(1), ((meta == _JA) & mask).sum(1),
+  meta_label = _lang_from_shares(((meta == EN) & mask).sum(1), ((meta == JA) & mask).sum(1),
                                  cfg.language_share)
   # Ground truth (where tokens carry their language, as in the toy world): the same rule on the
   # whole population the examples sample - every firing at >= example_fraction of the max -
   # with each token's true language instead of its script.
   if stats.strong_lang is not None:
-    truth = _lang_from_shares(stats.strong_lang[_EN], stats.strong_lang[_JA], cfg.language_share)
+    truth = _lang_from_shares(stats.strong_lang[EN], stats.strong_lang[JA], cfg.language_share)
   else:
-    truth = _lang_from_shares(stats.lang_sum[_EN], stats.lang_sum[_JA], cfg.language_share)
+    truth = _lang_from_shares(stats.lang_sum[EN], stats.lang_sum[JA], cfg.language_share)
   dead = ~stats.live
   for a in (paper, meta_label, truth):
     a[dead] = "dead"

@@ -21,7 +21,8 @@ from typing import Callable, Iterable
 import jax
 import numpy as np
 
-N_LANGUAGE_CODES = 5  # sae_jax.data.tokens.LANGUAGE_CODES: en, ja, parallel, shared, special
+from sae_jax.languages import N_LANGUAGE_CODES
+
 
 
 @dataclasses.dataclass

@@ -13,8 +13,7 @@ import numpy as np
 
 from sae_jax.config import DataConfig
 from sae_jax.errors import DataError
-
-LANGUAGE_CODES = {"en": 0, "ja": 1, "parallel": 2, "shared": 3, "special": 4}
+from sae_jax.languages import LANGUAGE_CODES, SPECIAL, UNKNOWN
 
 
 class TokenBatch(NamedTuple):
@@ -54,8 +53,9 @@ def tokenize_documents(docs: list[dict], tokenizer, cfg: DataConfig, vocab_size:
 def _doc_language(meta: dict, ids_len: int) -> np.ndarray:
   labels = meta.get("labels")
   if labels and "language" in labels:  # the toy world's per-token truth
-    return np.asarray([LANGUAGE_CODES.get(x, 4) for x in labels["language"][:ids_len]], np.int8)
-  code = LANGUAGE_CODES.get(str(meta.get("language", "")), -1)
+    return np.asarray([LANGUAGE_CODES.get(x, SPECIAL) for x in labels["language"][:ids_len]],
+                      np.int8)
+  code = LANGUAGE_CODES.get(str(meta.get("language", "")), UNKNOWN)
   return np.full((ids_len,), code, np.int8)
 
 
