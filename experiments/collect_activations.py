@@ -28,23 +28,20 @@ def main(argv):
   del argv
   from sae_jax import distributed
   distributed.initialize(FLAGS.coordinator)
-  from pathlib import Path
-
+  from sae_jax import store
   from sae_jax.models import load_model
-  from sae_jax.models.hf import resolve
   from sae_jax.models.hooks import parse_hook
-  from sae_jax.trace import _prepare_toy, discover_revisions, write_caches
+  from sae_jax.trace import prepare_toy, revisions_of, write_caches
   cfg = trace_config_from(load_flag_config(FLAGS), FLAGS.workdir)
   if cfg.toy:
-    _prepare_toy(cfg, print)
-  revisions = FLAGS.revisions or list(cfg.revisions) or discover_revisions(Path(cfg.model))
+    prepare_toy(cfg, print)
+  st = store.Store(FLAGS.workdir, cfg.model)
+  revisions = FLAGS.revisions or revisions_of(cfg)
   for n, rev in enumerate(revisions):
-    model = load_model(resolve(cfg.model, rev), dtype=cfg.dtype)
-    model.revision = rev
+    model = load_model(cfg.model, revision=rev, dtype=cfg.extract.dtype)
     for hook in cfg.hooks:
       parse_hook(hook, model.cfg.n_layers)
-    paths = write_caches(cfg, model, rev, cfg.hooks, Path(FLAGS.workdir),
-                         log_fn=lambda s: print(s, flush=True))
+    paths = write_caches(cfg, model, rev, cfg.hooks, st, log_fn=lambda s: print(s, flush=True))
     print(f"[{n + 1}/{len(revisions)}] {rev}: " + ", ".join(str(p) for p in paths.values()),
           flush=True)
 

@@ -33,21 +33,21 @@ def main(argv):
   import sae_jax as sj
   from sae_jax.data.cache import CacheReader
   from sae_jax.models.hooks import parse_hook
-  from sae_jax.trace import _prepare_toy
+  from sae_jax.trace import prepare_toy, sae_config_for, sae_metadata, validate
   cfg = trace_config_from(load_flag_config(FLAGS), os.path.dirname(FLAGS.workdir) or ".")
+  validate(cfg)
   if cfg.toy:
-    _prepare_toy(cfg, print)
+    prepare_toy(cfg, print)
   hook = FLAGS.hook or cfg.hooks[0]
-  model = sj.load_model(cfg.model, revision=FLAGS.revision, dtype=cfg.dtype)
+  model = sj.load_model(cfg.model, revision=FLAGS.revision, dtype=cfg.extract.dtype)
   parse_hook(hook, model.cfg.n_layers)
-  d = model.cfg.d_model
-  sae_cfg = cfg.sae.replace(d_in=d, d_sae=cfg.expansion * d if cfg.expansion else cfg.sae.d_sae)
+  sae_cfg = sae_config_for(cfg, model.cfg.d_model)
   if FLAGS.cache:
-    rows = CacheReader(FLAGS.cache, expect={"hook": hook, "d_model": d}, seed=cfg.data.seed)
+    rows = CacheReader(FLAGS.cache, expect={"hook": hook, "d_model": model.cfg.d_model},
+                       seed=cfg.data.seed)
   else:
     rows = sj.data.hook_rows(model, cfg.data, hook)
-  meta = {"model_name": str(cfg.model), "revision": FLAGS.revision, "hook_name": hook,
-          "normalize": sae_cfg.normalize}
+  meta = sae_metadata(cfg, sae_cfg, FLAGS.revision, hook)
   sae = sj.train_sae(rows, sae_cfg, cfg.train, workdir=FLAGS.workdir, metadata=meta,
                      log_fn=lambda s: print(s, flush=True))
   if distributed.is_primary():

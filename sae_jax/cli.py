@@ -7,7 +7,10 @@ import os
 import sys
 import traceback
 
-from sae_jax.errors import SaeJaxError
+from absl import flags
+
+from sae_jax.config import TraceConfig
+from sae_jax.errors import ConfigError, SaeJaxError
 
 
 def run_main(main):
@@ -48,7 +51,6 @@ def _exit(code: int):
 
 def parse_flags_or_exit(argv):
   """absl flag parsing whose errors (unknown config, bad override type) are one line, exit 2."""
-  from absl import flags
   try:
     return flags.FLAGS(argv)
   except (flags.Error, ValueError, TypeError, AttributeError, KeyError, FileNotFoundError,
@@ -60,7 +62,6 @@ def parse_flags_or_exit(argv):
 
 def load_flag_config(flag_values, name: str = "config"):
   """An ml_collections config flag as a dict; a config file that fails to load is one line."""
-  from sae_jax.errors import ConfigError
   try:
     return getattr(flag_values, name).to_dict()  # the file loads lazily: force it here
   except (OSError, SyntaxError, ImportError, AttributeError) as e:
@@ -71,9 +72,6 @@ def load_flag_config(flag_values, name: str = "config"):
 
 def trace_config_from(config, workdir: str):
   """An ml_collections trace config -> TraceConfig (relative model/data paths go in workdir)."""
-  import os
-
-  from sae_jax.config import TraceConfig
   d = dict(config) if isinstance(config, dict) else config.to_dict()
   if d.get("toy"):
     for holder, key in ((d, "model"), (d.get("data", {}), "path")):
@@ -82,19 +80,25 @@ def trace_config_from(config, workdir: str):
   return TraceConfig.from_dict(d)
 
 
-def add_study_settings(c, analysis_eval_tokens: int):
-  """The settings every shipped trace shares: activation source, seed baseline, analysis.
+def add_study_settings(c, analysis_eval_tokens: int, exports=("sae_lens",),
+                       eval_batches: int = 4, dtype: str = "float32"):
+  """The settings every shipped trace shares: extraction, seed baseline, outputs, analysis.
 
   Present in every config so each can be overridden on the command line
-  (``--config.activations=cache``, ``--config.warm_start=True``, ...).
+  (``--config.extract.activations=cache``, ``--config.warm_start=True``, ...).
   """
   c.missing_revision = "stop"
-  c.activations = "stream"  # or "cache": extract once, same SAEs on any host count
-  c.cache_dtype = "float32"
   c.warm_start = False  # True: init each SAE from the previous checkpoint's (SAE-Track)
   c.seed_baseline = ("final",)  # a second init seed there: the overlap baseline
   c.baseline_seeds = 1
-  c.analyze = True  # features, labels, overlap, report.html at the end
-  c.analysis_eval_tokens = analysis_eval_tokens
-  c.lexicon = ""  # TSV form/concept/category for granularity labels
+  c.extract = dict(
+      dtype=dtype,  # the model's compute dtype
+      activations="stream",  # or "cache": extract once, same SAEs on any host count
+      cache_dtype="float32")
+  c.outputs = dict(
+      exports=tuple(exports),
+      eval_batches=eval_batches,  # forward batches of the spliced CE-loss evaluation
+      analyze=True,  # features, labels, overlap, report.html at the end
+      analysis_eval_tokens=analysis_eval_tokens,
+      lexicon="")  # TSV form/concept/category for granularity labels
   return c

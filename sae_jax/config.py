@@ -52,7 +52,9 @@ class SAEConfig(_JsonMixin):
   """What an SAE is (independent of how it is trained).
 
   Attributes:
-    architecture: one of the registered names (``topk``, ``batchtopk``, ``jumprelu``, ``relu``).
+    architecture: a registered architecture name (``topk``, ``batchtopk``, ``jumprelu``,
+      ``relu``); checked, with its ``options``, when the architecture is looked up
+      (``sj.saes.registry.get``).
     d_in: width D of the activations it reads.
     d_sae: number of latents M.
     k: active latents per token (topk; mean per token for batchtopk; for the dense
@@ -63,9 +65,9 @@ class SAEConfig(_JsonMixin):
     param_dtype: dtype parameters are stored and updated in.
     compute_dtype: dtype of the encoder/decoder matmul inputs (accumulation, losses and
       statistics stay float32).
-    batchtopk_cap: batchtopk keeps at most ``batchtopk_cap * k`` latents per token at train time.
-    jumprelu_init_threshold: initial JumpReLU threshold.
-    jumprelu_bandwidth: width of the straight-through rectangle kernel for threshold gradients.
+    options: the architecture's own settings, by name (e.g. batchtopk ``cap``, jumprelu
+      ``bandwidth``, relu ``l1_coefficient``); unset ones take the architecture's defaults.
+      Stored as sorted (name, value) pairs so the config stays hashable; a dict is accepted.
   """
 
   architecture: str = "topk"
@@ -75,63 +77,80 @@ class SAEConfig(_JsonMixin):
   normalize: str = "none"
   param_dtype: str = "float32"
   compute_dtype: str = "float32"
-  batchtopk_cap: int = 4
-  jumprelu_init_threshold: float = 0.001
-  jumprelu_bandwidth: float = 0.001
+  options: tuple[tuple[str, Any], ...] = ()
+
+  # Fields of SAEConfig / TrainConfig before architecture options existed, with their old
+  # defaults: an old file's value moves into ``options`` unless it is that default.
+  LEGACY_OPTIONS: ClassVar[dict[str, tuple[str, str, Any]]] = {
+      "batchtopk_cap": ("batchtopk", "cap", 4),
+      "jumprelu_init_threshold": ("jumprelu", "init_threshold", 0.001),
+      "jumprelu_bandwidth": ("jumprelu", "bandwidth", 0.001),
+      "l0_coefficient": ("jumprelu", "l0_coefficient", 1e-3),
+      "l1_coefficient": ("relu", "l1_coefficient", 5.0),
+  }
 
   def __post_init__(self):
-    from sae_jax.saes import registry  # late: the registry imports this module
-
-    _check(self.architecture in registry.names(),
-           f"unknown architecture {self.architecture!r}; allowed: {registry.names()}")
+    _check(isinstance(self.architecture, str) and bool(self.architecture),
+           f"architecture={self.architecture!r} must be a non-empty name")
     _check(isinstance(self.d_in, int) and self.d_in >= 1, f"d_in={self.d_in!r} must be an int >= 1")
     _check(isinstance(self.d_sae, int) and self.d_sae >= 1,
            f"d_sae={self.d_sae!r} must be an int >= 1")
-    arch = registry.get(self.architecture)
-    if arch.needs_k or self.k is not None:
-      _check(isinstance(self.k, int) and 1 <= self.k <= self.d_sae,
-             f"k={self.k!r} must be an int with 1 <= k <= d_sae={self.d_sae}")
+    _check(self.k is None or (isinstance(self.k, int) and 1 <= self.k <= self.d_sae),
+           f"k={self.k!r} must be None or an int with 1 <= k <= d_sae={self.d_sae}")
     _check(self.normalize in NORMALIZATIONS,
            f"normalize={self.normalize!r}; allowed: {list(NORMALIZATIONS)}")
     _check(self.param_dtype in DTYPES, f"param_dtype={self.param_dtype!r}; allowed: {list(DTYPES)}")
     _check(self.compute_dtype in DTYPES,
            f"compute_dtype={self.compute_dtype!r}; allowed: {list(DTYPES)}")
-    _check(isinstance(self.batchtopk_cap, int) and self.batchtopk_cap >= 1,
-           f"batchtopk_cap={self.batchtopk_cap!r} must be an int >= 1")
-    _check(self.jumprelu_init_threshold > 0,
-           f"jumprelu_init_threshold={self.jumprelu_init_threshold} must be > 0")
-    _check(self.jumprelu_bandwidth > 0, f"jumprelu_bandwidth={self.jumprelu_bandwidth} must be > 0")
+    options = self.options
+    if isinstance(options, dict) or hasattr(options, "items"):
+      options = tuple(options.items())
+    try:
+      options = tuple(sorted((str(k), v) for k, v in options))
+    except (TypeError, ValueError):
+      raise ConfigError(f"options={self.options!r} must be a dict of name -> value") from None
+    object.__setattr__(self, "options", options)
+
+  def option_dict(self) -> dict[str, Any]:
+    return dict(self.options)
+
+  def to_dict(self) -> dict[str, Any]:
+    d = dataclasses.asdict(self)
+    d["options"] = self.option_dict()
+    return d
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]):
+    d, moved = _split_legacy_options(d)
+    if moved:
+      d["options"] = {**moved.get(d.get("architecture", "topk"), {}), **dict(d.get("options", {}))}
+    return super().from_dict(d)
+
+
+def _split_legacy_options(d: dict[str, Any]) -> tuple[dict[str, Any], dict[str, dict]]:
+  """Pull the pre-options architecture fields out of ``d``: {architecture: {option: value}}
+  of those that differ from their old default."""
+  d, moved = dict(d), {}
+  for old, (arch, name, default) in SAEConfig.LEGACY_OPTIONS.items():
+    if old in d:
+      value = d.pop(old)
+      if value != default:
+        moved.setdefault(arch, {})[name] = value
+  return d, moved
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig(_JsonMixin):
-  """How an SAE is trained.
+class OptimConfig(_JsonMixin):
+  """Adam and its learning-rate schedule.
 
   Attributes:
-    batch_size: tokens per optimizer step (the paper: 32768).
-    total_tokens: stop after this many tokens (None: one pass over the data).
     lr: Adam learning rate; None means 2e-4 / sqrt(d_sae / 2**14) (Gao et al.'s scaling).
     lr_schedule: ``constant`` (the paper's) or ``cosine`` decay to ``lr * lr_end_ratio``.
+    lr_end_ratio: the cosine schedule's final fraction of ``lr``.
     warmup_steps: linear warm-up steps from 0 (the paper: 1000).
     adam_b1, adam_b2, adam_eps: Adam hyper-parameters (the paper: eps 6.25e-10).
-    aux_k: AuxK latents per token among dead latents; None means d_in // 2; 0 disables AuxK.
-    auxk_coef: weight of the AuxK loss (Gao et al.: 1/32).
-    dead_tokens: a latent is dead after this many tokens without firing (Gao et al.: 10M).
-    l1_coefficient: relu: weight of the L1 penalty on activations times decoder norms.
-    l0_coefficient: jumprelu: weight of the L0 penalty.
-    seed: parameter init and data shuffling seed.
-    max_nan_batches: the run stops with an error after this many non-finite batches.
-    geometric_median_iters: Weiszfeld iterations for the b_dec initialisation.
-    log_every: steps between progress lines and metric records.
-    checkpoint_every: steps between Orbax checkpoints (with a workdir).
-    keep_checkpoints: how many recent checkpoints to keep.
-    eval_every: steps between evaluations on the held-out tokens (0: only at the end).
-    eval_tokens: tokens held out of the training data for evaluation (0: none).
-    shuffle_batches: an iterable source is shuffled within buffers of this many batches.
   """
 
-  batch_size: int = 4096
-  total_tokens: int | None = None
   lr: float | None = None
   lr_schedule: str = "constant"
   lr_end_ratio: float = 0.0
@@ -139,30 +158,8 @@ class TrainConfig(_JsonMixin):
   adam_b1: float = 0.9
   adam_b2: float = 0.999
   adam_eps: float = 6.25e-10
-  aux_k: int | None = None
-  auxk_coef: float = 1.0 / 32.0
-  dead_tokens: int = 10_000_000
-  l1_coefficient: float = 5.0
-  l0_coefficient: float = 1e-3
-  seed: int = 0
-  max_nan_batches: int = 10
-  geometric_median_iters: int = 50
-  log_every: int = 100
-  checkpoint_every: int = 1000
-  keep_checkpoints: int = 3
-  eval_every: int = 1000
-  eval_tokens: int = 0
-  shuffle_batches: int = 8
-
-  # Fields that do not change what is computed: a restart may change them freely.
-  RESTART_SAFE: ClassVar[tuple[str, ...]] = (
-      "log_every", "checkpoint_every", "keep_checkpoints", "eval_every", "max_nan_batches")
 
   def __post_init__(self):
-    _check(isinstance(self.batch_size, int) and self.batch_size >= 1,
-           f"batch_size={self.batch_size!r} must be an int >= 1")
-    _check(self.total_tokens is None or self.total_tokens >= 1,
-           f"total_tokens={self.total_tokens!r} must be >= 1 or None")
     _check(self.lr is None or (self.lr > 0 and math.isfinite(self.lr)),
            f"lr={self.lr!r} must be > 0 or None")
     _check(self.lr_schedule in LR_SCHEDULES,
@@ -172,27 +169,115 @@ class TrainConfig(_JsonMixin):
     _check(0 <= self.adam_b1 < 1 and 0 <= self.adam_b2 < 1,
            f"adam_b1={self.adam_b1}, adam_b2={self.adam_b2} must be in [0, 1)")
     _check(self.adam_eps > 0, f"adam_eps={self.adam_eps} must be > 0")
-    _check(self.aux_k is None or self.aux_k >= 0, f"aux_k={self.aux_k} must be >= 0 or None")
-    _check(self.auxk_coef >= 0, f"auxk_coef={self.auxk_coef} must be >= 0")
-    _check(self.dead_tokens >= 1, f"dead_tokens={self.dead_tokens} must be >= 1")
-    _check(self.l1_coefficient >= 0, f"l1_coefficient={self.l1_coefficient} must be >= 0")
-    _check(self.l0_coefficient >= 0, f"l0_coefficient={self.l0_coefficient} must be >= 0")
-    _check(self.max_nan_batches >= 0, f"max_nan_batches={self.max_nan_batches} must be >= 0")
-    _check(self.log_every >= 1, f"log_every={self.log_every} must be >= 1")
-    _check(self.checkpoint_every >= 1, f"checkpoint_every={self.checkpoint_every} must be >= 1")
-    _check(self.keep_checkpoints >= 1, f"keep_checkpoints={self.keep_checkpoints} must be >= 1")
-    _check(self.eval_every >= 0, f"eval_every={self.eval_every} must be >= 0")
-    _check(self.eval_tokens >= 0, f"eval_tokens={self.eval_tokens} must be >= 0")
-    _check(self.shuffle_batches >= 1, f"shuffle_batches={self.shuffle_batches} must be >= 1")
 
   def learning_rate(self, d_sae: int) -> float:
     """The configured lr, or Gao et al.'s 2e-4 / sqrt(d_sae / 2**14)."""
     return self.lr if self.lr is not None else 2e-4 / math.sqrt(d_sae / 2**14)
 
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig(_JsonMixin):
+  """How a run is kept: logging, evaluation cadence, checkpoints, the NaN budget. None of these
+  changes what is computed, so a restart may change any of them.
+
+  Attributes:
+    log_every: steps between progress lines and metric records.
+    checkpoint_every: steps between Orbax checkpoints (with a workdir).
+    keep_checkpoints: how many recent checkpoints to keep.
+    eval_every: steps between evaluations on the held-out tokens (0: only at the end).
+    max_nan_batches: the run stops with an error after this many non-finite batches.
+  """
+
+  log_every: int = 100
+  checkpoint_every: int = 1000
+  keep_checkpoints: int = 3
+  eval_every: int = 1000
+  max_nan_batches: int = 10
+
+  def __post_init__(self):
+    _check(self.log_every >= 1, f"log_every={self.log_every} must be >= 1")
+    _check(self.checkpoint_every >= 1, f"checkpoint_every={self.checkpoint_every} must be >= 1")
+    _check(self.keep_checkpoints >= 1, f"keep_checkpoints={self.keep_checkpoints} must be >= 1")
+    _check(self.eval_every >= 0, f"eval_every={self.eval_every} must be >= 0")
+    _check(self.max_nan_batches >= 0, f"max_nan_batches={self.max_nan_batches} must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig(_JsonMixin):
+  """How an SAE is trained: the token stream, the loss, and (nested) the optimiser and how the
+  run is kept.
+
+  Attributes:
+    batch_size: tokens per optimizer step (the paper: 32768).
+    total_tokens: stop after this many tokens (None: one pass over the data).
+    seed: parameter init and data shuffling seed.
+    shuffle_batches: an iterable source is shuffled within buffers of this many batches.
+    eval_tokens: tokens held out of the training data for evaluation (0: none).
+    aux_k: AuxK latents per token among dead latents; None means d_in // 2; 0 disables AuxK.
+    auxk_coef: weight of the AuxK loss (Gao et al.: 1/32).
+    dead_tokens: a latent is dead after this many tokens without firing (Gao et al.: 10M).
+    geometric_median_iters: Weiszfeld iterations for the b_dec initialisation.
+    optim: Adam and the learning-rate schedule (:class:`OptimConfig`).
+    run: logging, evaluation and checkpoint cadence (:class:`RunConfig`).
+  """
+
+  batch_size: int = 4096
+  total_tokens: int | None = None
+  seed: int = 0
+  shuffle_batches: int = 8
+  eval_tokens: int = 0
+  aux_k: int | None = None
+  auxk_coef: float = 1.0 / 32.0
+  dead_tokens: int = 10_000_000
+  geometric_median_iters: int = 50
+  optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+  run: RunConfig = dataclasses.field(default_factory=RunConfig)
+
+  # Fields that do not change what is computed: a restart may change them freely.
+  RESTART_SAFE: ClassVar[tuple[str, ...]] = ("run",)
+  # Fields of the shared token stream: equal across the SAEs trained side by side on it.
+  STREAM_FIELDS: ClassVar[tuple[str, ...]] = (
+      "batch_size", "total_tokens", "seed", "shuffle_batches", "eval_tokens")
+
+  def __post_init__(self):
+    _check(isinstance(self.batch_size, int) and self.batch_size >= 1,
+           f"batch_size={self.batch_size!r} must be an int >= 1")
+    _check(self.total_tokens is None or self.total_tokens >= 1,
+           f"total_tokens={self.total_tokens!r} must be >= 1 or None")
+    _check(self.aux_k is None or self.aux_k >= 0, f"aux_k={self.aux_k} must be >= 0 or None")
+    _check(self.auxk_coef >= 0, f"auxk_coef={self.auxk_coef} must be >= 0")
+    _check(self.dead_tokens >= 1, f"dead_tokens={self.dead_tokens} must be >= 1")
+    _check(self.shuffle_batches >= 1, f"shuffle_batches={self.shuffle_batches} must be >= 1")
+    _check(self.eval_tokens >= 0, f"eval_tokens={self.eval_tokens} must be >= 0")
+    _check(isinstance(self.optim, OptimConfig), f"optim={self.optim!r} must be an OptimConfig")
+    _check(isinstance(self.run, RunConfig), f"run={self.run!r} must be a RunConfig")
+
   def resolved_aux_k(self, d_in: int, d_sae: int) -> int:
     """AuxK width: the configured value, or d_in // 2, never more than d_sae."""
     aux_k = d_in // 2 if self.aux_k is None else self.aux_k
     return min(aux_k, d_sae)
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]):
+    """From JSON; a flat pre-split dict (``lr``, ``log_every``, ... at the top) still loads."""
+    d, _ = _split_legacy_options(d)  # penalties moved to the SAE's options (see SAEConfig)
+    d = _nest(d, "optim", OptimConfig)
+    d = _nest(d, "run", RunConfig)
+    return super().from_dict(d)
+
+
+def _nest(d: dict[str, Any], key: str, sub) -> dict[str, Any]:
+  """Move ``sub``'s fields found at the top of ``d`` (an older flat layout) under ``d[key]``
+  and build ``sub`` from the result."""
+  d = dict(d)
+  names = {f.name for f in dataclasses.fields(sub)}
+  inner = dict(d.pop(key, None) or {}) if not isinstance(d.get(key), sub) else None
+  if inner is None:
+    return d
+  for name in sorted(names & set(d)):
+    inner.setdefault(name, d.pop(name))
+  d[key] = sub.from_dict(inner)
+  return d
 
 
 @dataclasses.dataclass(frozen=True)
@@ -269,6 +354,66 @@ class DataConfig(_JsonMixin):
 
 
 MISSING_REVISION = ("stop", "skip")
+ACTIVATION_MODES = ("stream", "cache")
+CACHE_DTYPES = ("float32", "bfloat16")
+TOY_SIZES = ("default", "tiny")
+
+
+def _as_tuple(value) -> tuple:
+  """A lone string (``--config.hooks=resid_post.3``) is one item, not its letters."""
+  return (value,) if isinstance(value, str) else tuple(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtractConfig(_JsonMixin):
+  """How the target model's activations are produced.
+
+  Attributes:
+    dtype: the model's compute dtype.
+    activations: ``stream`` (extract while training) or ``cache`` (extract every hook into
+      ``<workdir>/activations/<checkpoint>/<hook>/`` first, each host its own batches, then
+      train from the cache: the same SAEs on any number of hosts, and the cache is reused).
+    cache_dtype: ``float32`` or ``bfloat16`` rows in the cache.
+  """
+
+  dtype: str = "float32"
+  activations: str = "stream"
+  cache_dtype: str = "float32"
+
+  def __post_init__(self):
+    _check(self.dtype in DTYPES, f"dtype={self.dtype!r}; allowed: {list(DTYPES)}")
+    _check(self.activations in ACTIVATION_MODES,
+           f"activations={self.activations!r}; allowed: {list(ACTIVATION_MODES)}")
+    _check(self.cache_dtype in CACHE_DTYPES,
+           f"cache_dtype={self.cache_dtype!r}; allowed: {list(CACHE_DTYPES)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputConfig(_JsonMixin):
+  """What a trace writes beside each SAE, and the analysis at its end.
+
+  Attributes:
+    exports: file formats written next to each SAE (``sae_lens``, ``sparsify``, ``llm_jp_sae``;
+      checked against ``sj.formats.FORMATS`` when the trace starts).
+    eval_batches: forward batches for the spliced LM-loss evaluation.
+    analyze: run ``sj.analysis.analyze`` on the workdir when the trace is done.
+    analysis_eval_tokens: evaluation-set size of that analysis.
+    lexicon: TSV lexicon for granularity labels (empty: the toy world's own, if any).
+  """
+
+  exports: tuple[str, ...] = ("sae_lens",)
+  eval_batches: int = 4
+  analyze: bool = True
+  analysis_eval_tokens: int = 20_000
+  lexicon: str = ""
+
+  def __post_init__(self):
+    object.__setattr__(self, "exports", _as_tuple(self.exports))
+    _check(all(isinstance(f, str) and f for f in self.exports),
+           f"exports={self.exports!r} must be format names")
+    _check(self.eval_batches >= 0, f"eval_batches={self.eval_batches} must be >= 0")
+    _check(self.analysis_eval_tokens >= 1,
+           f"analysis_eval_tokens={self.analysis_eval_tokens} must be >= 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -280,20 +425,11 @@ class TraceConfig(_JsonMixin):
       repo id.
     revisions: checkpoint labels to trace; empty: every revision subdirectory found locally.
     hooks: activation sites (e.g. ``resid_post.11``, the paper's layer 12).
-    sae: the SAE; ``d_in`` is taken from the model and ``d_sae`` = ``expansion`` * d_in when
-      ``expansion`` > 0.
-    expansion: latents per model dimension (0: keep ``sae.d_sae``).
-    train: SAE training; data: text -> tokens.
-    dtype: model compute dtype.
-    eval_batches: forward batches for the spliced LM-loss evaluation.
-    exports: file formats written next to each SAE (``sae_lens``, ``sparsify``, ``llm_jp_sae``).
+    missing_revision: ``stop`` or ``skip`` when a revision cannot be found.
     toy: train the toy world's model into ``model`` first if it is not there yet.
     toy_size: ``default`` (<= 5 min on 2 cores) or ``tiny`` (seconds).
-    missing_revision: ``stop`` or ``skip`` when a revision cannot be found.
-    activations: ``stream`` (extract while training) or ``cache`` (extract every hook into
-      ``<workdir>/activations/<checkpoint>/<hook>/`` first, each host its own batches, then
-      train from the cache: the same SAEs on any number of hosts, and the cache is reused).
-    cache_dtype: ``float32`` or ``bfloat16`` rows in the cache.
+    expansion: latents per model dimension: ``d_sae`` = ``expansion`` * d_in (0: keep
+      ``sae.d_sae``); ``sae.d_in`` is always taken from the model.
     seed_baseline, baseline_seeds: at these revisions (labels, or ``final``) also train
       ``baseline_seeds`` SAEs that differ only in their init seed, into
       ``<checkpoint>/<hook>@seed<n>/``: how much two runs on the same activations share sets
@@ -301,60 +437,60 @@ class TraceConfig(_JsonMixin):
     warm_start: initialise each checkpoint's SAE from the previous checkpoint's (same hook),
       as SAE-Track does; off by default (the paper trains each from scratch). Decoder matching
       across checkpoints is meaningful with it.
-    analyze: run ``sj.analysis.analyze`` on the workdir when the trace is done.
-    analysis_eval_tokens: evaluation-set size of that analysis.
-    lexicon: TSV lexicon for granularity labels (empty: the toy world's own, if any).
+    sae, train, data: the SAE, its training, text -> tokens.
+    extract: how activations are produced (:class:`ExtractConfig`).
+    outputs: exports, spliced evaluation and analysis (:class:`OutputConfig`).
   """
 
   model: str = ""
   revisions: tuple[str, ...] = ()
   hooks: tuple[str, ...] = ("resid_post.1",)
-  sae: SAEConfig = dataclasses.field(default_factory=SAEConfig)
-  expansion: int = 8
-  train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
-  data: DataConfig = dataclasses.field(default_factory=DataConfig)
-  dtype: str = "float32"
-  eval_batches: int = 4
-  exports: tuple[str, ...] = ("sae_lens",)
+  missing_revision: str = "stop"
   toy: bool = False
   toy_size: str = "default"
-  missing_revision: str = "stop"
-  activations: str = "stream"
-  cache_dtype: str = "float32"
-  warm_start: bool = False
+  expansion: int = 8
   seed_baseline: tuple[str, ...] = ()
   baseline_seeds: int = 1
-  analyze: bool = True
-  analysis_eval_tokens: int = 20_000
-  lexicon: str = ""
+  warm_start: bool = False
+  sae: SAEConfig = dataclasses.field(default_factory=SAEConfig)
+  train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+  data: DataConfig = dataclasses.field(default_factory=DataConfig)
+  extract: ExtractConfig = dataclasses.field(default_factory=ExtractConfig)
+  outputs: OutputConfig = dataclasses.field(default_factory=OutputConfig)
+
+  # Fields a rerun may change: they change what is added or analysed, not what exists.
+  RERUN_SAFE: ClassVar[tuple[str, ...]] = (
+      "missing_revision", "seed_baseline", "baseline_seeds", "outputs.analyze",
+      "outputs.analysis_eval_tokens", "outputs.lexicon")
 
   def __post_init__(self):
+    for name in ("revisions", "hooks", "seed_baseline"):
+      object.__setattr__(self, name, _as_tuple(getattr(self, name)))
     _check(bool(self.model), "trace model is empty; set a model directory or hub id")
-    _check(self.activations in ("stream", "cache"), f"activations={self.activations!r}; "
-           "allowed: 'stream', 'cache'")
-    _check(self.cache_dtype in ("float32", "bfloat16"), f"cache_dtype={self.cache_dtype!r}; "
-           "allowed: 'float32', 'bfloat16'")
     _check(len(self.hooks) >= 1, "trace hooks is empty; name at least one hook")
     _check(self.baseline_seeds >= 0, f"baseline_seeds={self.baseline_seeds} must be >= 0")
-    _check(self.analysis_eval_tokens >= 1,
-           f"analysis_eval_tokens={self.analysis_eval_tokens} must be >= 1")
     _check(self.expansion >= 0, f"expansion={self.expansion} must be >= 0")
-    _check(self.dtype in DTYPES, f"dtype={self.dtype!r}; allowed: {list(DTYPES)}")
-    _check(self.toy_size in ("default", "tiny"), f"toy_size={self.toy_size!r}; allowed: "
-           "'default', 'tiny'")
+    _check(self.toy_size in TOY_SIZES, f"toy_size={self.toy_size!r}; allowed: {list(TOY_SIZES)}")
     _check(self.missing_revision in MISSING_REVISION,
            f"missing_revision={self.missing_revision!r}; allowed: {list(MISSING_REVISION)}")
-    from sae_jax.formats import FORMATS
-    bad = [f for f in self.exports if f not in FORMATS]
-    _check(not bad, f"unknown export format(s) {bad}; allowed: {list(FORMATS)}")
-    for name in ("revisions", "hooks", "exports", "seed_baseline"):
-      value = getattr(self, name)  # a lone string (--config.hooks=resid_post.3) is one item
-      object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
+    for name, sub in (("sae", SAEConfig), ("train", TrainConfig), ("data", DataConfig),
+                      ("extract", ExtractConfig), ("outputs", OutputConfig)):
+      _check(isinstance(getattr(self, name), sub),
+             f"trace {name}={getattr(self, name)!r} must be a {sub.__name__}")
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]):
+    """From JSON; a trace.json written before the split (every field at the top) still loads."""
     d = dict(d)
+    if isinstance(d.get("train"), dict) and isinstance(d.get("sae"), dict):
+      # The architecture penalties were train fields: they are the SAE's options now.
+      arch = d["sae"].get("architecture", "topk")
+      _, moved = _split_legacy_options(d["train"])
+      if moved.get(arch):
+        d["sae"] = {**d["sae"], "options": {**moved[arch], **dict(d["sae"].get("options", {}))}}
     for key, sub in (("sae", SAEConfig), ("train", TrainConfig), ("data", DataConfig)):
       if isinstance(d.get(key), dict):
         d[key] = sub.from_dict(d[key])
+    d = _nest(d, "extract", ExtractConfig)
+    d = _nest(d, "outputs", OutputConfig)
     return super().from_dict(d)

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sae_jax.saes import registry
 from sae_jax.saes.base import normalize_inputs
 from sae_jax.saes.sae import SAE
 
@@ -21,7 +22,6 @@ DENSE_FIRING_RATE = 0.1  # a latent firing on more than this share of tokens cou
 
 @functools.partial(jax.jit, static_argnums=(0,))
 def _batch_sums(cfg, params, buffers, x):
-  from sae_jax.saes import registry
   arch = registry.get(cfg.architecture)
   xn, _ = normalize_inputs(x, cfg.normalize, buffers["norm_scale"])
   acts = arch.encode_dense(params, buffers, xn, cfg)

@@ -19,13 +19,15 @@ import math
 import os
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 
-from sae_jax import __version__ as _version
 from sae_jax.config import SAEConfig
 from sae_jax.errors import CheckpointError, ConfigError
-from sae_jax.saes.sae import SAE
+from sae_jax.saes import registry
+from sae_jax.saes.sae import SAE, WRITERS
 from sae_jax.store import atomic_dir, atomic_write_json, read_json
+from sae_jax.version import __version__ as _version
 
 FORMATS = ("sae_jax", "sae_lens", "sparsify", "llm_jp_sae")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
@@ -70,9 +72,6 @@ def _fold(p: dict[str, np.ndarray], c: float) -> dict[str, np.ndarray]:
 
 def _make(cfg: SAEConfig, params: dict[str, np.ndarray], buffers: dict[str, float] | None = None,
           metadata: dict | None = None) -> SAE:
-  import jax.numpy as jnp
-
-  from sae_jax.saes import registry
   bufs = {k: jnp.asarray(v) for k, v in registry.get(cfg.architecture).init_buffers(cfg).items()}
   for k, v in (buffers or {}).items():
     bufs[k] = jnp.float32(v)
@@ -103,7 +102,6 @@ def _load_native(path: Path, cfg_json: dict) -> SAE:
   d, m = cfg.d_in, cfg.d_sae
   shapes = {"W_enc": (d, m), "b_enc": (m,), "W_dec": (m, d), "b_dec": (d,),
             "log_threshold": (m,)}
-  from sae_jax.saes import registry
   names = registry.get(cfg.architecture).param_names()
   params = {n: _expect(t, n, shapes[n], path / "sae.safetensors") for n in names}
   return _make(cfg, params, cfg_json.get("buffers"), cfg_json.get("metadata"))
@@ -245,15 +243,23 @@ def _load_llm_jp_sae(path: Path, c: dict) -> SAE:
 
 # ---- dispatch -------------------------------------------------------------------------------
 
-_EXPORTERS = {"sae_jax": save_native, "sae_lens": export_sae_lens, "sparsify": export_sparsify,
-              "llm_jp_sae": export_llm_jp_sae}
+# SAE.save / SAE.export write through this table (sae.py needs nothing of the formats).
+WRITERS.update({"sae_jax": save_native, "sae_lens": export_sae_lens,
+                "sparsify": export_sparsify, "llm_jp_sae": export_llm_jp_sae})
+assert tuple(WRITERS) == FORMATS
+
+
+def check_formats(formats) -> None:
+  """Raise ConfigError naming any format that is not one of FORMATS."""
+  bad = [f for f in formats if f not in FORMATS]
+  if bad:
+    raise ConfigError(f"unknown export format(s) {bad}; allowed: {list(FORMATS)}")
 
 
 def export_sae(sae: SAE, path: str | os.PathLike, format: str = "sae_jax") -> None:
   """Write ``sae`` to the directory ``path`` in one of FORMATS (atomically)."""
-  if format not in _EXPORTERS:
-    raise ConfigError(f"unknown export format {format!r}; allowed: {list(FORMATS)}")
-  _EXPORTERS[format](sae, path)
+  check_formats([format])
+  WRITERS[format](sae, path)
 
 
 def _refuse_pickles(path: Path) -> None:

@@ -20,10 +20,10 @@ def main(workdir, out, steps=40):
   rng = np.random.default_rng(0)
   x = (rng.normal(size=(8_192, 32)) * np.linspace(0.2, 2.0, 32)).astype(np.float32)
   cfg = sj.SAEConfig(architecture="topk", d_in=32, d_sae=256, k=4)
-  tcfg = sj.TrainConfig(batch_size=256, total_tokens=256 * abs(steps), lr=2e-3, warmup_steps=5,
-                        checkpoint_every=10 if steps <= 40 else 50, log_every=10,
-                        eval_tokens=512, eval_every=20,
-                        dead_tokens=256 * 4)
+  tcfg = sj.TrainConfig(batch_size=256, total_tokens=256 * abs(steps), eval_tokens=512,
+                        dead_tokens=256 * 4, optim=sj.OptimConfig(lr=2e-3, warmup_steps=5),
+                        run=sj.RunConfig(checkpoint_every=10 if steps <= 40 else 50, log_every=10,
+                                         eval_every=20))
   mesh = sj.make_mesh(sj.MeshConfig(data=jax.device_count() // 2, model=2))
   if steps < 0:
     # Per-host streams of unequal length (process p holds 7 + 3p half-batches, one pass):

@@ -138,8 +138,9 @@ def test_training_from_cache_matches_training_from_stream(toy, tmp_path):
   model, tb = batches_for(toy, 0, 1)
   write_cache(tmp_path / "c", model, tb, HOOK, "float32")
   cfg = sj.SAEConfig(d_in=model.cfg.d_model, d_sae=256, k=8)
-  tcfg = sj.TrainConfig(batch_size=256, total_tokens=256 * 60, eval_tokens=512, log_every=1000,
-                        lr=3e-3, warmup_steps=5)
+  tcfg = sj.TrainConfig(batch_size=256, total_tokens=256 * 60, eval_tokens=512,
+                        optim=sj.OptimConfig(lr=3e-3, warmup_steps=5),
+                        run=sj.RunConfig(log_every=1000))
   stream = HookRows(ActivationStream(model, tb, [HOOK], 8, 0), HOOK)
   a = sj.train_sae(stream, cfg, tcfg)
   b = sj.train_sae(CacheReader(tmp_path / "c"), cfg, tcfg)
@@ -177,7 +178,8 @@ def test_one_forward_feeds_an_sae_per_hook(toy):
   from sae_jax.data.activations import MultiHookRows
   hooks = ["resid_pre.0", "resid_post.1"]
   cfg = lambda: sj.SAEConfig(d_in=model.cfg.d_model, d_sae=128, k=4)
-  tcfg = sj.TrainConfig(batch_size=256, total_tokens=256 * 6, lr=1e-3, warmup_steps=2)
+  tcfg = sj.TrainConfig(batch_size=256, total_tokens=256 * 6,
+                        optim=sj.OptimConfig(lr=1e-3, warmup_steps=2))
   together = sj.train_saes(MultiHookRows(ActivationStream(model, tb, hooks, 8, 0)),
                            [sj.SAEJob(cfg(), tcfg, hook=h) for h in hooks])
   for h, sae in zip(hooks, together):

@@ -171,12 +171,13 @@ def test_cli_library_errors_are_one_line_with_status_2(toy, tmp_path):
 def test_warm_start_begins_each_sae_from_the_previous_checkpoints(toy, tmp_path):
   """One short step per SAE: warm-started SAEs stay next to their predecessor; cold ones do
   not (their b_dec is the new checkpoint's geometric median)."""
-  kw = dict(revisions=("step10", "step30"), analyze=False, exports=())
+  kw = dict(revisions=("step10", "step30"), outputs=sj.OutputConfig(analyze=False, exports=()))
   ends = {}
   for warm in (True, False):
     cfg = _cfg(toy, warm_start=warm, **kw)
-    cfg = cfg.replace(train=cfg.train.replace(total_tokens=1024, warmup_steps=100,
-                                              eval_tokens=0, eval_every=0))
+    cfg = cfg.replace(train=cfg.train.replace(
+        total_tokens=1024, eval_tokens=0, optim=cfg.train.optim.replace(warmup_steps=100),
+        run=cfg.train.run.replace(eval_every=0)))
     trace(cfg, tmp_path / str(warm), log_fn=lambda s: None)
     p = _params(tmp_path / str(warm))
     ends[warm] = {k: np.abs(p["step30/resid_post.0/sae"][k] -

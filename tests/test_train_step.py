@@ -18,7 +18,8 @@ def _data(n_batches, seed=0):
 
 def _run(arch, mesh, steps=4, **tkw):
   cfg = sj.SAEConfig(architecture=arch, d_in=D, d_sae=M, k=4)
-  tcfg = sj.TrainConfig(batch_size=N, lr=3e-3, warmup_steps=2, aux_k=8, dead_tokens=N, **tkw)
+  tcfg = sj.TrainConfig(batch_size=N, aux_k=8, dead_tokens=N, **tkw,
+                        optim=sj.OptimConfig(lr=3e-3, warmup_steps=2))
   xs = _data(steps)
   state = init_train_state(cfg, tcfg, mesh, xs[0])
   step = make_train_step(cfg, tcfg, mesh)
@@ -65,7 +66,7 @@ def test_relu_decoder_rows_are_free():
 def test_auxk_trains_dead_encoder_columns():
   mesh = sj.make_mesh(sj.MeshConfig(data=1, model=1), devices=jax.devices()[:1])
   cfg = sj.SAEConfig(architecture="topk", d_in=D, d_sae=M, k=4)
-  tcfg = sj.TrainConfig(batch_size=N, lr=1e-2, warmup_steps=1, aux_k=8)
+  tcfg = sj.TrainConfig(batch_size=N, aux_k=8, optim=sj.OptimConfig(lr=1e-2, warmup_steps=1))
   x = _data(1)[0]
   fresh = init_train_state(cfg, tcfg, mesh, x)
   step = make_train_step(cfg, tcfg, mesh)
@@ -123,10 +124,10 @@ def test_train_sae_errors_are_one_line():
   x = np.array(_data(4).reshape(-1, D))
   x[::N] = np.nan  # every batch of 64 rows holds one NaN row
   with pytest.raises(DataError, match="max_nan_batches=2"):
-    sj.train_sae(x, cfg, sj.TrainConfig(batch_size=N, max_nan_batches=2, total_tokens=N * 8,
-                                        log_every=2, seed=1))
+    sj.train_sae(x, cfg, sj.TrainConfig(batch_size=N, total_tokens=N * 8, seed=1,
+                                        run=sj.RunConfig(max_nan_batches=2, log_every=2)))
   with pytest.raises(DataError, match="first batch contains NaN"):
-    sj.train_sae(x, cfg, sj.TrainConfig(batch_size=N, max_nan_batches=2))
+    sj.train_sae(x, cfg, sj.TrainConfig(batch_size=N, run=sj.RunConfig(max_nan_batches=2)))
 
 
 def _planted(n, d, n_feat, active, seed):
@@ -145,8 +146,9 @@ def test_recovers_planted_sparse_features(arch):
   """A real learning test: 128 planted directions in R^48, 4 active per token."""
   x, feats = _planted(60_000, 48, 128, 4, seed=0)
   cfg = sj.SAEConfig(architecture=arch, d_in=48, d_sae=512, k=4)
-  tcfg = sj.TrainConfig(batch_size=1024, total_tokens=1024 * 1500, lr=3e-3, warmup_steps=50,
-                        log_every=500)
+  tcfg = sj.TrainConfig(batch_size=1024, total_tokens=1024 * 1500,
+                        optim=sj.OptimConfig(lr=3e-3, warmup_steps=50),
+                        run=sj.RunConfig(log_every=500))
   sae = sj.train_sae(x, cfg, tcfg)
   w = np.asarray(sae.params["W_dec"])
   best = (feats @ w.T).max(axis=1)
@@ -161,7 +163,7 @@ def test_recovers_planted_sparse_features(arch):
 def test_auxk_width_follows_the_dead_count_with_identical_results():
   mesh = sj.make_mesh(sj.MeshConfig(data=1, model=1), devices=jax.devices()[:1])
   cfg = sj.SAEConfig(architecture="topk", d_in=D, d_sae=M, k=4)
-  tcfg = sj.TrainConfig(batch_size=N, lr=1e-2, warmup_steps=1, aux_k=64)
+  tcfg = sj.TrainConfig(batch_size=N, aux_k=64, optim=sj.OptimConfig(lr=1e-2, warmup_steps=1))
   x = _data(1)[0]
   step = make_train_step(cfg, tcfg, mesh)
   fresh = lambda n_dead: init_train_state(cfg, tcfg, mesh, x).replace(

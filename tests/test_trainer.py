@@ -96,12 +96,13 @@ def test_sigterm_checkpoints_and_exits_cleanly_then_resumes(tmp_path, reference)
   _assert_identical(_params(out), reference)
 
 
-def _small_run(workdir, steps=12, **kw):
+def _small_run(workdir, steps=12, run=None, **kw):
   rng = np.random.default_rng(1)
   x = rng.normal(size=(4096, 16)).astype(np.float32)
   cfg = sj.SAEConfig(architecture="topk", d_in=16, d_sae=128, k=4)
-  tcfg = sj.TrainConfig(batch_size=128, total_tokens=128 * steps, checkpoint_every=3,
-                        keep_checkpoints=3, log_every=3, lr=1e-3, **kw)
+  run = dict(checkpoint_every=3, keep_checkpoints=3, log_every=3, **(run or {}))
+  tcfg = sj.TrainConfig(batch_size=128, total_tokens=128 * steps, **kw,
+                        optim=sj.OptimConfig(lr=1e-3), run=sj.RunConfig(**run))
   mesh = sj.make_mesh(sj.MeshConfig(data=1, model=1), devices=jax.devices()[:1])
   return sj.train_sae(x, cfg, tcfg, workdir=workdir, mesh=mesh), (x, cfg, tcfg, mesh)
 
@@ -145,7 +146,7 @@ def test_bad_workdirs_are_refused(tmp_path):
   with pytest.raises(ConfigError, match=r"train.seed: 0 -> 7") as e:
     _small_run(tmp_path / "run", seed=7)
   assert "\n" not in str(e.value)
-  _small_run(tmp_path / "run", max_nan_batches=5)  # restart-safe fields may change
+  _small_run(tmp_path / "run", run=dict(max_nan_batches=5))  # restart-safe: may change
   _, (x, _, tcfg, mesh) = _small_run(tmp_path / "run2")
   other = sj.SAEConfig(architecture="topk", d_in=16, d_sae=128, k=2)
   with pytest.raises(ConfigError, match=r"sae.k: 4 -> 2"):
@@ -155,7 +156,7 @@ def test_bad_workdirs_are_refused(tmp_path):
 
 
 def test_metrics_tensorboard_and_eval_are_written(tmp_path):
-  _small_run(tmp_path / "run", eval_tokens=256, eval_every=6)
+  _small_run(tmp_path / "run", eval_tokens=256, run=dict(eval_every=6))
   records = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
   train = [r["step"] for r in records if r["split"] == "train"]
   assert train == [3, 6, 9, 12]
@@ -173,8 +174,8 @@ def test_metrics_tensorboard_and_eval_are_written(tmp_path):
 def test_several_saes_side_by_side_equal_each_trained_alone(tmp_path):
   rng = np.random.default_rng(3)
   x = rng.normal(size=(4096, 16)).astype(np.float32)
-  tcfg = sj.TrainConfig(batch_size=128, total_tokens=128 * 9, checkpoint_every=4, lr=1e-3,
-                        log_every=3)
+  tcfg = sj.TrainConfig(batch_size=128, total_tokens=128 * 9, optim=sj.OptimConfig(lr=1e-3),
+                        run=sj.RunConfig(checkpoint_every=4, log_every=3))
   cfgs = [sj.SAEConfig(architecture="topk", d_in=16, d_sae=128, k=4),
           sj.SAEConfig(architecture="batchtopk", d_in=16, d_sae=64, k=2)]
   mesh = sj.make_mesh(sj.MeshConfig(data=1, model=1), devices=jax.devices()[:1])

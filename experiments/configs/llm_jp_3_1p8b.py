@@ -24,12 +24,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.expansion = 16  # 2048 * 16 = 32,768 latents
   c.sae = dict(architecture="topk", d_in=2048, d_sae=32768, k=32, normalize="unit_norm")
   c.train = dict(batch_size=32768, total_tokens=(32768 * 4) if tiny else 32768 * 30_000,
-                 lr=1e-3, warmup_steps=1000, lr_schedule="constant", eval_tokens=32768,
-                 log_every=100, checkpoint_every=1000)
+                 eval_tokens=32768,
+                 optim=dict(lr=1e-3, warmup_steps=1000, lr_schedule="constant", adam_eps=6.25e-10),
+                 run=dict(log_every=100, checkpoint_every=1000))
   c.data = dict(source="hf", path="wikipedia_ja_en.jsonl", text_field="text",
                 meta_fields=("language",), ctx_len=64, mode="truncate", batch_size=64,
                 buffer_batches=64, max_docs=20_000 if tiny else None)
-  c.eval_batches = 8
-  c.exports = ("llm_jp_sae", "sae_lens")
-  return add_study_settings(c, analysis_eval_tokens=5_000 if tiny else 1_000_000)
-  c.dtype = "bfloat16"
+  return add_study_settings(c, analysis_eval_tokens=5_000 if tiny else 1_000_000,
+                            exports=("llm_jp_sae", "sae_lens"), eval_batches=8, dtype="bfloat16")

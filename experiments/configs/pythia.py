@@ -17,10 +17,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.hooks = ("resid_post.5",)
   c.expansion = 16
   c.sae = dict(architecture="topk", d_in=768, d_sae=12288, k=32, normalize="expected_norm")
-  c.train = dict(batch_size=4096, total_tokens=4096 * (4 if tiny else 20_000), lr=None,
-                 warmup_steps=1000, eval_tokens=8192, log_every=100)
+  c.train = dict(batch_size=4096, total_tokens=4096 * (4 if tiny else 20_000), eval_tokens=8192,
+                 optim=dict(lr=None, warmup_steps=1000), run=dict(log_every=100))
   c.data = dict(source="hf", path="text.jsonl", ctx_len=128, mode="pack", batch_size=32,
                 buffer_batches=32, max_docs=2000 if tiny else None)
-  c.eval_batches = 8
-  c.exports = ("sae_lens", "sparsify")
-  return add_study_settings(c, analysis_eval_tokens=5_000 if tiny else 200_000)
+  return add_study_settings(c, analysis_eval_tokens=5_000 if tiny else 200_000,
+                            exports=("sae_lens", "sparsify"), eval_batches=8)

@@ -88,8 +88,7 @@ class Pair:
 
 def find_pairs(workdir: Path, cfg: TraceConfig) -> list[Pair]:
   """Complete SAEs of the trace in ``workdir``, in training order."""
-  from sae_jax.models.hf import resolve
-  from sae_jax.trace import checkpoint_step
+  from sae_jax.store import checkpoint_step
   pairs = []
   for rev_dir in sorted(p for p in workdir.iterdir() if p.is_dir()):
     if rev_dir.name in ("analysis", "activations"):
@@ -99,11 +98,8 @@ def find_pairs(workdir: Path, cfg: TraceConfig) -> list[Pair]:
         continue
       m = SEED_SUFFIX.match(hook_dir.name)
       hook, seed = (m["hook"], int(m["seed"])) if m else (hook_dir.name, 0)
-      try:
-        path = resolve(cfg.model, rev_dir.name)
-      except Exception:
-        path = None
-      pairs.append(Pair(rev_dir.name, checkpoint_step(rev_dir.name, path), hook, seed,
+      model_dir = cfg.model if Path(cfg.model).is_dir() else None
+      pairs.append(Pair(rev_dir.name, checkpoint_step(rev_dir.name, model_dir), hook, seed,
                         hook_dir))
   pairs.sort(key=lambda p: (p.step is None, p.step or 0, p.checkpoint, p.hook, p.seed))
   return pairs
@@ -193,7 +189,7 @@ def analyze(workdir: str | Path, cfg: AnalysisConfig = AnalysisConfig(),
 def _load(trace_cfg: TraceConfig, rev: str):
   from sae_jax.models import load_model
   from sae_jax.models.hf import resolve
-  model = load_model(resolve(trace_cfg.model, rev), dtype=trace_cfg.dtype)
+  model = load_model(resolve(trace_cfg.model, rev), dtype=trace_cfg.extract.dtype)
   model.revision = rev
   return model
 

@@ -15,6 +15,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from sae_jax.config import SAEConfig, TrainConfig
+from sae_jax.errors import ConfigError
+from sae_jax.kernels import owned_rows
 
 Params = dict[str, jax.Array]
 
@@ -73,15 +75,43 @@ class TrainInfo(NamedTuple):
   threshold: jax.Array
 
 
+@dataclasses.dataclass(frozen=True)
+class NoOptions:
+  """An architecture without settings of its own."""
+
+
 class Architecture(abc.ABC):
-  """Base class: one subclass per architecture file, registered by ``name``."""
+  """Base class: one subclass per architecture file, registered by ``name``.
+
+  ``Options``: a frozen dataclass of the architecture's own settings (``SAEConfig.options``),
+  validated in its ``__post_init__``; :meth:`options` builds it from a config.
+  """
 
   name: ClassVar[str]
+  Options: ClassVar[type] = NoOptions
   needs_k: ClassVar[bool] = True
   sparse: ClassVar[bool] = True  # encodes through the top-k kernels; supports AuxK
   normalize_decoder: ClassVar[bool] = True  # unit-norm decoder rows, parallel grads removed
   recon_loss: ClassVar[str] = "fvu"  # "fvu" (sum sq err / total variance) or "mse"
   extra_params: ClassVar[tuple[str, ...]] = ()
+
+  # ---- configuration -----------------------------------------------------------------------
+
+  def options(self, cfg: SAEConfig):
+    """``cfg.options`` as this architecture's Options (defaults for unset names)."""
+    allowed = [f.name for f in dataclasses.fields(self.Options)]
+    given = cfg.option_dict()
+    unknown = sorted(set(given) - set(allowed))
+    if unknown:
+      raise ConfigError(f"unknown {self.name} option(s) {unknown}; allowed: {allowed}")
+    return self.Options(**given)
+
+  def validate(self, cfg: SAEConfig) -> None:
+    """Raise ConfigError if ``cfg`` does not fit this architecture."""
+    if self.needs_k and cfg.k is None:
+      raise ConfigError(f"architecture {self.name!r} needs k (active latents per token); got "
+                        f"k=None for d_sae={cfg.d_sae}")
+    self.options(cfg)
 
   # ---- parameters ------------------------------------------------------------------------
 
@@ -191,7 +221,6 @@ def expected_norm_scale(x: jax.Array) -> jax.Array:
 def fired_counts(indices: jax.Array, values: jax.Array, m_local: int,
                  axis_name: str | None) -> jax.Array:
   """[M_l] int32: how many tokens activate each local latent, from global top-k codes [N, K]."""
-  from sae_jax.kernels import owned_rows
   rows, _ = owned_rows(indices, m_local, axis_name)
   rows = jnp.where(values > 0, rows, m_local)  # m_local: dropped
   return jnp.zeros((m_local,), jnp.int32).at[rows.reshape(-1)].add(1, mode="drop")

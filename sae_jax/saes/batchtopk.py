@@ -1,6 +1,6 @@
 """BatchTopK SAE (Bussmann et al. 2024): keep the k*N largest activations of the whole batch.
 
-Training: each token first keeps its ``batchtopk_cap * k`` largest latents (sparse kernels),
+Training: each token first keeps its ``cap * k`` (option ``cap``) largest latents (sparse kernels),
 then one threshold over the global batch (an exact bisection, no sort) keeps the k*N largest.
 Exact whenever no token holds more than cap*k of the batch's top k*N activations; the cap is
 configurable. Inference: a learned global threshold (a running mean of the batch threshold)
@@ -9,9 +9,12 @@ makes the encoder a per-token JumpReLU with one shared threshold.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax.numpy as jnp
 from jax import lax
 
+from sae_jax.errors import ConfigError
 from sae_jax.kernels import kth_largest_nonneg
 from sae_jax.saes.registry import register
 from sae_jax.saes.topk import TopK
@@ -19,9 +22,22 @@ from sae_jax.saes.topk import TopK
 THRESHOLD_EMA = 0.99
 
 
+@dataclasses.dataclass(frozen=True)
+class BatchTopKOptions:
+  """cap: at train time each token keeps at most ``cap * k`` latents before the batch-wide
+  threshold (exact whenever no token holds more of the batch's top k*N)."""
+
+  cap: int = 4
+
+  def __post_init__(self):
+    if not (isinstance(self.cap, int) and self.cap >= 1):
+      raise ConfigError(f"batchtopk cap={self.cap!r} must be an int >= 1")
+
+
 @register
 class BatchTopK(TopK):
   name = "batchtopk"
+  Options = BatchTopKOptions
 
   def encode_dense(self, params, buffers, x, cfg):
     pre = self.pre_acts(params, x, cfg)
@@ -33,7 +49,7 @@ class BatchTopK(TopK):
     return vals, idx.astype(jnp.int32)
 
   def train_forward(self, params, buffers, x, dead, cfg, tcfg, ctx, k_aux):
-    cap = min(cfg.batchtopk_cap * cfg.k, cfg.d_sae)
+    cap = min(self.options(cfg).cap * cfg.k, cfg.d_sae)
     codes = self.sparse_codes(params, x, dead, cfg, ctx, cap, k_aux)
     # Values are identical on every latent shard, so the batch order statistic runs over
     # the data axis only.

@@ -1,6 +1,12 @@
-"""Registry of SAE architectures, keyed by their ``architecture`` name."""
+"""Registry of SAE architectures, keyed by their ``architecture`` name.
+
+The built-in architectures register themselves when ``sae_jax.saes`` is imported. A name is
+checked when it is looked up, so configs stay plain data that import nothing of the package.
+"""
 
 from __future__ import annotations
+
+from sae_jax.errors import ConfigError
 
 _REGISTRY: dict[str, object] = {}
 
@@ -13,19 +19,19 @@ def register(arch):
 
 def names() -> list[str]:
   """Registered architecture names, sorted."""
-  _load_builtin()
   return sorted(_REGISTRY)
 
 
 def get(name: str):
   """The architecture instance registered as ``name``."""
-  _load_builtin()
   if name not in _REGISTRY:
-    from sae_jax.errors import ConfigError
     raise ConfigError(f"unknown architecture {name!r}; allowed: {sorted(_REGISTRY)}")
   return _REGISTRY[name]
 
 
-def _load_builtin() -> None:
-  # Imported lazily: the architecture modules import config, which validates against us.
-  from sae_jax.saes import batchtopk, jumprelu, relu, topk  # noqa: F401
+def check(cfg) -> object:
+  """Validate an SAEConfig against its architecture (name, k, options); returns the
+  architecture. Call it before expensive work: it raises a one-line ConfigError."""
+  arch = get(cfg.architecture)
+  arch.validate(cfg)
+  return arch

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
 from sae_jax.config import SAEConfig
-from sae_jax.errors import DataError
+from sae_jax.errors import ConfigError, DataError
 from sae_jax.kernels import sparse_decode
 from sae_jax.saes import registry
 from sae_jax.saes.base import normalize_inputs
@@ -41,6 +42,17 @@ def _decode_sparse(params, values, indices):
   return sparse_decode(values.astype(jnp.float32), indices, params["W_dec"]) + params["b_dec"]
 
 
+# File writers by format name ("sae_jax", "sae_lens", ...), filled in by sae_jax.formats when
+# it is imported (importing sae_jax does), so this module needs nothing of the file formats.
+WRITERS: dict[str, Callable[["SAE", str], None]] = {}
+
+
+def _writer(format: str):
+  if format not in WRITERS:
+    raise ConfigError(f"unknown export format {format!r}; allowed: {list(WRITERS)}")
+  return WRITERS[format]
+
+
 @dataclasses.dataclass
 class SAE:
   """A trained (or freshly initialised) sparse autoencoder.
@@ -55,6 +67,9 @@ class SAE:
   params: dict[str, jax.Array]
   buffers: dict[str, jax.Array]
   metadata: dict = dataclasses.field(default_factory=dict)
+
+  def __post_init__(self):
+    registry.check(self.cfg)  # an SAE its architecture cannot run fails here, in one line
 
   @property
   def architecture(self):
@@ -96,13 +111,11 @@ class SAE:
 
   def save(self, path) -> None:
     """Write this SAE to the directory ``path`` (cfg.json + sae.safetensors), atomically."""
-    from sae_jax import formats
-    formats.save_native(self, path)
+    _writer("sae_jax")(self, path)
 
   def export(self, path, format: str = "sae_lens") -> None:
     """Write this SAE for another tool: ``sae_lens``, ``sparsify`` or ``llm_jp_sae``."""
-    from sae_jax import formats
-    formats.export_sae(self, path, format)
+    _writer(format)(self, path)
 
   def reconstruct(self, x) -> jax.Array:
     """[..., D] activations -> their reconstruction in the model's own scale."""

@@ -45,9 +45,10 @@ class TrainState:
 
 def make_optimizer(sae_cfg: SAEConfig, tcfg: TrainConfig) -> optax.GradientTransformation:
   """Adam with linear warm-up then constant or cosine decay (eps 6.25e-10 by default)."""
-  lr = tcfg.learning_rate(sae_cfg.d_sae)
-  warmup = max(tcfg.warmup_steps, 1)
-  if tcfg.lr_schedule == "cosine":
+  opt = tcfg.optim
+  lr = opt.learning_rate(sae_cfg.d_sae)
+  warmup = max(opt.warmup_steps, 1)
+  if opt.lr_schedule == "cosine":
     if tcfg.total_tokens is None:
       raise ConfigError("lr_schedule='cosine' needs total_tokens; set it or use 'constant'")
     total = max(tcfg.total_tokens // tcfg.batch_size, warmup + 1)
@@ -55,7 +56,7 @@ def make_optimizer(sae_cfg: SAEConfig, tcfg: TrainConfig) -> optax.GradientTrans
     def decay(count):
       t = jnp.clip((count - warmup) / (total - warmup), 0.0, 1.0)
       cos = 0.5 * (1 + jnp.cos(jnp.pi * t))
-      return tcfg.lr_end_ratio + (1 - tcfg.lr_end_ratio) * cos
+      return opt.lr_end_ratio + (1 - opt.lr_end_ratio) * cos
   else:
     def decay(count):
       return 1.0
@@ -64,7 +65,7 @@ def make_optimizer(sae_cfg: SAEConfig, tcfg: TrainConfig) -> optax.GradientTrans
     # (count + 1): the very first step already moves (a zero-lr step would waste a batch).
     return lr * jnp.minimum(1.0, (count + 1) / warmup) * decay(count)
 
-  return optax.adam(schedule, b1=tcfg.adam_b1, b2=tcfg.adam_b2, eps=tcfg.adam_eps)
+  return optax.adam(schedule, b1=opt.adam_b1, b2=opt.adam_b2, eps=opt.adam_eps)
 
 
 def state_axes(sae_cfg: SAEConfig, abstract_state: TrainState) -> TrainState:
