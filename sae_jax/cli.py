@@ -9,7 +9,7 @@ import traceback
 
 from absl import flags
 
-from sae_jax.config import TraceConfig
+from sae_jax.trace_config import TraceConfig
 from sae_jax.errors import ConfigError, SaeJaxError
 
 

@@ -24,7 +24,8 @@ from absl import logging
 from sae_jax import data as sj_data
 from sae_jax import distributed, evals, formats, store
 from sae_jax.analysis import AnalysisConfig, analyze
-from sae_jax.config import SAEConfig, TraceConfig, TrainConfig
+from sae_jax.config import SAEConfig, TrainConfig
+from sae_jax.trace_config import TraceConfig
 from sae_jax.data.cache import CacheReader, MultiCacheReader, write_cache
 from sae_jax.errors import CheckpointError, ConfigError
 from sae_jax.models import load_model

@@ -143,7 +143,7 @@ def test_malformed_lexicon_line_is_named(tmp_path):
 
 
 def _fake_store(tmp_path, d_ins):
-  cfg = sj.config.TraceConfig(model=str(tmp_path / "no_model"), hooks=("resid_post.0",))
+  cfg = sj.TraceConfig(model=str(tmp_path / "no_model"), hooks=("resid_post.0",))
   (tmp_path / "trace.json").write_text(cfg.to_json())
   for rev, d in zip(("step1", "step2"), d_ins):
     pair = tmp_path / rev / "resid_post.0"
@@ -159,7 +159,7 @@ def _fake_store(tmp_path, d_ins):
 def test_bad_workdirs_are_one_line_errors(tmp_path):
   with pytest.raises(ConfigError, match="trace.json missing"):
     sj.analysis.analyze(tmp_path)
-  cfg = sj.config.TraceConfig(model="x", hooks=("resid_post.0",))
+  cfg = sj.TraceConfig(model="x", hooks=("resid_post.0",))
   (tmp_path / "trace.json").write_text(cfg.to_json())
   (tmp_path / "step1" / "resid_post.0").mkdir(parents=True)  # started, never completed
   with pytest.raises(DataError, match="no complete SAEs"):

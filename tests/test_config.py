@@ -54,3 +54,114 @@ def test_default_learning_rate_follows_gao_scaling():
 def test_mesh_that_does_not_tile_devices_is_rejected():
   with pytest.raises(ConfigError, match="does not tile"):
     sj.make_mesh(sj.MeshConfig(data=3, model=2))
+
+
+# ---- shipped configs: every field says what the config means --------------------------------
+
+import importlib.util
+import json
+from pathlib import Path
+
+from sae_jax.cli import trace_config_from
+from sae_jax.train.jobs import check_same_run, run_config
+
+ROOT = Path(__file__).resolve().parents[1]
+LEGACY = Path(__file__).parent / "data" / "legacy_v1"
+
+
+def _shipped(name: str, arg: str = "", workdir: str = "/w") -> sj.TraceConfig:
+  path = ROOT / "experiments" / "configs" / f"{name}.py"
+  spec = importlib.util.spec_from_file_location(name, path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return trace_config_from(mod.get_config(arg), workdir)
+
+
+@pytest.mark.parametrize("arg", ["", "tiny"])
+def test_paper_config_says_what_the_paper_did(arg):
+  c = _shipped("llm_jp_3_1p8b", arg)
+  assert c.model == "llm-jp/llm-jp-3-1.8b"
+  assert c.revisions == ("step10", "step100", "step1000", "step10000", "step100000",
+                         "step988240")
+  assert c.hooks == ("resid_post.11",)  # the output of block 12
+  assert c.extract.dtype == "bfloat16"  # the 1.8B model runs in bfloat16, not float32
+  assert (c.sae.architecture, c.sae.k, c.sae.normalize) == ("topk", 32, "unit_norm")
+  assert c.expansion * 2048 == 32768
+  assert c.train.batch_size == 32768
+  assert c.train.optim == sj.OptimConfig(lr=1e-3, lr_schedule="constant", warmup_steps=1000,
+                                         adam_eps=6.25e-10)
+  assert (c.data.ctx_len, c.data.mode) == (64, "truncate")
+  assert c.outputs.exports == ("llm_jp_sae", "sae_lens")
+
+
+def test_toy_and_pythia_configs_hold_their_settings():
+  toy = _shipped("toy", "tiny", "/w")
+  assert toy.toy and toy.toy_size == "tiny" and toy.model == "/w/toy_model"
+  assert toy.data.path == "/w/toy_model" and toy.hooks == ("resid_post.0",)
+  assert toy.train.optim.lr == 2e-3 and toy.train.optim.warmup_steps == 20
+  assert toy.train.run.log_every == 40 and toy.outputs.eval_batches == 2
+  assert toy.seed_baseline == ("final",) and toy.extract.activations == "stream"
+  pythia = _shipped("pythia")
+  assert pythia.train.optim.lr is None and pythia.sae.normalize == "expected_norm"
+  assert pythia.outputs.exports == ("sae_lens", "sparsify")
+
+
+def test_a_lone_string_is_one_item_not_its_letters():
+  c = sj.TraceConfig(model="m", hooks="resid_post.3", outputs=sj.OutputConfig(exports="sae_lens"))
+  assert c.hooks == ("resid_post.3",) and c.outputs.exports == ("sae_lens",)
+  d = json.loads(c.to_json())
+  d["outputs"]["exports"] = "sparsify"  # as --config.outputs.exports=sparsify gives it
+  assert sj.TraceConfig.from_dict(d).outputs.exports == ("sparsify",)
+
+
+def test_unknown_export_format_is_named_before_any_work():
+  from sae_jax.trace import validate
+  with pytest.raises(ConfigError, match=r"unknown export format\(s\) \['safetensor'\]"):
+    validate(sj.TraceConfig(model="m", outputs=sj.OutputConfig(exports=("safetensor",))))
+
+
+def test_architecture_options_live_with_the_architecture():
+  cfg = sj.SAEConfig(architecture="jumprelu", k=None, options={"bandwidth": 0.01})
+  opts = sj.saes.registry.check(cfg).options(cfg)
+  assert (opts.bandwidth, opts.init_threshold, opts.l0_coefficient) == (0.01, 0.001, 1e-3)
+  assert hash(cfg) == hash(sj.SAEConfig.from_json(cfg.to_json()))  # a jit static argument
+  with pytest.raises(ConfigError, match=r"unknown topk option\(s\) \['cap'\]; allowed: \[\]"):
+    sj.saes.registry.check(sj.SAEConfig(options={"cap": 2}))
+  with pytest.raises(ConfigError, match="batchtopk cap=0"):
+    sj.saes.registry.check(sj.SAEConfig(architecture="batchtopk", options={"cap": 0}))
+
+
+# ---- files written before the config split still load (tests/data/legacy_v1) -----------------
+
+
+def test_legacy_trace_json_loads_as_todays_config():
+  old = json.loads((LEGACY / "trace.json").read_text())
+  assert "lr" in old["train"] and "activations" in old  # really the flat layout
+  want = _shipped("toy", "tiny").replace(model="TOY")
+  want = want.replace(data=want.data.replace(path="TOY"))
+  assert sj.TraceConfig.from_dict(old) == want
+
+
+def test_legacy_run_config_resumes_without_a_difference(tmp_path):
+  old = json.loads((LEGACY / "run_config.json").read_text())
+  run = sj.store.RunDir(tmp_path / "run")
+  run.ensure()
+  sj.store.atomic_write_json(run.config, old)
+  want = _shipped("toy", "tiny")
+  sae_cfg = want.sae.replace(d_in=64, d_sae=512)
+  check_same_run(run, run_config(sae_cfg, want.train), overwrite=False)  # no ConfigError
+  with pytest.raises(ConfigError, match=r"train.optim.lr: 0.002 -> 0.003"):
+    other = want.train.replace(optim=want.train.optim.replace(lr=3e-3))
+    check_same_run(run, run_config(sae_cfg, other), overwrite=False)
+
+
+def test_legacy_architecture_fields_become_options():
+  old = json.loads((LEGACY / "sae_cfg.json").read_text())["sae"]
+  assert sj.SAEConfig.from_dict(old) == sj.SAEConfig(d_in=64, d_sae=512, k=8,
+                                                     normalize="unit_norm")
+  jr = {**old, "architecture": "jumprelu", "jumprelu_bandwidth": 0.05}
+  assert sj.SAEConfig.from_dict(jr).option_dict() == {"bandwidth": 0.05}
+  trace = json.loads((LEGACY / "trace.json").read_text())
+  trace["sae"]["architecture"] = "relu"
+  trace["train"]["l1_coefficient"] = 2.0
+  assert sj.TraceConfig.from_dict(trace).sae.option_dict() == {"l1_coefficient": 2.0}

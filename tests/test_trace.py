@@ -34,7 +34,7 @@ def _load_config(path, arg):
 def test_every_shipped_config_loads(path, arg, tmp_path):
   cfg = trace_config_from(_load_config(path, arg), str(tmp_path))
   assert cfg.hooks and cfg.sae.k
-  assert sj.config.TraceConfig.from_json(cfg.to_json()) == cfg
+  assert sj.TraceConfig.from_json(cfg.to_json()) == cfg
 
 
 @pytest.fixture
@@ -111,7 +111,7 @@ def test_trace_runs_skips_done_work_and_resumes_exactly(toy, tmp_path):
   trace(cfg, tmp_path / "a")
   assert time.time() - t < 5 and (pair / "COMPLETE").stat().st_mtime_ns == stamp
   # Kill a trace mid-way (while a pair is checkpointed but not complete), rerun, compare.
-  script = ("import sys; from sae_jax.config import TraceConfig; from sae_jax.trace import "
+  script = ("import sys; from sae_jax.trace_config import TraceConfig; from sae_jax.trace import "
             "trace; trace(TraceConfig.from_json(open(sys.argv[1]).read()), sys.argv[2])")
   (tmp_path / "cfg.json").write_text(cfg.to_json())
   proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "cfg.json"),

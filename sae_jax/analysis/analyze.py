@@ -28,7 +28,7 @@ from sae_jax.analysis.evalset import EvalSet, build_eval_set
 from sae_jax.analysis.labels import LabelConfig
 from sae_jax.analysis.lexicon import Lexicon, load_lexicon, toy_lexicon
 from sae_jax.analysis.stats import FeatureStats, add_strong_firings, collect_stats_many
-from sae_jax.config import TraceConfig
+from sae_jax.trace_config import TraceConfig
 from sae_jax.errors import ConfigError, DataError
 
 SEED_SUFFIX = re.compile(r"^(?P<hook>.+)@seed(?P<seed>\d+)$")

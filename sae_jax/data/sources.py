@@ -6,8 +6,10 @@ import itertools
 import os
 from pathlib import Path
 
+from sae_jax import store
 from sae_jax.config import DataConfig
 from sae_jax.errors import DataError
+from sae_jax.toy.world import World, WorldConfig
 
 _LOCAL_FORMATS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet",
                   ".arrow": "arrow", ".csv": "csv"}
@@ -28,8 +30,6 @@ def load_documents(cfg: DataConfig) -> list[dict]:
 
 
 def _toy(cfg: DataConfig) -> list[dict]:
-  from sae_jax import store
-  from sae_jax.toy.world import World, WorldConfig
   summary = store.read_json(Path(cfg.path) / "world.json")
   world = World(WorldConfig(**{k: tuple(v) if isinstance(v, list) else v
                                for k, v in summary["world"].items()}))

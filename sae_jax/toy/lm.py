@@ -140,18 +140,7 @@ def train_toy_lm(outdir: str | Path, world_cfg: WorldConfig = WorldConfig(),
          f"({time.perf_counter() - t0:.1f}s)")
   mc = model_config(world, cfg)
   params = init_params(mc, jax.random.key(cfg.seed))
-  schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, cfg.warmup_steps,
-                                                max(cfg.steps, cfg.warmup_steps + 1), cfg.lr * 0.1)
-  tx = optax.chain(optax.clip_by_global_norm(1.0),
-                   optax.adamw(schedule, weight_decay=cfg.weight_decay))
-  opt_state = tx.init(params)
-
-  @jax.jit
-  def step(params, opt_state, ids, mask):
-    loss, grads = jax.value_and_grad(_loss)(params, mc, ids, mask)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
+  opt_state, step = _train_step(params, mc, cfg)
   eval_loss = jax.jit(_loss, static_argnums=1)
   save_at = checkpoint_steps(cfg.steps)
   checkpoints = {}
@@ -183,3 +172,19 @@ def train_toy_lm(outdir: str | Path, world_cfg: WorldConfig = WorldConfig(),
              "revisions": list(checkpoints)}
   store.atomic_write_json(done, summary)  # written last: its presence means "complete"
   return summary
+
+
+def _train_step(params, mc: TransformerConfig, cfg: LMConfig):
+  """AdamW with warm-up and cosine decay, gradient clipping: (initial opt state, jitted step)."""
+  schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, cfg.warmup_steps,
+                                                max(cfg.steps, cfg.warmup_steps + 1), cfg.lr * 0.1)
+  tx = optax.chain(optax.clip_by_global_norm(1.0),
+                   optax.adamw(schedule, weight_decay=cfg.weight_decay))
+
+  @jax.jit
+  def step(params, opt_state, ids, mask):
+    loss, grads = jax.value_and_grad(_loss)(params, mc, ids, mask)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  return tx.init(params), step
