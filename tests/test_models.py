@@ -1,5 +1,8 @@
 """Model ports against Hugging Face PyTorch on tiny random-weight models saved locally."""
 
+import gc
+import weakref
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +12,7 @@ import transformers
 
 import sae_jax as sj
 from sae_jax.errors import CheckpointError, ConfigError, UnsupportedModelError
-from sae_jax.models import load_model
+from sae_jax.models import base, load_model
 from sae_jax.models.hf import abstract_params, read_config
 
 TOL = 1e-4  # float32, fixed up front
@@ -174,6 +177,36 @@ def test_sharded_load_on_2x4_mesh_equals_unsharded(tmp_path_factory):
   w = sharded.params["model.layers.0.self_attn.q_proj.weight"]
   assert w.sharding.spec == jax.sharding.PartitionSpec("model", None)
   np.testing.assert_allclose(sharded.logits(ids), one.logits(ids), rtol=TOL, atol=TOL)
+
+
+def test_dropped_model_is_freed_and_checkpoints_share_one_compilation(tmp_path_factory, tmp_path):
+  import shutil
+  from safetensors.numpy import load_file, save_file
+  _, path = _save(tmp_path_factory, "llama_gqa")
+  later = tmp_path / "later"  # a later checkpoint: same config, other weights
+  shutil.copytree(path, later)
+  tensors = load_file(str(later / "model.safetensors"))
+  save_file({k: v * 1.5 for k, v in tensors.items()}, str(later / "model.safetensors"))
+  ids = np.random.default_rng(5).integers(0, V, size=(B, T))
+
+  def use_and_drop(p):
+    model = load_model(p)
+    model.activations(ids, ["resid_post.1"])
+    logits = np.asarray(model.logits(ids))
+    with jax.disable_jit():  # reference: the same forward run op by op on this model's params
+      np.testing.assert_allclose(logits, model.logits(ids), rtol=TOL, atol=TOL)
+    refs = [weakref.ref(model)] + [weakref.ref(a) for a in model.params.values()]
+    return logits, refs
+
+  first, refs = use_and_drop(path)
+  gc.collect()
+  assert [r for r in refs if r() is not None] == []  # the model and all its parameters are gone
+  compiled = base._forward_jit._cache_size()
+  second, refs = use_and_drop(later)
+  gc.collect()
+  assert [r for r in refs if r() is not None] == []
+  assert base._forward_jit._cache_size() == compiled  # the later checkpoint reused both programs
+  assert not np.allclose(second, first)  # ... with its own weights
 
 
 FULL_SIZE = {
