@@ -117,9 +117,8 @@ def test_killed_cache_writer_resumes_to_an_identical_cache(toy, tmp_path):
                         timeout=300).returncode == 0
   out = tmp_path / "out"
   proc = subprocess.Popen([sys.executable, SCRIPT, str(toy), str(out), "0", "1"])
-  t = time.time()
   while len(finished_batches(out)) < 5 if out.exists() else True:
-    assert time.time() - t < 120 and proc.poll() is None
+    assert proc.poll() is None, "the writer ended before it could be killed mid-cache"
     time.sleep(0.01)
   proc.kill()
   proc.wait()

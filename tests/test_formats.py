@@ -66,9 +66,12 @@ def test_native_keeps_everything(tmp_path):
   sae.save(tmp_path / "s")
   back = sj.load_sae(tmp_path / "s")
   assert back.cfg == sae.cfg and back.metadata["hook_name"] == "resid_post.1"
-  assert float(back.buffers["threshold"]) == pytest.approx(0.08)
+  assert back.metadata["model_name"] == "toy"
+  assert back.params.keys() == sae.params.keys() and back.buffers.keys() == sae.buffers.keys()
   for k in sae.params:
     np.testing.assert_array_equal(back.params[k], sae.params[k])
+  for k in sae.buffers:  # threshold 0.08 and norm_scale 0.41, bit for bit
+    np.testing.assert_array_equal(back.buffers[k], sae.buffers[k])
 
 
 @pytest.mark.parametrize("fmt, arch, normalize, fragment", [

@@ -1,16 +1,25 @@
 """Model ports against Hugging Face PyTorch on tiny random-weight models saved locally."""
 
+import gc
+import json
+import shutil
+import weakref
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import transformers
+from safetensors.numpy import load_file, save_file
+from tokenizers import Tokenizer, pre_tokenizers
+from tokenizers.models import WordLevel
 
 import sae_jax as sj
 from sae_jax.errors import CheckpointError, ConfigError, UnsupportedModelError
-from sae_jax.models import load_model
+from sae_jax.models import base, load_model
 from sae_jax.models.hf import abstract_params, read_config
+from sae_jax.models.hooks import parse_hook
 
 TOL = 1e-4  # float32, fixed up front
 V, T, B = 97, 11, 3
@@ -111,9 +120,7 @@ def test_hidden_states_and_logits_match_hf(saved):
 
 
 def test_padding_left_and_right_keeps_real_token_activations(saved):
-  name, _, path = saved
-  if name == "mistral_window":
-    pass  # the window counts real-token positions, so padding is covered too
+  name, _, path = saved  # mistral_window too: the window counts real-token positions
   model = load_model(path)
   rng = np.random.default_rng(1)
   seqs = [rng.integers(0, V, size=n) for n in (T, 7, 4)]
@@ -144,25 +151,34 @@ def test_stops_at_the_deepest_hook_and_splices(tmp_path_factory):
   hf, path = _save(tmp_path_factory, "llama_gqa")
   model = load_model(path)
   ids = np.random.default_rng(3).integers(0, V, size=(B, T))
-  jaxpr = jax.make_jaxpr(lambda p: model.family.embed(p, model.cfg, ids))  # sanity of API
-  assert jaxpr is not None
-  from sae_jax.models.base import forward
-  from sae_jax.models.hooks import parse_hook
-  shallow = jax.make_jaxpr(lambda p: forward(model.family, model.cfg, p, ids, np.ones_like(ids),
-                                             (parse_hook("resid_post.0"),), (), False,
-                                             jnp.float32))(model.params)
-  deep = jax.make_jaxpr(lambda p: forward(model.family, model.cfg, p, ids, np.ones_like(ids),
-                                          (parse_hook("resid_post.2"),), (), False,
-                                          jnp.float32))(model.params)
-  assert len(str(deep)) > 2 * len(str(shallow))  # blocks 1 and 2 are not traced for block 0
-  # Splicing the identity changes nothing; zero-ablating a site changes the logits.
+  mask = np.ones_like(ids)
+  # resid_post.0 needs block 0 only: the forward runs without blocks 1 and 2's weights at all
+  # (a missing weight fails the trace) and gives what the full model gives.
+  block0 = {k: v for k, v in model.params.items()
+            if not k.startswith(("model.layers.1.", "model.layers.2."))}
+  shallow, _ = base.forward(model.family, model.cfg, block0, ids, mask,
+                            (parse_hook("resid_post.0"),), (), False, jnp.float32)
+  np.testing.assert_allclose(shallow["resid_post.0"],  # eager vs jitted: rounding only
+                             model.activations(ids, ["resid_post.0"])["resid_post.0"],
+                             rtol=TOL, atol=TOL)
+  with pytest.raises((AttributeError, KeyError)):  # block 1 does need its weights
+    base.forward(model.family, model.cfg, block0, ids, mask, (parse_hook("resid_post.1"),), (),
+                 False, jnp.float32)
+  # Splicing the identity changes nothing; zero-ablating mlp_out.1 matches HF with that MLP's
+  # output zeroed by a forward hook.
   clean = model.logits(ids)
   same = model.logits(ids, splice={"resid_post.1": lambda x: x})
   np.testing.assert_array_equal(same, clean)
   ablated = model.logits(ids, splice={"mlp_out.1": jnp.zeros_like})
-  assert float(jnp.abs(ablated - clean).max()) > 1e-3
+  handle = hf.model.layers[1].mlp.register_forward_hook(lambda m, a, out: torch.zeros_like(out))
+  with torch.no_grad():
+    ref = hf(torch.tensor(ids)).logits.numpy()
+  handle.remove()
+  np.testing.assert_allclose(ablated, ref, rtol=TOL, atol=TOL)
+  assert float(jnp.abs(ablated - clean).max()) > 1e-3  # the ablation is not a no-op here
   acts = model.activations(ids, ["resid_post.1", "blocks.1.hook_resid_post", "layers.1"])
   np.testing.assert_array_equal(acts["layers.1"], acts["resid_post.1"])
+  np.testing.assert_array_equal(acts["blocks.1.hook_resid_post"], acts["resid_post.1"])
 
 
 def test_sharded_load_on_2x4_mesh_equals_unsharded(tmp_path_factory):
@@ -174,6 +190,34 @@ def test_sharded_load_on_2x4_mesh_equals_unsharded(tmp_path_factory):
   w = sharded.params["model.layers.0.self_attn.q_proj.weight"]
   assert w.sharding.spec == jax.sharding.PartitionSpec("model", None)
   np.testing.assert_allclose(sharded.logits(ids), one.logits(ids), rtol=TOL, atol=TOL)
+
+
+def test_dropped_model_is_freed_and_checkpoints_share_one_compilation(tmp_path_factory, tmp_path):
+  _, path = _save(tmp_path_factory, "llama_gqa")
+  later = tmp_path / "later"  # a later checkpoint: same config, other weights
+  shutil.copytree(path, later)
+  tensors = load_file(str(later / "model.safetensors"))
+  save_file({k: v * 1.5 for k, v in tensors.items()}, str(later / "model.safetensors"))
+  ids = np.random.default_rng(5).integers(0, V, size=(B, T))
+
+  def use_and_drop(p):
+    model = load_model(p)
+    model.activations(ids, ["resid_post.1"])
+    logits = np.asarray(model.logits(ids))
+    with jax.disable_jit():  # reference: the same forward run op by op on this model's params
+      np.testing.assert_allclose(logits, model.logits(ids), rtol=TOL, atol=TOL)
+    refs = [weakref.ref(model)] + [weakref.ref(a) for a in model.params.values()]
+    return logits, refs
+
+  first, refs = use_and_drop(path)
+  gc.collect()
+  assert [r for r in refs if r() is not None] == []  # the model and all its parameters are gone
+  compiled = base._forward_jit._cache_size()
+  second, refs = use_and_drop(later)
+  gc.collect()
+  assert [r for r in refs if r() is not None] == []
+  assert base._forward_jit._cache_size() == compiled  # the later checkpoint reused both programs
+  assert not np.allclose(second, first)  # ... with its own weights
 
 
 FULL_SIZE = {
@@ -189,21 +233,28 @@ FULL_SIZE = {
 }
 
 
+# Published totals (Meta's Llama 3 8B; Pythia paper, Table 1) and, for LLM-jp-3 1.8B, the
+# closed form: untied embeddings 2*V*D + 24 layers * (4*D^2 attention + 3*D*F MLP + 2*D norms)
+# + D final norm.
+FULL_SIZE_PARAMS = {"llama-3-8b": 8_030_261_248, "pythia-1.4b": 1_414_647_808,
+                    "llm-jp-3-1.8b": 2 * 99584 * 2048 + 24 * (4 * 2048**2 + 3 * 2048 * 7168
+                                                             + 2 * 2048) + 2048}
+
+
 @pytest.mark.parametrize("name", sorted(FULL_SIZE))
 def test_full_size_configs_shape_check_without_allocating(tmp_path, name):
-  import json
   (tmp_path / "config.json").write_text(json.dumps(FULL_SIZE[name]))
   family, cfg = read_config(tmp_path)
   params = abstract_params(cfg, "bfloat16")
-  from sae_jax.models.base import forward
-  from sae_jax.models.hooks import parse_hook
   ids = jax.ShapeDtypeStruct((2, 64), jnp.int32)
-  out, _ = jax.eval_shape(lambda p, i: forward(family, cfg, p, i, jnp.ones((2, 64), jnp.int32),
-                                                (parse_hook("resid_post.11"),), (), False,
-                                                jnp.bfloat16), params, ids)
+  out, _ = jax.eval_shape(lambda p, i: base.forward(family, cfg, p, i,
+                                                     jnp.ones((2, 64), jnp.int32),
+                                                     (parse_hook("resid_post.11"),), (), False,
+                                                     jnp.bfloat16), params, ids)
   assert out["resid_post.11"].shape == (2, 64, cfg.d_model)
+  assert out["resid_post.11"].dtype == jnp.float32
   n = sum(int(np.prod(s.shape)) for s in jax.tree.leaves(params))
-  assert {"llm-jp-3-1.8b": 1.6e9, "pythia-1.4b": 1.3e9, "llama-3-8b": 7.9e9}[name] < n < 9e9
+  assert n == FULL_SIZE_PARAMS[name]
 
 
 def test_bad_inputs_are_one_line_errors(tmp_path_factory, tmp_path):
@@ -214,8 +265,6 @@ def test_bad_inputs_are_one_line_errors(tmp_path_factory, tmp_path):
     model.activations(ids, ["resid_post.3"])
   with pytest.raises(ConfigError, match="unknown hook 'resid_mid.0'"):
     model.activations(ids, ["resid_mid.0"])
-  import json
-  import shutil
   bad = tmp_path / "bad"
   shutil.copytree(path, bad)
   cfg = json.loads((bad / "config.json").read_text())
@@ -229,10 +278,13 @@ def test_bad_inputs_are_one_line_errors(tmp_path_factory, tmp_path):
                                                                        "factor": 2.0}}))
   with pytest.raises(UnsupportedModelError, match="rope type 'yarn'"):
     load_model(bad)
+  (bad / "config.json").write_text(json.dumps({**cfg, "model_type": "qwen2",
+                                               "use_sliding_window": True}))
+  with pytest.raises(UnsupportedModelError, match="use_sliding_window=True"):
+    load_model(bad)
   (bad / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 88}))
   with pytest.raises(CheckpointError, match="mlp.gate_proj.weight' has shape"):
     load_model(bad)
-  from safetensors.numpy import load_file, save_file
   (bad / "config.json").write_text(json.dumps(cfg))
   tensors = load_file(str(bad / "model.safetensors"))
   tensors.pop("model.layers.1.mlp.up_proj.weight")
@@ -244,7 +296,6 @@ def test_bad_inputs_are_one_line_errors(tmp_path_factory, tmp_path):
 
 
 def test_pytorch_bin_weights_load_safely_and_tokenizer_comes_along(tmp_path):
-  from tokenizers import Tokenizer, models, pre_tokenizers
   cls, kw = VARIANTS["llama_gqa"]
   torch.manual_seed(0)
   hf = transformers.LlamaForCausalLM(cls(**kw)).eval()
@@ -252,7 +303,7 @@ def test_pytorch_bin_weights_load_safely_and_tokenizer_comes_along(tmp_path):
   (tmp_path / "model.safetensors").unlink()  # keep only a pytorch_model.bin (a pickle)
   torch.save(hf.state_dict(), tmp_path / "pytorch_model.bin")
   vocab = {f"w{i}": i for i in range(V)}
-  tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+  tok = Tokenizer(WordLevel(vocab, unk_token="w0"))
   tok.pre_tokenizer = pre_tokenizers.Whitespace()
   transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0").save_pretrained(
       tmp_path)

@@ -159,9 +159,8 @@ def test_sigterm_to_one_host_stops_all_at_one_batch_and_resumes_exactly(tmp_path
           sys.executable, str(SCRIPT), str(work), str(tmp_path / "two.npz"), steps]
   out = open(tmp_path / "launcher.log", "w")  # a file, not a pipe: a full pipe would stall it
   launcher = subprocess.Popen(args, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
-  t0 = time.time()
   while not list((work / "state").glob("[0-9]*")):
-    assert time.time() - t0 < 240 and launcher.poll() is None, "no checkpoint appeared"
+    assert launcher.poll() is None, "the run ended before any checkpoint appeared"
     time.sleep(0.05)
   pid = _pid_of_process(1, str(work))
   assert pid is not None
@@ -183,8 +182,7 @@ def test_sigterm_to_one_host_stops_all_at_one_batch_and_resumes_exactly(tmp_path
 
 def test_an_error_on_one_host_ends_the_whole_run_quickly(tmp_path):
   """Process 0 fails while process 1 waits in a collective: the run ends within seconds with
-  the error shown (not after JAX's 5-minute shutdown barrier)."""
-  import time
+  the error shown (not after JAX's 5-minute shutdown barrier: the timeout would expire)."""
   code = ("from absl import app\n"
           "from sae_jax.cli import run_main\n"
           "from sae_jax import distributed\n"
@@ -196,9 +194,8 @@ def test_an_error_on_one_host_ends_the_whole_run_quickly(tmp_path):
           "    raise RuntimeError('boom on process 0')\n"
           "  multihost_utils.sync_global_devices('never reached by process 0')\n"
           "app.run(run_main(main))\n")
-  t = time.time()
   r = subprocess.run(["bash", str(LAUNCH / "local_multiprocess.sh"), "--log-dir",
                       str(tmp_path / "logs"), "--", sys.executable, "-c", code], cwd=ROOT,
                      capture_output=True, text=True, timeout=120)
-  assert r.returncode != 0 and "boom on process 0" in r.stderr
-  assert time.time() - t < 60
+  assert r.returncode == 1 and "boom on process 0" in r.stderr
+  assert "a process exited with status 1; stopping the others" in r.stderr

@@ -72,8 +72,14 @@ def test_forward_matches_numpy(arch, normalize):
   np.testing.assert_allclose(np.take_along_axis(acts_ref, np.asarray(idx), 1), vals,
                              rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(np.sort(acts_ref, 1)[:, ::-1][:, :K], vals, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(sae.decode(vals, idx) if arch == "topk" else
-                             sae.decode_dense(acts), sae.decode_dense(acts), rtol=1e-5, atol=1e-5)
+  # Both decoders against NumPy (normalised space, b_dec included): the dense one on every
+  # activation, the sparse one on the K kept.
+  W_dec, b_dec = (np.asarray(sae.params[n], np.float64) for n in ("W_dec", "b_dec"))
+  np.testing.assert_allclose(sae.decode_dense(acts), acts_ref @ W_dec + b_dec, rtol=1e-5,
+                             atol=1e-5)
+  kept = np.zeros_like(acts_ref)
+  np.put_along_axis(kept, np.asarray(idx), np.take_along_axis(acts_ref, np.asarray(idx), 1), 1)
+  np.testing.assert_allclose(sae.decode(vals, idx), kept @ W_dec + b_dec, rtol=1e-5, atol=1e-5)
 
 
 def test_encode_keeps_leading_axes_and_checks_width():

@@ -49,10 +49,22 @@ def test_labels_line_up_with_tokens_and_probabilities_are_exact():
           sents.append(sorted(x for x in cur if x >= 0))
           cur = []
       assert all(sents[i] == sents[i + 1] for i in range(0, len(sents), 2))
-  # The generator's probabilities of every possible next English subject sum to one.
-  subj_mass = sum((1 - w.cfg.p_adjective) / len(w.subjects) for _ in w.subjects)
-  assert subj_mass == pytest.approx(1 - w.cfg.p_adjective)
-  assert 0.5 < w.entropy(docs) < 4.0
+  # An English sentence opens "the": the next token is an adjective (probability p_adjective,
+  # uniform over adjectives) or a subject noun (uniform over subjects), uniform over the
+  # concept's forms; the recorded log-probabilities are exactly these.
+  pa, checked = w.cfg.p_adjective, 0
+  for d in docs:
+    for t in range(1, len(d.tokens) - 1):
+      if d.tokens[t] == "the" and d.tokens[t - 1] in ("<bos>", "."):
+        c = w.concepts[d.concept[t + 1]]
+        p = (pa / len(w.adjectives) if c.pos == "adj" else (1 - pa) / len(w.subjects))
+        assert c in (w.adjectives if c.pos == "adj" else w.subjects)
+        assert d.logprob[t + 1] == pytest.approx(np.log(p / len(c.en)), abs=1e-12)
+        checked += 1
+  assert checked > 300
+  # The entropy is the mean negative log-probability of every token after <bos>.
+  lps = [lp for d in docs for lp in d.logprob[1:]]
+  assert w.entropy(docs) == pytest.approx(-sum(lps) / len(lps), rel=1e-12)
 
 
 def test_tokenizer_round_trip():

@@ -9,7 +9,6 @@ activation at any hook by a function of it (the splice used for CE-loss-recovere
 from __future__ import annotations
 
 import dataclasses
-import functools
 from types import ModuleType
 from typing import Callable
 
@@ -19,6 +18,7 @@ from jax.sharding import Mesh
 
 from sae_jax.errors import DataError
 from sae_jax.models.hooks import Hook, parse_hook
+from sae_jax.models.layers import positions_from_mask
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,9 +53,6 @@ class TransformerConfig:
     return dict(self.rope_scaling) if self.rope_scaling else None
 
 
-Splice = dict[Hook, Callable[[jax.Array], jax.Array]]
-
-
 def forward(family: ModuleType, cfg: TransformerConfig, params: dict, input_ids: jax.Array,
             mask: jax.Array, capture: tuple[Hook, ...], splice: tuple[tuple[Hook, Callable], ...],
             logits: bool, compute_dtype):
@@ -63,7 +60,6 @@ def forward(family: ModuleType, cfg: TransformerConfig, params: dict, input_ids:
 
   Returns (dict hook name -> [B, T, D] float32, logits [B, T, V] float32 or None).
   """
-  from sae_jax.models.layers import positions_from_mask
   edits = dict(splice)
   n_blocks = cfg.n_layers if logits else max([h.blocks_needed for h in capture], default=0)
   positions = positions_from_mask(mask)
@@ -88,6 +84,15 @@ def forward(family: ModuleType, cfg: TransformerConfig, params: dict, input_ids:
     if h.name not in out and h.kind == "resid_pre" and h.layer == n_blocks:
       out[h.name] = visit("resid_pre", h.layer, x).astype(jnp.float32)
   return out, (family.unembed(params, cfg, x).astype(jnp.float32) if logits else None)
+
+
+# One compiled forward per (family, config, capture, splice, logits, dtype, input shapes), shared
+# by every Model with that config: the parameters are an argument, so the cache holds no Model
+# and no parameters, and the checkpoints of one trace (same config) compile once. The splice
+# callables are part of the key, so the cache keeps each one alive with whatever it closes over
+# (a closure over an SAE keeps that SAE and its weights) until ``_forward_jit.clear_cache()`` or
+# ``jax.clear_caches()``; each distinct callable also compiles once, so reuse one per SAE.
+_forward_jit = jax.jit(forward, static_argnums=(0, 1, 5, 6, 7, 8))
 
 
 class Model:
@@ -116,10 +121,9 @@ class Model:
   def hooks(self, names) -> tuple[Hook, ...]:
     return tuple(parse_hook(n, self.cfg.n_layers) for n in names)
 
-  @functools.partial(jax.jit, static_argnums=(0, 4, 5, 6))
-  def _run(self, params, input_ids, mask, capture, splice, logits):
-    return forward(self.family, self.cfg, params, input_ids, mask, capture, splice, logits,
-                   self.compute_dtype)
+  def _run(self, input_ids, mask, capture, splice, logits):
+    return _forward_jit(self.family, self.cfg, self.params, input_ids, mask, capture, splice,
+                        logits, self.compute_dtype)
 
   def _inputs(self, input_ids, attention_mask):
     ids = jnp.asarray(input_ids)
@@ -143,13 +147,13 @@ class Model:
     """
     ids, mask = self._inputs(input_ids, attention_mask)
     capture = self.hooks(hooks)
-    out, _ = self._run(self.params, ids, mask, capture, self._splice(splice), False)
+    out, _ = self._run(ids, mask, capture, self._splice(splice), False)
     return {name: out[parse_hook(name, self.cfg.n_layers).name] for name in hooks}
 
   def logits(self, input_ids, attention_mask=None, splice=None) -> jax.Array:
     """[B, T, vocab] float32 logits, optionally with activations replaced at hooks."""
     ids, mask = self._inputs(input_ids, attention_mask)
-    _, logits = self._run(self.params, ids, mask, (), self._splice(splice), True)
+    _, logits = self._run(ids, mask, (), self._splice(splice), True)
     return logits
 
   def _splice(self, splice) -> tuple:

@@ -19,9 +19,7 @@ _ACTS = ("gelu_new", "gelu", "gelu_fast", "gelu_pytorch_tanh")
 
 
 def config_from_hf(d: dict) -> TransformerConfig:
-  mt = d.get("model_type")
-  if mt not in MODEL_TYPES:
-    raise UnsupportedModelError(f"model_type {mt!r} is not GPT-2; allowed: {list(MODEL_TYPES)}")
+  mt = d["model_type"]  # one of MODEL_TYPES: hf.py dispatches on it
   act = d.get("activation_function", "gelu_new")
   if act not in _ACTS:
     raise UnsupportedModelError(f"activation_function={act!r} is not implemented; allowed: "

@@ -35,19 +35,13 @@ def _rope(d: dict) -> tuple[float, tuple]:
 
 
 def config_from_hf(d: dict) -> TransformerConfig:
-  """Check a HF config against what this port implements and convert it."""
-  mt = d.get("model_type")
-  if mt not in MODEL_TYPES:
-    raise UnsupportedModelError(f"model_type {mt!r} is not a Llama-family model; allowed: "
-                                f"{list(MODEL_TYPES)}")
+  """Check a HF config (model_type in MODEL_TYPES: hf.py dispatches on it) and convert it."""
+  mt = d["model_type"]
   act = d.get("hidden_act", "silu")
   if act != "silu":
     raise UnsupportedModelError(f"hidden_act={act!r} is not implemented; allowed: 'silu'")
-  if d.get("pretraining_tp", 1) not in (1, None) and d.get("pretraining_tp") < 1:
-    raise UnsupportedModelError(f"pretraining_tp={d['pretraining_tp']} is invalid")
-  for field in ("use_sliding_window",):
-    if mt == "qwen2" and d.get(field):
-      raise UnsupportedModelError(f"{field}=True is not implemented for qwen2")
+  if mt == "qwen2" and d.get("use_sliding_window"):
+    raise UnsupportedModelError("use_sliding_window=True is not implemented for qwen2")
   n_heads = int(d["num_attention_heads"])
   hidden = int(d["hidden_size"])
   head_dim = int(d.get("head_dim") or hidden // n_heads)
@@ -62,7 +56,7 @@ def config_from_hf(d: dict) -> TransformerConfig:
       tie_embeddings=bool(d.get("tie_word_embeddings", False)),
       attn_bias=bool(d.get("attention_bias", mt == "qwen2")),
       attn_out_bias=bool(d.get("attention_bias", False)) and mt != "qwen2",
-      mlp_bias=bool(d.get("mlp_bias", False)), activation=act,
+      mlp_bias=bool(d.get("mlp_bias", False)), activation="silu",
       sliding_window=int(window) if window else None, bos_token_id=d.get("bos_token_id"))
 
 
