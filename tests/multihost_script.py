@@ -32,7 +32,8 @@ def main(workdir, out, steps=40):
     mine = x[p * 3000:p * 3000 + 128 * (7 + 3 * p)]
     source = [mine[i:i + 64] for i in range(0, len(mine), 64)]
     sae = sj.train_sae(source, cfg, tcfg.replace(total_tokens=None, eval_tokens=0,
-                                                 eval_every=0, shuffle_batches=1),
+                                                 run=tcfg.run.replace(eval_every=0),
+                                                 shuffle_batches=1),
                        workdir=workdir, mesh=mesh)
   else:
     sae = sj.train_sae(x, cfg, tcfg, workdir=workdir, mesh=mesh)

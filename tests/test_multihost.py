@@ -56,7 +56,7 @@ def test_two_process_trace_gives_the_same_saes_as_one(tiny_toy, tmp_path):
   """The README's entry point under the launcher, cache mode: same SAEs, same evaluations."""
   common = ["experiments/trace.py", "--config=experiments/configs/toy.py:tiny",
             f"--config.model={tiny_toy}", f"--config.data.path={tiny_toy}",
-            "--config.activations=cache", "--config.revisions=('step3','step30')",
+            "--config.extract.activations=cache", "--config.revisions=('step3','step30')",
             "--config.data.max_docs=1500", "--config.train.total_tokens=12288"]
   two = _two_processes(common + [f"--workdir={tmp_path / 'two'}"], tmp_path, timeout=600)
   assert two.returncode == 0, two.stderr[-3000:]

@@ -171,7 +171,7 @@ def test_cli_library_errors_are_one_line_with_status_2(toy, tmp_path):
 def test_warm_start_begins_each_sae_from_the_previous_checkpoints(toy, tmp_path):
   """One short step per SAE: warm-started SAEs stay next to their predecessor; cold ones do
   not (their b_dec is the new checkpoint's geometric median)."""
-  kw = dict(revisions=("step10", "step30"), outputs=sj.OutputConfig(analyze=False, exports=()))
+  kw = dict(revisions=("step10", "step30"), outputs=dict(analyze=False, exports=()))
   ends = {}
   for warm in (True, False):
     cfg = _cfg(toy, warm_start=warm, **kw)
