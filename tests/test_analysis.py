@@ -118,7 +118,7 @@ def test_stats_accumulator_merges_like_one_pass():
       acc.add(vals[sl], idx[sl], tok[sl], seq[sl], pos[sl], lang[sl])
     outs.append(acc.finish())
   a, b = outs
-  for name in ("count", "act_sum", "act_max", "lang_count", "pair_keys", "pair_counts",
+  for name in ("count", "act_sum", "act_max", "lang_count", "token_keys", "token_key_counts",
                "ex_val", "ex_seq"):
     np.testing.assert_allclose(getattr(a, name), getattr(b, name), rtol=1e-6, err_msg=name)
   # Direct check of the per-feature maxima and one feature's top sequences.
