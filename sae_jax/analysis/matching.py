@@ -21,6 +21,8 @@ import dataclasses
 import time
 from typing import Callable
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from sae_jax.errors import DataError
@@ -118,8 +120,6 @@ def match_activations(codes_a, codes_b, d_sae_a: int | None = None, d_sae_b: int
 
 def match_decoders(sae_a, sae_b, n_candidates: int = 8, block: int = 4096) -> Matching:
   """Match features by decoder-row cosine similarity (rows compared in blocks on device)."""
-  import jax
-  import jax.numpy as jnp
   da, db = np.asarray(sae_a.params["W_dec"]), np.asarray(sae_b.params["W_dec"])
   if da.shape[1] != db.shape[1]:
     raise DataError(f"decoders live in different spaces: d_in {da.shape[1]} vs {db.shape[1]}")
