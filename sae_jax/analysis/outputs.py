@@ -21,6 +21,7 @@ PLOTS = "plots"
 
 
 def codes_path(out: Path, record: SAERecord) -> Path:
+  """``codes/<checkpoint>/<hook>[@seed<n>].npz`` under ``out``."""
   return out / "codes" / record.checkpoint / f"{store.run_name(record.hook, record.seed)}.npz"
 
 

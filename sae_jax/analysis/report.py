@@ -174,7 +174,7 @@ font-size:12px} select,input{margin-right:.6em}
 <h2>Figures</h2>__PLOTS__
 __OVERLAP__
 <h2>Feature browser</h2>
-<div>checkpoint/hook <select id="pair"></select> language <select id="lang">__LANG_OPTIONS__</select>
+<div>checkpoint/hook <select id="sae"></select> language <select id="lang">__LANG_OPTIONS__</select>
 granularity <select id="gran">__GRAN_OPTIONS__</select>
 <label><input type="checkbox" id="sample">sample only</label>
 token <input id="q" size="10"> <span id="count"></span></div>
@@ -185,9 +185,9 @@ const DATA = JSON.parse(document.getElementById('data').textContent);
 const $ = id => document.getElementById(id);
 const esc = s => String(s).replace(/[&<>"]/g, c => ({'&':'&amp;','<':'&lt;','>':'&gt;','"':'&quot;'}[c]));
 for (const k of Object.keys(DATA)) { const o = document.createElement('option'); o.value = k;
-  o.textContent = k; $('pair').appendChild(o); }
+  o.textContent = k; $('sae').appendChild(o); }
 function items() {
-  const d = DATA[$('pair').value]; if (!d) return [];
+  const d = DATA[$('sae').value]; if (!d) return [];
   const q = $('q').value.trim();
   return d.items.filter(it => (!$('lang').value || it.lang === $('lang').value) &&
     (!$('gran').value || it.gran === $('gran').value) && (!$('sample').checked || it.sample) &&
@@ -200,11 +200,11 @@ function renderList() {
     div.className = 'feat'; div.dataset.f = it.f;
     div.textContent = '#' + it.f + '  ' + it.lang + ' / ' + it.gran + '  ' +
       it.top.slice(0, 3).map(t => t[0]).join(' ');
-    div.onclick = () => { location.hash = encodeURIComponent($('pair').value + ':' + it.f); };
+    div.onclick = () => { location.hash = encodeURIComponent($('sae').value + ':' + it.f); };
     $('list').appendChild(div); }
 }
 function showCard(it) {
-  let h = '<h3 id="card-title">feature ' + it.f + ' <small>(' + esc($('pair').value) + ')</small></h3>';
+  let h = '<h3 id="card-title">feature ' + it.f + ' <small>(' + esc($('sae').value) + ')</small></h3>';
   h += '<span class="lbl">language: ' + esc(it.lang) + '</span>';
   h += '<span class="lbl">by metadata: ' + esc(it.lang_meta) + '</span>';
   if (it.lang_truth) h += '<span class="lbl">truth: ' + esc(it.lang_truth) + '</span>';
@@ -216,7 +216,7 @@ function showCard(it) {
     it.max + ', token entropy ' + it.entropy + ' nats</p>';
   h += '<p>top tokens: ' + it.top.map(t => esc(t[0]) + ' (' + t[1] + ')').join(', ') + '</p>';
   if (it.links.length) h += '<p>matched: ' + it.links.map(l => '<a href="#" class="link" ' +
-    'data-pair="' + esc(l[0]) + '" data-f="' + l[1] + '">' + esc(l[0]) + ' #' + l[1] + '</a> (' +
+    'data-sae="' + esc(l[0]) + '" data-f="' + l[1] + '">' + esc(l[0]) + ' #' + l[1] + '</a> (' +
     l[2] + ')').join(', ') + '</p>';
   h += '<h4>top contexts</h4>';
   for (const c of it.ctx) { h += '<div class="ctx">';
@@ -226,14 +226,14 @@ function showCard(it) {
     h += ' <small>max ' + c.max + '</small></div>'; }
   $('card').innerHTML = h;
   for (const a of document.querySelectorAll('a.link')) a.onclick = e => { e.preventDefault();
-    location.hash = encodeURIComponent(a.dataset.pair + ':' + a.dataset.f); };
+    location.hash = encodeURIComponent(a.dataset.sae + ':' + a.dataset.f); };
 }
-for (const id of ['pair', 'lang', 'gran', 'sample', 'q']) $(id).oninput = renderList;
+for (const id of ['sae', 'lang', 'gran', 'sample', 'q']) $(id).oninput = renderList;
 // A card is linkable: report.html#<checkpoint>/<hook>:<feature> opens it.
 function fromHash() {
   const m = decodeURIComponent(location.hash.slice(1)).match(/^(.*):(\\d+)$/);
   if (!m || !DATA[m[1]]) { renderList(); return; }
-  $('pair').value = m[1]; renderList();
+  $('sae').value = m[1]; renderList();
   const it = DATA[m[1]].items.find(x => x.f == m[2]);
   if (it) showCard(it);
 }

@@ -37,6 +37,7 @@ def _sae_columns(r: SAERecord) -> dict:
 
 
 def format_top_tokens(top: list[tuple[str, float]]) -> str:
+  """``dog (0.52); cat (0.20)``: the top_tokens column."""
   return "; ".join(f"{t} ({s:.2f})" for t, s in top)
 
 
