@@ -1,10 +1,10 @@
 """Matching the features of two SAEs (A -> B); what it is used for over a trace: lineage.py.
 
 * ``match_activations(codes_a, codes_b)`` (primary): the Pearson correlation of two features'
-  activations over the same evaluation tokens, for *every* (A, B) feature combination, computed from the top-k codes
-  as a sparse product (co-activation sums A^T B in blocks of A's features; cost tokens x k_a x
-  k_b, memory one [block, M_b] dense block). It works although the residual basis moves
-  between checkpoints.
+  activations over the same evaluation tokens, for *every* (A, B) feature combination,
+  computed from the top-k codes as a sparse product (co-activation sums A^T B in blocks of A's
+  features; cost tokens x k_a x k_b, memory one [block, M_b] dense block). It works although
+  the residual basis moves between checkpoints.
 * ``match_decoders(sae_a, sae_b)`` (secondary): cosine similarity of decoder rows, in blocks on
   device keeping the top candidates per row; meaningful between seeds of one checkpoint, nearby
   checkpoints, or warm-started SAEs.
