@@ -1,6 +1,8 @@
 """Analysis I: statistics, language and granularity labels on hand-built SAEs, bad inputs, and
 the toy trace end to end (ground-truth agreement, report opened in headless Chromium)."""
 
+import ast
+import html
 import shutil
 import subprocess
 from pathlib import Path
@@ -10,6 +12,7 @@ import numpy as np
 import pytest
 
 import sae_jax as sj
+from sae_jax import store
 from sae_jax.analysis import (AnalysisConfig, EvalSet, StatsAccumulator, feature_stats,
                               granularity_labels, language_labels, load_lexicon, script_of)
 from sae_jax.errors import ConfigError, DataError
@@ -118,7 +121,7 @@ def test_stats_accumulator_merges_like_one_pass():
       acc.add(vals[sl], idx[sl], tok[sl], seq[sl], pos[sl], lang[sl])
     outs.append(acc.finish())
   a, b = outs
-  for name in ("count", "act_sum", "act_max", "lang_count", "pair_keys", "pair_counts",
+  for name in ("count", "act_sum", "act_max", "lang_count", "token_keys", "token_key_counts",
                "ex_val", "ex_seq"):
     np.testing.assert_allclose(getattr(a, name), getattr(b, name), rtol=1e-6, err_msg=name)
   # Direct check of the per-feature maxima and one feature's top sequences.
@@ -146,14 +149,13 @@ def _fake_store(tmp_path, d_ins):
   cfg = sj.TraceConfig(model=str(tmp_path / "no_model"), hooks=("resid_post.0",))
   (tmp_path / "trace.json").write_text(cfg.to_json())
   for rev, d in zip(("step1", "step2"), d_ins):
-    pair = tmp_path / rev / "resid_post.0"
-    sae_cfg = sj.SAEConfig(architecture="topk", d_in=d, d_sae=16, k=2)
-    from sae_jax.saes.sae import SAE
-    from sae_jax.train.state import _init_state
-    import jax
-    state = _init_state(sae_cfg, sj.TrainConfig(), None, jax.random.key(0))
-    SAE(sae_cfg, state.params, state.buffers).save(pair / "sae")
-    (pair / "COMPLETE").write_text("{}")
+    run = store.Store(tmp_path).run(rev, "resid_post.0")
+    sae_cfg = sj.SAEConfig(architecture="topk", d_in=d, d_sae=16, k=2, normalize="none")
+    params = {"W_enc": jnp.zeros((d, 16)), "b_enc": jnp.zeros(16), "W_dec": jnp.zeros((16, d)),
+              "b_dec": jnp.zeros(d)}
+    sj.SAE(sae_cfg, params, {"norm_scale": jnp.ones(()), "threshold": jnp.zeros(())}).save(
+        run.sae)
+    run.mark_complete()
 
 
 def test_bad_workdirs_are_one_line_errors(tmp_path):
@@ -167,6 +169,8 @@ def test_bad_workdirs_are_one_line_errors(tmp_path):
   other = tmp_path / "mixed"
   other.mkdir()
   _fake_store(other, (8, 12))
+  assert [r.key for r in store.Store(other).saes()] == ["step1/resid_post.0",
+                                                        "step2/resid_post.0"]
   with pytest.raises(DataError, match=r"hook resid_post.0 differ in d_in: step1/resid_post.0 "
                                       r"has 8, step2/resid_post.0 has 12"):
     sj.analysis.analyze(other)
@@ -207,30 +211,80 @@ def test_toy_trace_analysis_end_to_end(tiny_toy, tmp_path):
   summary = pd.read_csv(out / "summary.csv")
   final = summary[(summary.checkpoint == "step30") & (summary.seed == 0)].iloc[0]
   assert final.agreement_language >= 0.95, final.agreement_language
-  assert 0 <= final.agreement_granularity <= 1 and final.sample_size == min(100, final.n_live)
-  shares = [final[f"share_lang_{x}"] for x in ("en", "ja", "bilingual", "none")]
-  feats_final = pd.read_parquet(out / "features.parquet").query("checkpoint == 'step30'")
+  # The summary against the features table it summarises.
+  feats = pd.read_parquet(out / "features.parquet")
+  feats_final = feats[(feats.checkpoint == "step30") & (feats.seed == 0)]
+  assert len(feats_final) == final.n_live and feats_final.in_sample.sum() == final.sample_size
+  assert final.sample_size == min(100, final.n_live)
+  assert final.agreement_language == pytest.approx(
+      (feats_final.language == feats_final.language_truth).mean(), abs=1e-12)
+  assert final.agreement_granularity == pytest.approx(
+      (feats_final.granularity == feats_final.granularity_truth).mean(), abs=1e-12)
+  for x in ("en", "ja", "bilingual", "none"):
+    assert final[f"share_lang_{x}"] == pytest.approx((feats_final.language == x).mean(),
+                                                     abs=1e-12), x
   ja_only = feats_final[feats_final.language_truth == "ja"]
   assert len(ja_only) and (ja_only.frequency_ja > ja_only.frequency_en).mean() > 0.9
-  assert abs(sum(shares) - 1) < 1e-9
+  _check_overlap_and_lineage(out, work, feats, final)
+  _check_report_in_chromium(out, feats_final, tmp_path)
+
+
+def _check_overlap_and_lineage(out, work, feats, final):
+  """overlap.csv's mean best correlation against dense correlations of the saved codes;
+  lineage.csv's chains against its births."""
+  import pandas as pd
   overlap = pd.read_csv(out / "overlap.csv")
   assert set(overlap.kind) == {"seed", "next", "final"}
   assert (work / "step30" / "resid_post.0@seed1" / "COMPLETE").exists()
+  row = overlap[(overlap.kind == "next") & (overlap.a == "step10")].iloc[0]
+  assert row.b == "step30"
+  dense = []
+  for ckpt in ("step10", "step30"):
+    with np.load(out / "codes" / ckpt / "resid_post.0.npz") as z:
+      v, i = z["values"], z["indices"]
+    m = int(i.max()) + 1
+    d = np.zeros((v.shape[0], m))
+    np.add.at(d, (np.repeat(np.arange(v.shape[0]), v.shape[1]), i.ravel()),
+              np.maximum(v.ravel(), 0))
+    dense.append(d)
+  with np.errstate(invalid="ignore", divide="ignore"):
+    corr = np.corrcoef(dense[0].T, dense[1].T)[:dense[0].shape[1], dense[0].shape[1]:]
+  live = np.sort(feats[(feats.checkpoint == "step10") & (feats.seed == 0)].feature.to_numpy())
+  best = np.nanmax(corr[live], axis=1)
+  assert row.mean_best == pytest.approx(best.mean(), abs=1e-5)
+  # One-to-one matches are a subset of features whose best partner clears the threshold.
+  assert row.overlap <= (best >= 0.5).mean() + 1e-12
   lineage = pd.read_csv(out / "lineage.csv")
-  assert len(lineage) == final.n_live and set(lineage.birth) <= {"step0", "step10", "step30"}
-  # The report in a real browser: the tables render and a linked feature card opens.
-  feats = pd.read_parquet(out / "features.parquet")
-  f = int(feats[(feats.checkpoint == "step30") & (feats.seed == 0)].feature.iloc[0])
-  url = (out / "report.html").as_uri() + f"#step30%2Fresid_post.0%3A{f}"
+  assert len(lineage) == final.n_live
+  order = ["step0", "step10", "step30"]
+  for r in lineage.itertuples():
+    chain = r.chain.split(" <- ")
+    assert int(chain[0]) == r.feature and len(chain) == r.chain_length
+    assert r.birth == order[-r.chain_length]
+
+
+def _check_report_in_chromium(out, feats_final, tmp_path):
+  """The report in a real browser: the tables render, a linked feature card opens with that
+  feature's labels, top tokens and top contexts (the max token highlighted)."""
+  f = feats_final.iloc[0]
+  url = (out / "report.html").as_uri() + f"#step30%2Fresid_post.0%3A{int(f.feature)}"
   dom = _chromium("--user-data-dir=" + str(tmp_path / "chrome"), "--virtual-time-budget=3000",
                   "--dump-dom", url)
   assert dom.returncode == 0, dom.stderr[-2000:]
   assert "Feature populations per checkpoint" in dom.stdout and "<td>step30</td>" in dom.stdout
-  assert f'id="card-title">feature {f} ' in dom.stdout and 'class="ctx"' in dom.stdout
+  assert f'id="card-title">feature {int(f.feature)} ' in dom.stdout
+  assert f'<span class="lbl">language: {f.language}</span>' in dom.stdout
+  first_token = f.top_tokens.split("; ")[0].rsplit(" (", 1)[0]
+  assert f"top tokens: {html.escape(first_token, quote=False)} (" in dom.stdout
+  assert 'class="ctx"' in dom.stdout and 'class="tok max"' in dom.stdout
   shot = tmp_path / "report.png"
   r = _chromium("--user-data-dir=" + str(tmp_path / "chrome2"), "--window-size=1300,4000",
                 f"--screenshot={shot}", url)
-  assert r.returncode == 0 and shot.stat().st_size > 20_000
+  assert r.returncode == 0, r.stderr[-2000:]
+  from PIL import Image
+  pixels = np.asarray(Image.open(shot).convert("RGB")).reshape(-1, 3)
+  # The strongest token of each context is drawn on full orange (rgba(255,140,0,1.00)).
+  assert ((pixels == (255, 140, 0)).all(1)).sum() > 50
 
 
 def test_eval_set_of_a_text_source_is_the_documents_after_training(tiny_toy, tmp_path):
@@ -245,3 +299,21 @@ def test_eval_set_of_a_text_source_is_the_documents_after_training(tiny_toy, tmp
   ev = build_eval_set(model, cfg, n_tokens=40)
   seen = {model.tokenizer.convert_ids_to_tokens(int(i)) for i in ev.ids[ev.mask]}
   assert seen and seen <= set(words[20:]), seen
+
+
+def test_analysis_modules_stand_alone():
+  """The analysis needs only the run store (nothing of the trainer or the trace), imports
+  sae_jax modules at module level, and no module reaches for another's private names."""
+  for path in sorted((Path(sj.analysis.__file__).parent).glob("*.py")):
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+      if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("sae_jax"):
+        assert not node.module.startswith(("sae_jax.trace", "sae_jax.train")), path.name
+        assert not {a.name for a in node.names} & {"trace", "train"}, path.name
+        assert not any(a.name.startswith("_") for a in node.names), (path.name, node.module)
+      if isinstance(node, ast.FunctionDef):
+        for inner in ast.walk(node):
+          if isinstance(inner, ast.ImportFrom):
+            assert not (inner.module or "").startswith("sae_jax"), (path.name, node.name)
+          if isinstance(inner, ast.Import):
+            assert not any(a.name.startswith("sae_jax") for a in inner.names), path.name

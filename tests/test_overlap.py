@@ -1,5 +1,7 @@
 """Analysis II: feature matching (activations and decoders), the one-to-one assignment."""
 
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -93,8 +95,9 @@ def test_two_seeds_recover_planted_features_and_match_each_other():
     codes[np.arange(n), rng.integers(0, n_true, n)] = rng.uniform(0.5, 1.5, n)
   x = codes @ true
   cfg = sj.SAEConfig(architecture="topk", d_in=d, d_sae=64, k=3, normalize="none")
-  tcfg = sj.TrainConfig(batch_size=512, total_tokens=512 * 600, lr=3e-3, warmup_steps=20,
-                        eval_tokens=0, eval_every=0, dead_tokens=512 * 50)
+  tcfg = sj.TrainConfig(batch_size=512, total_tokens=512 * 600, eval_tokens=0,
+                        dead_tokens=512 * 50, optim=sj.OptimConfig(lr=3e-3, warmup_steps=20),
+                        run=sj.RunConfig(eval_every=0))
   mesh = sj.make_mesh(sj.MeshConfig(data=1, model=1), devices=jax.devices()[:1])
   saes = sj.train_saes(x, [sj.SAEJob(cfg, tcfg, init_seed=1), sj.SAEJob(cfg, tcfg, init_seed=2)],
                        mesh)
@@ -117,3 +120,80 @@ def test_two_seeds_recover_planted_features_and_match_each_other():
   act = match_activations(_codes(saes[0], held), _codes(saes[1], held), 64, 64)
   agree_act = np.mean([act.assignment[a] == b and act.assignment_score[a] > 0.8 for a, b in both])
   assert agree_act >= 0.9, agree_act
+
+
+def _dense(codes, m):
+  values, indices = codes
+  out = np.zeros((values.shape[0], m))
+  np.add.at(out, (np.repeat(np.arange(values.shape[0]), values.shape[1]), indices.ravel()),
+            np.maximum(values.ravel(), 0))
+  return out
+
+
+def test_activation_scores_are_the_dense_correlations():
+  """Best partners, their scores and the candidate lists against np.corrcoef of dense codes."""
+  rng = np.random.default_rng(11)
+  n, k, m = 3000, 3, 40
+  ia = rng.integers(0, m, (n, k))
+  a = (rng.random((n, k)).astype(np.float32), ia)
+  # B: A's features permuted plus noise, and some tokens firing at random.
+  ib = np.where(rng.random((n, k)) < 0.8, (ia * 7) % m, rng.integers(0, m, (n, k)))
+  b = (rng.random((n, k)).astype(np.float32), ib)
+  match = match_activations(a, b, m, m, n_candidates=5, block=16)
+  corr = np.corrcoef(_dense(a, m).T, _dense(b, m).T)[:m, m:]
+  np.testing.assert_array_equal(match.best, corr.argmax(1))
+  np.testing.assert_allclose(match.best_score, corr.max(1), atol=1e-5)
+  np.testing.assert_allclose(match.candidate_scores, -np.sort(-corr, 1)[:, :5], atol=1e-5)
+  mutual = corr.argmax(0)[corr.argmax(1)] == np.arange(m)
+  np.testing.assert_array_equal(match.mutual, mutual)
+  dec = match_decoders(_random_sae(d=16, m=40, seed=12), _random_sae(d=16, m=40, seed=13))
+  wa, wb = (np.asarray(_random_sae(d=16, m=40, seed=s).params["W_dec"]) for s in (12, 13))
+  cos = wa @ wb.T
+  np.testing.assert_array_equal(dec.best, cos.argmax(1))
+  np.testing.assert_allclose(dec.best_score, cos.max(1), atol=1e-5)
+
+
+def _planted_trace():
+  """Three checkpoints of one hook, 6 features over the same tokens: B is A permuted, C is B
+  permuted except that C's feature 5 is new (fires at random)."""
+  from sae_jax.store import SAERecord
+  rng = np.random.default_rng(21)
+  n, k, m = 4000, 2, 6
+  va, ia = rng.uniform(0.5, 1.5, (n, k)).astype(np.float32), rng.integers(0, m, (n, k))
+  p1, p2 = np.array([3, 0, 4, 1, 5, 2]), np.array([1, 2, 5, 0, 4, 3])
+  ic = p2[p1[ia]]
+  ic = np.where(ic == 5, 6, ic)  # C's feature 5: new, a random firing pattern below
+  new = rng.random(n) < 0.2
+  ic[new, 0] = 5
+  codes = {"A": (va, ia), "B": (va, p1[ia]), "C": (va, np.where(ic == 6, 0, ic))}
+  records = [SAERecord(c, s, "h", 0, Path("/nowhere") / c, True)
+             for c, s in (("A", 1), ("B", 2), ("C", 3))]
+  lab = lambda: sj.analysis.FeatureLabels(*(np.array(["en"] * m, object) for _ in range(6)))
+  saes = {r.key: _random_sae(d=8, m=m, seed=i) for i, r in enumerate(records)}
+  return records, saes, codes, {r.key: lab() for r in records}, p1, p2
+
+
+def test_lineage_follows_planted_permutations():
+  from sae_jax.analysis import analyze_overlap
+  from sae_jax.analysis.tables import lineage_table, overlap_table
+  records, saes, codes, labels, p1, p2 = _planted_trace()
+  res = analyze_overlap(records, saes, lambda r: codes[r.checkpoint], labels, log_fn=lambda s: 0)
+  by_f = {x.feature: x for x in res.lineages}
+  assert sorted(by_f) == list(range(6))
+  assert by_f[5].chain == (5,) and by_f[5].birth == "C" and by_f[5].birth_step == 3
+  inv1, inv2 = np.argsort(p1), np.argsort(p2)
+  for f in range(5):  # back through both permutations to A
+    assert by_f[f].chain == (f, int(inv2[f]), int(inv1[inv2[f]])), by_f[f]
+    assert by_f[f].birth == "A" and by_f[f].birth_step == 1
+  # The links shown on the cards: each C feature names its B predecessor and back.
+  f = 0
+  assert [tuple(x[:2]) for x in res.links["C/h"][f]] == [("B/h", int(inv2[f]))]
+  assert ("C/h", f) in [tuple(x[:2]) for x in res.links["B/h"][int(inv2[f])]]
+  ov = overlap_table(res)
+  assert list(zip(ov.kind, ov.a, ov.b)) == [("next", "A", "B"), ("final", "A", "C"),
+                                            ("next", "B", "C"), ("final", "B", "C")]
+  np.testing.assert_allclose(ov.overlap, [1.0, 5 / 6, 5 / 6, 5 / 6])
+  np.testing.assert_allclose(ov.overlap_lang_en, ov.overlap)  # every feature is "en" here
+  lin = lineage_table(res)
+  assert lin.chain_length.tolist() == [3, 3, 3, 3, 3, 1]
+  assert lin.chain[5] == "5" and lin.chain[0] == f"0 <- {inv2[0]} <- {inv1[inv2[0]]}"

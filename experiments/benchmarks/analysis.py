@@ -80,7 +80,7 @@ def main(argv):
       "reduce_s": round(t_reduce, 2), "strong_pass_s": round(t_strong, 2),
       "labels_s": round(t_labels, 2), "total_s": round(total, 2),
       "tokens_per_s": round(n / total), "peak_rss_gib": round(_rss_gib(), 3),
-      "rss_before_gib": round(base, 3), "pairs": int(stats.pair_keys.size),
+      "rss_before_gib": round(base, 3), "token_keys": int(stats.token_keys.size),
       "live": int(stats.live.sum()),
       "labelled_en": int((lang_labels["language"] == "en").sum()),
       "labelled_token": int((gran["granularity"] == "token").sum())}), flush=True)

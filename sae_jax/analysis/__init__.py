@@ -3,19 +3,29 @@
     report = sj.analysis.analyze(workdir)          # tables, plots, report.html
     m = sj.analysis.match_decoders(sae_a, sae_b)   # decoder-direction matching
     m = sj.analysis.match_activations(codes_a, codes_b)   # activation-correlation matching
+
+Computation (typed results): stats, codes, labels, describe, matching, lineage. Presentation
+of those results: tables, plots, report. analyze ties them together over a workdir.
 """
 
-from sae_jax.analysis.analyze import (AnalysisConfig, analyze, feature_stats,
-                                     feature_stats_many, find_pairs)
+from sae_jax.analysis.analyze import analyze
+from sae_jax.analysis.codes import feature_stats, feature_stats_many
+from sae_jax.analysis.config import AnalysisConfig
+from sae_jax.analysis.describe import SAEFeatures, describe_sae
 from sae_jax.analysis.evalset import EvalSet, build_eval_set
-from sae_jax.analysis.labels import LabelConfig, granularity_labels, language_labels
+from sae_jax.analysis.labels import (FeatureLabels, LabelConfig, granularity_labels,
+                                     label_features, language_labels)
 from sae_jax.analysis.lexicon import Lexicon, load_lexicon, script_of, toy_lexicon
-from sae_jax.analysis.overlap import Matching, assign_one_to_one, match_activations, match_decoders
+from sae_jax.analysis.lineage import Comparison, Lineage, OverlapResult, analyze_overlap
+from sae_jax.analysis.matching import (Matching, assign_one_to_one, match_activations,
+                                       match_decoders)
 from sae_jax.analysis.stats import (FeatureStats, StatsAccumulator, collect_stats,
-                                   collect_stats_many)
+                                    collect_stats_many)
 
-__all__ = ["AnalysisConfig", "EvalSet", "FeatureStats", "LabelConfig", "Lexicon", "Matching",
-           "StatsAccumulator", "analyze", "assign_one_to_one", "build_eval_set", "collect_stats",
-           "collect_stats_many", "feature_stats", "feature_stats_many",
-           "find_pairs", "granularity_labels", "language_labels", "load_lexicon",
-           "match_activations", "match_decoders", "script_of", "toy_lexicon"]
+__all__ = ["AnalysisConfig", "Comparison", "EvalSet", "FeatureLabels", "FeatureStats",
+           "LabelConfig", "Lexicon", "Lineage", "Matching", "OverlapResult", "SAEFeatures",
+           "StatsAccumulator", "analyze", "analyze_overlap", "assign_one_to_one",
+           "build_eval_set", "collect_stats", "collect_stats_many", "describe_sae",
+           "feature_stats", "feature_stats_many", "granularity_labels", "label_features",
+           "language_labels", "load_lexicon", "match_activations", "match_decoders", "script_of",
+           "toy_lexicon"]

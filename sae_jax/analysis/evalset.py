@@ -14,6 +14,9 @@ import numpy as np
 from absl import logging
 
 from sae_jax.config import DataConfig
+from sae_jax.data.cache import tokenizer_fingerprint
+from sae_jax.data.sources import load_documents
+from sae_jax.data.tokens import TokenBatches, tokenize_documents
 from sae_jax.errors import DataError
 
 EVAL_SEED_OFFSET = 104_729  # keeps the evaluation draw away from the training draws
@@ -44,9 +47,6 @@ class EvalSet:
 def build_eval_set(model, data_cfg: DataConfig, n_tokens: int, seed_offset: int = EVAL_SEED_OFFSET
                    ) -> EvalSet:
   """About ``n_tokens`` counted tokens (BOS / pad / specials excluded) of held-out sequences."""
-  from sae_jax.data.cache import tokenizer_fingerprint
-  from sae_jax.data.sources import load_documents
-  from sae_jax.data.tokens import TokenBatches, tokenize_documents
   if data_cfg.source == "toy":  # a draw of its own seed: documents training never saw
     cfg = data_cfg.replace(seed=data_cfg.seed + seed_offset, batch_size=1,
                            max_docs=max(8, n_tokens // 4))

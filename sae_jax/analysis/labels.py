@@ -33,8 +33,23 @@ from sae_jax.analysis.stats import FeatureStats
 from sae_jax.languages import EN, JA
 
 LANGUAGE_LABELS = ("en", "ja", "bilingual", "none", "dead")
+LANGUAGE_SPECIFIC = ("en", "ja")  # the labels of a feature of one language
 GRANULARITY_LABELS = ("token", "concept_synonym", "concept_translation", "semantic", "other",
                       "multi_token", "dead")
+LEXICON_GRANULARITIES = GRANULARITY_LABELS[:5]  # what a live feature gets with a lexicon
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureLabels:
+  """The labels of one SAE's features: [M] object arrays of label names (``en_share``: float,
+  NaN where no example was decided)."""
+
+  language: np.ndarray  # the paper's rule on the examples' scripts
+  language_meta: np.ndarray  # the same rule on the token metadata
+  language_truth: np.ndarray  # the rule on all strong firings with per-token truth
+  en_share: np.ndarray
+  granularity: np.ndarray  # over the examples
+  granularity_truth: np.ndarray  # over all strong firings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,3 +164,12 @@ def granularity_labels(stats: FeatureStats, ids: np.ndarray, token_text: list[st
       toks, weight = stats.token_counts(f, mass=True)
     gt[f] = _classify(toks, weight.astype(float), entries, cfg, have)
   return {"granularity": g, "granularity_truth": gt}
+
+
+def label_features(stats: FeatureStats, ids: np.ndarray, token_text: list[str],
+                   token_lang: np.ndarray, lexicon: Lexicon | None,
+                   cfg: LabelConfig = LabelConfig()) -> FeatureLabels:
+  """Language and granularity labels of every feature (arrays [M]); ``ids``/``token_lang``:
+  [S, T] of the evaluation set the stats were made from."""
+  return FeatureLabels(**language_labels(stats, ids, token_text, token_lang, cfg),
+                       **granularity_labels(stats, ids, token_text, lexicon, cfg))

@@ -16,9 +16,12 @@ import dataclasses
 import unicodedata
 from pathlib import Path
 
+from sae_jax import store
 from sae_jax.errors import ConfigError, DataError
+from sae_jax.toy.world import World, WorldConfig
 
 SCRIPTS = ("en", "ja", "digit", "none")
+TOY_SOURCE = "toy world"  # how a toy world's lexicon names its source
 # Subword markers of common tokenizers (SentencePiece, GPT-2 byte-level, WordPiece).
 _MARKERS = ("\u2581", "\u0120", "##")
 
@@ -63,6 +66,11 @@ class Lexicon:
   entries: dict[str, Entry]
   source: str = ""
 
+  @property
+  def ground_truth(self) -> bool:
+    """A toy world's own lexicon: the labels it gives are the truth, not a guess."""
+    return self.source.startswith(TOY_SOURCE)
+
   def lookup(self, token_text: str) -> Entry | None:
     return self.entries.get(clean_token(token_text))
 
@@ -97,8 +105,6 @@ def load_lexicon(path: str | Path) -> Lexicon:
 
 def toy_lexicon(model_dir: str | Path) -> Lexicon | None:
   """The toy world's lexicon (its ground truth), or None if ``model_dir`` is not a toy model."""
-  from sae_jax import store
-  from sae_jax.toy.world import World, WorldConfig
   summary_path = Path(model_dir) / "world.json"
   if not summary_path.exists():
     return None
@@ -112,4 +118,4 @@ def toy_lexicon(model_dir: str | Path) -> Lexicon | None:
         entries[form] = Entry(str(c.id), c.category, lang)
   # Function words (the, は, を, .) carry no concept: left out, so a feature on them is
   # token-level or "other", never a semantic category of its own.
-  return Lexicon(entries, f"toy world {summary_path}")
+  return Lexicon(entries, f"{TOY_SOURCE} {summary_path}")

@@ -4,12 +4,13 @@ Nothing of size [tokens, d_sae] ever exists: each batch is encoded on device int
 codes ([n, k] values and indices), and the host folds those into per-feature counters:
 
 * firing count, activation sum and maximum, firing count and mass per language code;
-* (feature, token id) firing counts and activation mass, kept as a sparse sorted key/count table that is merged
-  every few million entries (memory: the number of distinct pairs, not tokens x k);
+* (feature, token id) firing counts and activation mass, kept as a sparse sorted key/count table
+  (key: feature * vocab + token) merged every few million entries (memory: the number of
+  distinct keys, not tokens x k);
 * the ``n_examples`` strongest sequences of every feature (each sequence counted once, at its
   maximally activating position): [d_sae, n_examples] value / sequence / position arrays.
 
-Memory is O(d_sae * n_examples + distinct (feature, token) pairs + one batch of codes).
+Memory is O(d_sae * n_examples + distinct (feature, token) keys + one batch of codes).
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import numpy as np
 from sae_jax.languages import N_LANGUAGE_CODES
 
 
-
 @dataclasses.dataclass
 class FeatureStats:
   """What the labels and the report read of one SAE over the evaluation set."""
@@ -35,9 +35,9 @@ class FeatureStats:
   act_max: np.ndarray  # [M]
   lang_count: np.ndarray  # [N_LANGUAGE_CODES, M] firings per language code of the token
   lang_sum: np.ndarray  # [N_LANGUAGE_CODES, M] activation mass per language code
-  pair_keys: np.ndarray  # sorted feature * vocab + token, [P]
-  pair_counts: np.ndarray  # [P]
-  pair_sums: np.ndarray  # [P] activation mass per (feature, token)
+  token_keys: np.ndarray  # sorted feature * vocab + token, [P]
+  token_key_counts: np.ndarray  # [P]
+  token_key_sums: np.ndarray  # [P] activation mass per key
   vocab: int
   ex_val: np.ndarray  # [M, E] strongest sequences, descending (-inf where none)
   ex_seq: np.ndarray  # [M, E] their sequence index
@@ -79,16 +79,16 @@ class FeatureStats:
 
   def token_counts(self, feature: int, mass: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(token ids, firing counts - or activation mass) of the feature, largest first."""
-    lo, hi = np.searchsorted(self.pair_keys, [feature * self.vocab, (feature + 1) * self.vocab])
-    toks = self.pair_keys[lo:hi] - feature * self.vocab
-    counts = (self.pair_sums if mass else self.pair_counts)[lo:hi]
+    lo, hi = np.searchsorted(self.token_keys, [feature * self.vocab, (feature + 1) * self.vocab])
+    toks = self.token_keys[lo:hi] - feature * self.vocab
+    counts = (self.token_key_sums if mass else self.token_key_counts)[lo:hi]
     order = np.argsort(-counts, kind="stable")
     return toks[order], counts[order]
 
   def token_entropy(self) -> np.ndarray:
     """[M] entropy (nats) of each feature's firing-token distribution."""
-    f = self.pair_keys // self.vocab
-    p = self.pair_counts / np.maximum(self.count[f], 1)
+    f = self.token_keys // self.vocab
+    p = self.token_key_counts / np.maximum(self.count[f], 1)
     h = np.zeros(self.d_sae)
     np.add.at(h, f, -p * np.log(np.maximum(p, 1e-30)))
     return h
@@ -150,7 +150,7 @@ class StatsAccumulator:
     self._pending_vals.append(v)
     self._pending_n += f.size
     if self._pending_n >= self.merge_every:
-      self._merge_pairs()
+      self._merge_token_keys()
     # Each (feature, sequence) once, at its maximum: sort by (feature, sequence, -value).
     s = seq[rows].astype(np.int64)
     order = np.lexsort((-v, s, f))
@@ -162,7 +162,7 @@ class StatsAccumulator:
     if self._cand_n >= self.merge_every // 2:
       self._merge_examples()
 
-  def _merge_pairs(self) -> None:
+  def _merge_token_keys(self) -> None:
     if not self._pending_keys:
       return
     keys = np.concatenate([self.keys] + self._pending_keys)
@@ -195,7 +195,7 @@ class StatsAccumulator:
     self._cand, self._cand_n = [], 0
 
   def finish(self) -> FeatureStats:
-    self._merge_pairs()
+    self._merge_token_keys()
     self._merge_examples()
     return FeatureStats(self.n_tokens, self.count, self.act_sum, self.act_max, self.lang_count,
                         self.lang_sum, self.keys, self.counts, self.sums, self.vocab,
@@ -239,7 +239,7 @@ def collect_stats_many(saes: dict, batches: Iterable[tuple], vocab: int, n_examp
     # Dispatched now; the previous batch is folded on the host while these run.
     codes = {name: enc[name](acts[hook]) for name, (_, hook) in saes.items()}
     if pending is not None:
-      _fold(acc, pending, on_codes)
+      _add_batch_codes(acc, pending, on_codes)
     pending = (codes, meta)
     if log_fn is not None and time.perf_counter() - last > 10:
       last = time.perf_counter()
@@ -248,11 +248,12 @@ def collect_stats_many(saes: dict, batches: Iterable[tuple], vocab: int, n_examp
       eta = f", eta {(total_tokens - done) / rate:.0f}s" if total_tokens else ""
       log_fn(f"feature stats: {done:,} tokens, {rate:,.0f} tok/s{eta}")
   if pending is not None:
-    _fold(acc, pending, on_codes)
+    _add_batch_codes(acc, pending, on_codes)
   return {name: a.finish() for name, a in acc.items()}
 
 
-def _fold(acc: dict, pending, on_codes) -> None:
+def _add_batch_codes(acc: dict, pending, on_codes) -> None:
+  """Hand one batch's codes (fetched from device now) to each SAE's accumulator."""
   codes, meta = pending
   for name, (values, indices) in codes.items():
     values, indices = np.asarray(values), np.asarray(indices)

@@ -1,0 +1,137 @@
+"""The analysis as tables (pandas DataFrames; written as parquet + CSV by the store).
+
+    features   one row per live (checkpoint, hook, seed, feature)
+    summary    one row per SAE: label counts and shares (all live features and the sample),
+               agreement of the paper's labels with the ground truth and with the metadata
+    eval       one row per SAE: its training-time evaluation (eval.json)
+    overlap    one row per comparison of two SAEs (lineage.Comparison)
+    lineage    one row per live feature of each hook's final SAE (lineage.Lineage)
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from sae_jax.analysis.config import AnalysisConfig
+from sae_jax.analysis.describe import SAEFeatures
+from sae_jax.analysis.labels import GRANULARITY_LABELS, LANGUAGE_LABELS
+from sae_jax.analysis.lineage import OverlapResult
+from sae_jax.store import SAERecord
+
+if TYPE_CHECKING:
+  import pandas as pd
+
+EVAL_FIELDS = ("fvu", "l0", "dead_fraction", "cosine", "ce_loss_recovered", "delta_lm_loss",
+               "kl_sae")
+
+
+def _frame(rows: list[dict]):
+  import pandas as pd  # deferred: importing sae_jax does not load pandas
+  return pd.DataFrame(rows)
+
+
+def _sae_columns(r: SAERecord) -> dict:
+  return {"checkpoint": r.checkpoint, "step": r.step, "hook": r.hook, "seed": r.seed}
+
+
+def format_top_tokens(top: list[tuple[str, float]]) -> str:
+  """``dog (0.52); cat (0.20)``: the top_tokens column."""
+  return "; ".join(f"{t} ({s:.2f})" for t, s in top)
+
+
+def features_table(saes: list[SAEFeatures], cfg: AnalysisConfig, ground_truth: bool
+                   ) -> pd.DataFrame:
+  """One row per live feature of every SAE (``ground_truth``: fill the *_truth columns)."""
+  rows = []
+  for d in saes:
+    st, lab = d.stats, d.labels
+    in_sample = np.zeros(st.d_sae, bool)
+    in_sample[d.sample] = True
+    entropy = st.token_entropy()
+    n_ex = st.examples(cfg.labels.example_fraction)[0].sum(1)
+    for f in d.live:
+      rows.append({
+          **_sae_columns(d.record), "feature": int(f), "frequency": float(st.frequency[f]),
+          "frequency_en": float(d.language_frequency[0, f]),
+          "frequency_ja": float(d.language_frequency[1, f]),
+          "mean_act": float(st.mean_act[f]), "max_act": float(st.act_max[f]),
+          "token_entropy": float(entropy[f]), "n_examples": int(n_ex[f]),
+          "language": lab.language[f], "language_meta": lab.language_meta[f],
+          "language_truth": lab.language_truth[f] if ground_truth else None,
+          "en_share": float(lab.en_share[f]), "granularity": lab.granularity[f],
+          "granularity_truth": lab.granularity_truth[f] if ground_truth else None,
+          "top_tokens": format_top_tokens(d.top_tokens[int(f)]),
+          "in_sample": bool(in_sample[f])})
+  return _frame(rows)
+
+
+def _agreement(a: np.ndarray, b: np.ndarray) -> float:
+  return float((a == b).mean()) if a.size else float("nan")
+
+
+def _summary_row(d: SAEFeatures, cfg: AnalysisConfig, ground_truth: bool) -> dict:
+  st, lab, live, sample = d.stats, d.labels, d.live, d.sample
+  row = {**_sae_columns(d.record), "n_features": st.d_sae, "n_live": int(live.size),
+         "n_dead": int(st.d_sae - live.size), "eval_tokens": st.n_tokens,
+         "sample_size": int(sample.size), "sample_seed": cfg.sample_seed}
+  for kind, names, arr in (("lang", LANGUAGE_LABELS, lab.language),
+                           ("gran", GRANULARITY_LABELS, lab.granularity)):
+    for name in names:
+      if name == "dead":
+        continue
+      n_all = int((arr[live] == name).sum())
+      row[f"n_{kind}_{name}"] = n_all
+      row[f"share_{kind}_{name}"] = n_all / max(live.size, 1)
+      row[f"sample_share_{kind}_{name}"] = (float((arr[sample] == name).mean())
+                                            if sample.size else float("nan"))
+  truth = ground_truth and live.size
+  row["agreement_language"] = (_agreement(lab.language[live], lab.language_truth[live])
+                               if truth else float("nan"))
+  row["agreement_granularity"] = (_agreement(lab.granularity[live], lab.granularity_truth[live])
+                                  if truth else float("nan"))
+  row["agreement_language_meta"] = _agreement(lab.language[live], lab.language_meta[live])
+  return row
+
+
+def summary_table(saes: list[SAEFeatures], cfg: AnalysisConfig, ground_truth: bool
+                  ) -> pd.DataFrame:
+  """One row per SAE: label counts and shares, agreement with the truth and the metadata."""
+  return _frame([_summary_row(d, cfg, ground_truth) for d in saes])
+
+
+def eval_table(records: list[SAERecord], evals: dict[str, dict]) -> pd.DataFrame:
+  """One row per SAE from ``evals`` ({record key: its eval.json}; missing fields NaN)."""
+  return _frame([{**_sae_columns(r),
+                        **{k: evals.get(r.key, {}).get(k, float("nan")) for k in EVAL_FIELDS}}
+                       for r in records])
+
+
+def overlap_table(result: OverlapResult) -> pd.DataFrame:
+  """One row per comparison. A measure a kind of comparison lacks is left out of its row
+  (an empty cell), and the columns come in the order their rows first name them."""
+  rows = []
+  for c in result.comparisons:
+    row = {"hook": c.hook, "kind": c.kind, "a": c.a, "b": c.b, "step": c.step,
+           "overlap": c.overlap}
+    if c.kind == "seed":
+      row.update(overlap_decoder=c.overlap_decoder, mean_best=c.mean_best)
+    else:
+      row["mean_best"] = c.mean_best
+      if c.overlap_decoder is not None:
+        row["overlap_decoder"] = c.overlap_decoder
+    row.update({f"overlap_lang_{k}": v for k, v in c.overlap_language.items()})
+    row.update({f"overlap_gran_{k}": v for k, v in c.overlap_granularity.items()})
+    rows.append(row)
+  return _frame(rows)
+
+
+def lineage_table(result: OverlapResult) -> pd.DataFrame:
+  """One row per live feature of each hook's final SAE: its birth and its chain back."""
+  return _frame([{"hook": x.hook, "feature": x.feature, "birth": x.birth,
+                        "birth_step": x.birth_step, "chain_length": len(x.chain),
+                        "chain": " <- ".join(map(str, x.chain)), "language": x.language,
+                        "granularity": x.granularity,
+                        "language_specific_ancestor": x.language_specific_ancestor}
+                       for x in result.lineages])
