@@ -7,6 +7,7 @@ the space its training loss lives in, and reduced batch by batch on device.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -15,7 +16,7 @@ import numpy as np
 
 from sae_jax.saes import registry
 from sae_jax.saes.base import normalize_inputs
-from sae_jax.saes.sae import SAE
+from sae_jax.saes.sae import SAE, reconstruct_rows
 
 DENSE_FIRING_RATE = 0.1  # a latent firing on more than this share of tokens counts as dense
 
@@ -68,6 +69,18 @@ def next_token_nll(logits, ids, mask):
   return jnp.sum(nll * m), jnp.sum(m), logp, m
 
 
+@dataclasses.dataclass(frozen=True)
+class _SpliceReconstruct:
+  """A model splice: [B, T, D] -> the SAE's reconstruction of it. Hashable by the SAE config
+  alone (the weights come in ``args``), so SAEs of one config share one compiled forward."""
+
+  cfg: object
+
+  def __call__(self, x, args):
+    flat = x.reshape(-1, x.shape[-1])
+    return reconstruct_rows(self.cfg, args["params"], args["buffers"], flat).reshape(x.shape)
+
+
 def spliced_metrics(model, sae: SAE, hook: str, batches, max_batches: int | None = None
                     ) -> dict[str, float]:
   """LM-loss metrics with the SAE's reconstruction spliced in at ``hook``.
@@ -77,7 +90,10 @@ def spliced_metrics(model, sae: SAE, hook: str, batches, max_batches: int | None
   kl_sae = mean KL(clean || with SAE) per predicted token. ``batches``: TokenBatch-like items
   with ``ids`` and ``mask`` [B, T].
   """
-  recon = lambda x: sae.reconstruct(x.reshape(-1, x.shape[-1])).reshape(x.shape)
+  # The weights go in as splice arguments, not in a closure: the compiled forward is then
+  # shared by every SAE of one config and keeps none of them alive.
+  recon = _SpliceReconstruct(sae.cfg)
+  state = {"params": sae.params, "buffers": sae.buffers}
   sums = {"clean": 0.0, "sae": 0.0, "ablated": 0.0, "kl": 0.0}
   count = 0.0
   for i, b in enumerate(batches):
@@ -85,7 +101,7 @@ def spliced_metrics(model, sae: SAE, hook: str, batches, max_batches: int | None
       break
     ids, mask = jnp.asarray(b.ids), jnp.asarray(b.mask)
     clean = model.logits(ids, mask)
-    with_sae = model.logits(ids, mask, splice={hook: recon})
+    with_sae = model.logits(ids, mask, splice={hook: recon}, splice_args={hook: state})
     ablated = model.logits(ids, mask, splice={hook: jnp.zeros_like})
     c, n, logp_clean, m = next_token_nll(clean, ids, mask)
     s, _, logp_sae, _ = next_token_nll(with_sae, ids, mask)

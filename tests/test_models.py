@@ -220,6 +220,34 @@ def test_dropped_model_is_freed_and_checkpoints_share_one_compilation(tmp_path_f
   assert not np.allclose(second, first)  # ... with its own weights
 
 
+def test_spliced_evaluation_keeps_no_sae_alive_and_compiles_once_per_config(tmp_path_factory):
+  """The CE-loss evaluation splices an SAE into the forward: its weights go in as arguments, so
+  two SAEs of one config share the compiled program and neither stays cached."""
+  from sae_jax import evals
+  from sae_jax.data.tokens import TokenBatch
+  _, path = _save(tmp_path_factory, "llama_gqa")
+  model = load_model(path)
+  ids = np.random.default_rng(6).integers(0, V, size=(B, T))
+  batch = TokenBatch(ids, np.ones_like(ids), ids * 0, ids * 0, ids * 0)
+  cfg = sj.SAEConfig(d_in=model.cfg.d_model, d_sae=4 * model.cfg.d_model, k=3)
+  saes = [sj.SAE(cfg, sj.saes.registry.get("topk").init_params(jax.random.key(s), cfg),
+                 sj.saes.registry.get("topk").init_buffers(cfg)) for s in (1, 2)]
+  got = [evals.spliced_metrics(model, saes[0], "resid_post.0", [batch])]
+  size = base._forward_jit._cache_size()
+  got.append(evals.spliced_metrics(model, saes[1], "resid_post.0", [batch]))
+  assert base._forward_jit._cache_size() == size  # the second SAE reused the first's program
+  for sae, m in zip(saes, got):  # reference: the SAE's reconstruction spliced in op by op
+    with jax.disable_jit():
+      with_sae = model.logits(ids, splice={"resid_post.0": lambda x, sae=sae: sae.reconstruct(x)})
+    s, n, _, _ = evals.next_token_nll(with_sae, jnp.asarray(ids), jnp.ones_like(ids))
+    assert m["ce_sae"] == pytest.approx(float(s) / float(n), rel=1e-5)
+  assert got[0]["ce_sae"] != got[1]["ce_sae"]
+  refs = [weakref.ref(a) for sae in saes for a in sae.params.values()]
+  del saes, sae, got
+  gc.collect()
+  assert [r for r in refs if r() is not None] == []
+
+
 FULL_SIZE = {
     "llm-jp-3-1.8b": dict(model_type="llama", vocab_size=99584, hidden_size=2048,
                           intermediate_size=7168, num_hidden_layers=24, num_attention_heads=16,

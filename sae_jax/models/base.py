@@ -9,6 +9,7 @@ activation at any hook by a function of it (the splice used for CE-loss-recovere
 from __future__ import annotations
 
 import dataclasses
+import functools
 from types import ModuleType
 from typing import Callable
 
@@ -55,12 +56,16 @@ class TransformerConfig:
 
 def forward(family: ModuleType, cfg: TransformerConfig, params: dict, input_ids: jax.Array,
             mask: jax.Array, capture: tuple[Hook, ...], splice: tuple[tuple[Hook, Callable], ...],
-            logits: bool, compute_dtype):
+            logits: bool, compute_dtype, splice_args: tuple = ()):
   """Run the model up to what ``capture`` / ``logits`` need.
 
+  ``splice_args``: one entry per ``splice`` entry, None or a pytree of arrays passed to that
+  splice function as its second argument (traced, so it is not part of the compile key).
   Returns (dict hook name -> [B, T, D] float32, logits [B, T, V] float32 or None).
   """
-  edits = dict(splice)
+  args = dict(zip((h for h, _ in splice), splice_args))
+  edits = {h: (fn if args.get(h) is None else functools.partial(fn, args=args[h]))
+           for h, fn in splice}
   n_blocks = cfg.n_layers if logits else max([h.blocks_needed for h in capture], default=0)
   positions = positions_from_mask(mask)
   out: dict[str, jax.Array] = {}
@@ -92,6 +97,7 @@ def forward(family: ModuleType, cfg: TransformerConfig, params: dict, input_ids:
 # callables are part of the key, so the cache keeps each one alive with whatever it closes over
 # (a closure over an SAE keeps that SAE and its weights) until ``_forward_jit.clear_cache()`` or
 # ``jax.clear_caches()``; each distinct callable also compiles once, so reuse one per SAE.
+# Splice functions that need arrays (an SAE's weights) take them through ``splice_args``.
 _forward_jit = jax.jit(forward, static_argnums=(0, 1, 5, 6, 7, 8))
 
 
@@ -121,9 +127,10 @@ class Model:
   def hooks(self, names) -> tuple[Hook, ...]:
     return tuple(parse_hook(n, self.cfg.n_layers) for n in names)
 
-  def _run(self, input_ids, mask, capture, splice, logits):
+  def _run(self, input_ids, mask, capture, splice, logits, splice_args=None):
+    splice_args = tuple((splice_args or {}).get(h.name) for h, _ in splice)
     return _forward_jit(self.family, self.cfg, self.params, input_ids, mask, capture, splice,
-                        logits, self.compute_dtype)
+                        logits, self.compute_dtype, splice_args)
 
   def _inputs(self, input_ids, attention_mask):
     ids = jnp.asarray(input_ids)
@@ -150,10 +157,17 @@ class Model:
     out, _ = self._run(ids, mask, capture, self._splice(splice), False)
     return {name: out[parse_hook(name, self.cfg.n_layers).name] for name in hooks}
 
-  def logits(self, input_ids, attention_mask=None, splice=None) -> jax.Array:
-    """[B, T, vocab] float32 logits, optionally with activations replaced at hooks."""
+  def logits(self, input_ids, attention_mask=None, splice=None, splice_args=None) -> jax.Array:
+    """[B, T, vocab] float32 logits, optionally with activations replaced at hooks.
+
+    ``splice``: {hook name: fn}; ``splice_args``: {hook name: pytree of arrays}, given to that
+    hook's fn as ``fn(x, args=...)`` (pass weights this way rather than closing over them: a
+    closure is part of the compile key and stays cached with what it holds).
+    """
     ids, mask = self._inputs(input_ids, attention_mask)
-    _, logits = self._run(ids, mask, (), self._splice(splice), True)
+    splice = self._splice(splice)
+    args = {parse_hook(n, self.cfg.n_layers).name: v for n, v in (splice_args or {}).items()}
+    _, logits = self._run(ids, mask, (), splice, True, args)
     return logits
 
   def _splice(self, splice) -> tuple:

@@ -37,6 +37,15 @@ def _encode_dense(cfg, params, buffers, x):
   return registry.get(cfg.architecture).encode_dense(params, buffers, xn, cfg)
 
 
+def reconstruct_rows(cfg: SAEConfig, params, buffers, x: jax.Array) -> jax.Array:
+  """[N, D] raw activations -> their reconstruction [N, D] in the model's own scale (a pure
+  function of the weights: usable inside another jitted function, e.g. a model splice)."""
+  _, scale = _normalize(cfg, buffers, x)
+  acts = _encode_dense(cfg, params, buffers, x)
+  x_hat = jnp.asarray(acts, jnp.float32) @ params["W_dec"].astype(jnp.float32) + params["b_dec"]
+  return x_hat / scale
+
+
 @jax.jit
 def _decode_sparse(params, values, indices):
   return sparse_decode(values.astype(jnp.float32), indices, params["W_dec"]) + params["b_dec"]
@@ -120,7 +129,5 @@ class SAE:
   def reconstruct(self, x) -> jax.Array:
     """[..., D] activations -> their reconstruction in the model's own scale."""
     lead = jnp.shape(x)[:-1]
-    flat = self._check(x)
-    _, scale = _normalize(self.cfg, self.buffers, flat)
-    x_hat = self.decode_dense(self.encode_dense(flat)) / scale
+    x_hat = reconstruct_rows(self.cfg, self.params, self.buffers, self._check(x))
     return x_hat.reshape(*lead, self.cfg.d_in)
