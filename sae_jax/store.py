@@ -45,7 +45,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
   path.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
   try:
-    with os.fdopen(fd, "w") as f:
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
       f.write(text)
       f.flush()
       os.fsync(f.fileno())
@@ -122,24 +122,20 @@ def write_table(df, stem: str | os.PathLike, formats: tuple[str, ...] = ("parque
 def read_json(path: str | os.PathLike) -> Any:
   """Parse a JSON file, raising CheckpointError naming the file when it is unreadable."""
   try:
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
       return json.load(f)
   except (OSError, ValueError) as e:
     raise CheckpointError(f"cannot read {path}: {e}") from None
 
 
 class RunDir:
-  """One training run's directory (a (checkpoint, hook) pair of a trace, or a train_sae run)."""
+  """One SAE's run directory (one checkpoint x hook [x seed] of a trace, or a train_sae run)."""
 
   def __init__(self, path: str | os.PathLike):
     self.path = Path(path)
     if self.path.exists() and not self.path.is_dir():
       raise ConfigError(f"workdir {self.path} is a file; pass a directory (it is created if "
                         "missing)")
-
-  @classmethod
-  def for_pair(cls, workdir: str | os.PathLike, checkpoint: str, hook: str) -> "RunDir":
-    return cls(Path(workdir) / checkpoint / hook)
 
   sae = property(lambda self: self.path / "sae")
   state = property(lambda self: self.path / "state")

@@ -20,7 +20,6 @@ from sae_jax import store
 from sae_jax.errors import ConfigError, DataError
 from sae_jax.toy.world import World, WorldConfig
 
-SCRIPTS = ("en", "ja", "digit", "none")
 TOY_SOURCE = "toy world"  # how a toy world's lexicon names its source
 # Subword markers of common tokenizers (SentencePiece, GPT-2 byte-level, WordPiece).
 _MARKERS = ("\u2581", "\u0120", "##")
