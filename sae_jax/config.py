@@ -16,6 +16,7 @@ from sae_jax.errors import ConfigError
 NORMALIZATIONS = ("none", "unit_norm", "expected_norm")
 DTYPES = ("float32", "bfloat16", "float16")
 LR_SCHEDULES = ("constant", "cosine")
+ENCODER_INITS = ("tied", "linear")
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -217,6 +218,9 @@ class TrainConfig(_JsonMixin):
     auxk_coef: weight of the AuxK loss (Gao et al.: 1/32).
     dead_tokens: a latent is dead after this many tokens without firing (Gao et al.: 10M).
     geometric_median_iters: Weiszfeld iterations for the b_dec initialisation.
+    encoder_init: ``tied`` (decoder rows random unit directions, W_enc = W_dec^T) or
+      ``linear`` (the paper's and sparsify's: W_enc a default linear layer, uniform in
+      +-1/sqrt(d_in), and the decoder a unit-normalised copy of it).
     optim: Adam and the learning-rate schedule (:class:`OptimConfig`).
     run: logging, evaluation and checkpoint cadence (:class:`RunConfig`).
   """
@@ -230,6 +234,7 @@ class TrainConfig(_JsonMixin):
   auxk_coef: float = 1.0 / 32.0
   dead_tokens: int = 10_000_000
   geometric_median_iters: int = 50
+  encoder_init: str = "tied"
   optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
   run: RunConfig = dataclasses.field(default_factory=RunConfig)
 
@@ -249,6 +254,8 @@ class TrainConfig(_JsonMixin):
     _check(self.dead_tokens >= 1, f"dead_tokens={self.dead_tokens} must be >= 1")
     _check(self.shuffle_batches >= 1, f"shuffle_batches={self.shuffle_batches} must be >= 1")
     _check(self.eval_tokens >= 0, f"eval_tokens={self.eval_tokens} must be >= 0")
+    _check(self.encoder_init in ENCODER_INITS,
+           f"encoder_init={self.encoder_init!r}; allowed: {list(ENCODER_INITS)}")
     _check(isinstance(self.optim, OptimConfig), f"optim={self.optim!r} must be an OptimConfig")
     _check(isinstance(self.run, RunConfig), f"run={self.run!r} must be a RunConfig")
 
@@ -312,12 +319,19 @@ class DataConfig(_JsonMixin):
     source: ``toy`` (the built-in world; ``path`` is the toy checkpoint directory) or ``hf``
       (a ``datasets`` dataset: a hub name, or local files by extension: txt/json/jsonl/parquet/
       arrow/csv).
-    path: the dataset name, a local file / glob, or the toy directory.
+    path: the dataset name, a local file / glob, or the toy directory; or several of them
+      (a tuple: e.g. a Japanese and an English Wikipedia), read side by side, their documents
+      interleaved one from each in turn (``max_docs`` split evenly between them).
+    source_languages: with several paths, the ``language`` of each one's documents (e.g.
+      ``("ja", "en")``), recorded as if it were a metadata column.
+    balance: with several paths, keep the same number of documents of each (the smallest
+      count after ``min_tokens`` filtering), in training and evaluation alike (the paper's
+      50/50 ja/en mix).
     name: the dataset configuration (e.g. a Wikipedia language/date), if any.
     split: the split to read.
     text_field: the column holding the text.
     meta_fields: columns carried per document (e.g. ``language``).
-    ctx_len: tokens per sequence (the paper: the first 64 tokens of each article).
+    ctx_len: tokens per sequence, BOS included (the paper: BOS + the first 64 tokens).
     mode: ``truncate`` (first ctx_len tokens of each document) or ``pack`` (documents joined).
     min_tokens: documents shorter than this (after tokenising) are dropped.
     max_docs: read at most this many documents (None: all).
@@ -341,8 +355,19 @@ class DataConfig(_JsonMixin):
   buffer_batches: int = 16
   seed: int = 0
   streaming: bool = False
+  source_languages: tuple[str, ...] = ()
+  balance: bool = False
 
   def __post_init__(self):
+    if not isinstance(self.path, str):  # several sources; one in a tuple is just that one
+      paths = tuple(str(p) for p in self.path)
+      object.__setattr__(self, "path", paths[0] if len(paths) == 1 else paths)
+    object.__setattr__(self, "source_languages", _as_tuple(self.source_languages))
+    n = len(self.paths)
+    _check(not self.source_languages or len(self.source_languages) == n,
+           f"source_languages={self.source_languages!r} must name one language per path "
+           f"({n} path(s))")
+    _check(n == 1 or self.source == "hf", f"data source={self.source!r} reads one path; got {n}")
     _check(self.source in DATA_SOURCES, f"data source={self.source!r}; allowed: {list(DATA_SOURCES)}")
     _check(self.mode in DATA_MODES, f"data mode={self.mode!r}; allowed: {list(DATA_MODES)}")
     _check(self.ctx_len >= 2, f"ctx_len={self.ctx_len} must be >= 2")
@@ -351,6 +376,11 @@ class DataConfig(_JsonMixin):
     _check(self.batch_size >= 1, f"data batch_size={self.batch_size} must be >= 1")
     _check(self.buffer_batches >= 1, f"buffer_batches={self.buffer_batches} must be >= 1")
     object.__setattr__(self, "meta_fields", tuple(self.meta_fields))
+
+  @property
+  def paths(self) -> tuple[str, ...]:
+    """The source paths (one, or several read side by side)."""
+    return (self.path,) if isinstance(self.path, str) else self.path
 
 
 def _as_tuple(value) -> tuple:

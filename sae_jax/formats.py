@@ -6,6 +6,7 @@
 | ``sae_lens`` | cfg.json + sae_weights.safetensors (v6)  | W_enc b_enc W_dec b_dec (+threshold)          |
 | ``sparsify`` | cfg.json + sae.safetensors               | encoder.weight = W_enc^T, encoder.bias, W_dec, b_dec |
 | ``llm_jp_sae`` | config.json (model_type topk_sae) + model.safetensors | encoder.weight = W_enc^T, encoder.bias, decoder.weight = W_dec^T, b_dec |
+| ``llm_jp_sae_v1`` (read only) | config.json (d_in, expansion_factor, k) + model.safetensors | encoder.weight = W_enc^T, encoder.bias, W_dec, b_dec (often bfloat16) |
 
 Input normalisation: SAELens and sparsify get a constant factor (``expected_norm``) folded into
 the weights, as SAELens's ``fold_activation_norm_scaling_factor`` does; ``unit_norm`` maps to
@@ -30,6 +31,8 @@ from sae_jax.store import atomic_dir, atomic_write_json, read_json
 from sae_jax.version import __version__ as _version
 
 FORMATS = ("sae_jax", "sae_lens", "sparsify", "llm_jp_sae")
+# Formats read but never written: the paper's released v1 SAEs (llm-jp-sae at d9eb8c6).
+READ_ONLY_FORMATS = ("llm_jp_sae_v1",)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 _SAELENS_ARCH = {"topk": "topk", "relu": "standard", "jumprelu": "jumprelu",
                  "batchtopk": "jumprelu"}
@@ -45,9 +48,14 @@ def _save_tensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
 
 
 def _load_tensors(path: Path) -> dict[str, np.ndarray]:
-  from safetensors.numpy import load_file
+  """Every tensor of a safetensors file as numpy; bfloat16 ones (numpy has no such dtype) are
+  read through JAX and widened to float32 exactly."""
+  from safetensors import safe_open
   try:
-    return load_file(str(path))
+    with safe_open(str(path), framework="flax") as f:
+      tensors = {k: f.get_tensor(k) for k in f.keys()}
+    return {k: np.asarray(t.astype(jnp.float32) if t.dtype == jnp.bfloat16 else t)
+            for k, t in tensors.items()}
   except Exception as e:  # safetensors raises several types for damaged files
     raise CheckpointError(f"cannot read SAE weights {path}: {e}") from None
 
@@ -241,6 +249,31 @@ def _load_llm_jp_sae(path: Path, c: dict) -> SAE:
   return _make(cfg, p, metadata={"imported_from": "llm_jp_sae"})
 
 
+def _is_llm_jp_sae_v1(c: dict) -> bool:
+  """The paper's v1 ``SparseAutoEncoder`` (a transformers PreTrainedModel): its config holds
+  d_in, expansion_factor and k."""
+  return {"d_in", "expansion_factor", "k"} <= set(c) and c.get("model_type") != "topk_sae"
+
+
+def _load_llm_jp_sae_v1(path: Path, c: dict) -> SAE:
+  """The v1 layout: encoder.weight [M, D], encoder.bias [M], W_dec [M, D], b_dec [D], usually
+  bfloat16 (read exactly, then held as float32). Inputs are unit-norm (the paper's "Scalar")."""
+  d, k = int(c["d_in"]), int(c["k"])
+  m = d * int(c["expansion_factor"])
+  where = path / "model.safetensors"
+  if not where.exists():
+    _refuse_pickles(path)
+    raise CheckpointError(f"{path} has an llm-jp-sae v1 config.json but no model.safetensors")
+  t = _load_tensors(where)
+  p = {"W_enc": _expect(t, "encoder.weight", (m, d), where).T,
+       "b_enc": _expect(t, "encoder.bias", (m,), where),
+       "W_dec": _expect(t, "W_dec", (m, d), where),
+       "b_dec": _expect(t, "b_dec", (d,), where)}
+  cfg = SAEConfig(architecture="topk", d_in=d, d_sae=m, k=k, normalize="unit_norm")
+  return _make(cfg, p, metadata={"imported_from": "llm_jp_sae_v1",
+                                 "stored_dtype": str(c.get("torch_dtype", "float32"))})
+
+
 # ---- dispatch -------------------------------------------------------------------------------
 
 # SAE.save / SAE.export write through this table (sae.py needs nothing of the formats).
@@ -292,9 +325,11 @@ def detect_format(path: str | os.PathLike) -> str:
       return "sparsify"
   if hf_path.exists() and read_json(hf_path).get("model_type") == "topk_sae":
     return "llm_jp_sae"
+  if hf_path.exists() and _is_llm_jp_sae_v1(read_json(hf_path)):
+    return "llm_jp_sae_v1"
   _refuse_pickles(path)
   raise CheckpointError(f"no SAE recognised in {path} (found {sorted(p.name for p in path.iterdir())});"
-                        f" readable formats: {list(FORMATS)}")
+                        f" readable formats: {list(FORMATS + READ_ONLY_FORMATS)}")
 
 
 def load_sae(path: str | os.PathLike) -> SAE:
@@ -306,6 +341,8 @@ def load_sae(path: str | os.PathLike) -> SAE:
   try:
     if fmt == "llm_jp_sae":
       return _load_llm_jp_sae(path, read_json(path / "config.json"))
+    if fmt == "llm_jp_sae_v1":
+      return _load_llm_jp_sae_v1(path, read_json(path / "config.json"))
     c = read_json(path / "cfg.json")
     return {"sae_jax": _load_native, "sae_lens": _load_sae_lens,
             "sparsify": _load_sparsify}[fmt](path, c)

@@ -86,11 +86,20 @@ def test_paper_config_says_what_the_paper_did(arg):
   assert c.hooks == ("resid_post.11",)  # the output of block 12
   assert c.extract.dtype == "bfloat16"  # the 1.8B model runs in bfloat16, not float32
   assert (c.sae.architecture, c.sae.k, c.sae.normalize) == ("topk", 32, "unit_norm")
+  assert c.sae.param_dtype == "bfloat16"  # the v1 SAE's torch_dtype
   assert c.expansion * 2048 == 32768
   assert c.train.batch_size == 32768
   assert c.train.optim == sj.OptimConfig(lr=1e-3, lr_schedule="constant", warmup_steps=1000,
                                          adam_eps=6.25e-10)
-  assert (c.data.ctx_len, c.data.mode) == (64, "truncate")
+  assert c.train.encoder_init == "linear" and c.train.aux_k == 0  # no dead-latent handling
+  assert c.train.geometric_median_iters == 100
+  # 165M tokens, 0.8 of them trained on once: 2,062,499 documents of 64 tokens, 4,028 steps.
+  if not arg:
+    assert c.data.max_docs == 2_062_499 and c.train.total_tokens == 4028 * 32768
+  # 64 tokens after BOS (BOS dropped from the activations), shorter documents dropped, ja and
+  # en from two sources held 50/50.
+  assert (c.data.ctx_len, c.data.min_tokens, c.data.mode) == (65, 65, "truncate")
+  assert len(c.data.paths) == 2 and c.data.source_languages == ("ja", "en") and c.data.balance
   assert c.outputs.exports == ("llm_jp_sae", "sae_lens")
 
 

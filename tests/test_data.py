@@ -185,3 +185,34 @@ def test_one_forward_feeds_an_sae_per_hook(toy):
     alone = sj.train_sae(HookRows(ActivationStream(model, tb, [h], 8, 0), h), cfg(), tcfg)
     for k in alone.params:
       np.testing.assert_allclose(sae.params[k], alone.params[k], rtol=1e-5, atol=1e-6)
+
+
+def test_two_sources_mixed_evenly_with_their_languages_and_a_held_out_rest(toy, tmp_path):
+  """The paper's data: ja and en Wikipedia from two sources, short documents dropped, 50/50 in
+  training and in the held-out evaluation documents after them."""
+  model = sj.load_model(toy, revision="step30")
+  words = [w for w in model.tokenizer.get_vocab() if w.isalpha() and w.isascii()][:40]
+  ja, en = tmp_path / "ja.jsonl", tmp_path / "en.jsonl"
+  # ja: 30 documents, every third one too short; en: 50 documents, all long enough.
+  ja.write_text("".join(json.dumps({"text": " ".join([words[i % 40]] * (2 if i % 3 == 0 else 9))})
+                        + "\n" for i in range(30)))
+  en.write_text("".join(json.dumps({"text": " ".join([words[(i + 7) % 40]] * 9)}) + "\n"
+                        for i in range(50)))
+  cfg = DataConfig(source="hf", path=(str(ja), str(en)), source_languages=("ja", "en"),
+                   balance=True, min_tokens=6, ctx_len=8, max_docs=40, batch_size=4)
+  docs = load_documents(cfg)
+  assert [d["source"] for d in docs[:6]] == [0, 1, 0, 1, 0, 1] and len(docs) == 40
+  assert [d["language"] for d in docs[:2]] == ["ja", "en"]
+  tok = tokenize_documents(docs, model.tokenizer, cfg, model.cfg.vocab_size)
+  by_source = [sum(d["meta"]["source"] == s for d in tok) for s in (0, 1)]
+  assert by_source == [13, 13]  # 20 ja read, 7 of them short: en cut to the same 13
+  langs = {int(c) for b in TokenBatches(tok, cfg, 0) for c in b.language[b.mask == 1]}
+  assert langs == {0, 1}  # sae_jax.languages: en 0, ja 1
+  from sae_jax.analysis.evalset import build_eval_set
+  ev = build_eval_set(model, cfg, n_tokens=60)
+  held = {model.tokenizer.convert_ids_to_tokens(int(i)) for i in ev.ids[ev.mask]}
+  trained = {model.tokenizer.convert_ids_to_tokens(int(i)) for d in tok for i in d["ids"]}
+  assert held and not held & trained - {model.tokenizer.bos_token}
+  assert set(np.unique(ev.language[ev.mask])) == {0, 1}
+  with pytest.raises(sj.errors.ConfigError, match="one language per path"):
+    DataConfig(source="hf", path=(str(ja), str(en)), source_languages=("ja",))

@@ -164,3 +164,56 @@ def test_shape_mismatch_names_the_tensor(tmp_path):
   (tmp_path / "s" / "cfg.json").write_text(json.dumps(c))
   with pytest.raises(CheckpointError, match="encoder.weight"):
     sj.load_sae(tmp_path / "s")
+
+
+class _V1SparseAutoEncoder:
+  """The paper's v1 model (llm-jp-sae d9eb8c6 ``model.py``) re-stated in torch: encoder a
+  default nn.Linear with zero bias, W_dec a unit-normalised copy of its weight, bfloat16."""
+
+  def __init__(self, d_in, expansion_factor, k, seed):
+    import torch
+    torch.manual_seed(seed)
+    self.k = k
+    self.encoder = torch.nn.Linear(d_in, d_in * expansion_factor, dtype=torch.bfloat16)
+    self.encoder.bias.data.normal_(0, 0.05)  # trained biases are not zero
+    w = self.encoder.weight.data.clone()
+    self.W_dec = w / (w.norm(dim=1, keepdim=True) + torch.finfo(w.dtype).eps)
+    self.b_dec = (0.1 * torch.randn(d_in)).to(torch.bfloat16)
+
+  def state_dict(self):
+    return {"encoder.weight": self.encoder.weight.data, "encoder.bias": self.encoder.bias.data,
+            "W_dec": self.W_dec, "b_dec": self.b_dec}
+
+  def encode(self, x):
+    """x: unit-norm inputs [N, D] (the paper normalises before the SAE)."""
+    import torch
+    with torch.no_grad():
+      sae_in = x.float() - self.b_dec.float()
+      latents = torch.relu(sae_in @ self.encoder.weight.float().T + self.encoder.bias.float())
+      return latents.topk(self.k, sorted=True)
+
+
+def test_paper_v1_sae_weights_load(tmp_path):
+  """The released v1 SAEs (a transformers PreTrainedModel per checkpoint, bfloat16) load and
+  encode as the paper's own forward does."""
+  import torch
+  from safetensors.torch import save_file
+  ref = _V1SparseAutoEncoder(d_in=D, expansion_factor=6, k=K, seed=3)
+  save_file(ref.state_dict(), str(tmp_path / "model.safetensors"))
+  (tmp_path / "config.json").write_text(json.dumps({
+      "d_in": D, "expansion_factor": 6, "k": K, "torch_dtype": "bfloat16",
+      "transformers_version": "4.46.0"}))  # what PretrainedConfig.save_pretrained writes
+  sae = sj.load_sae(tmp_path)
+  assert (sae.cfg.d_in, sae.cfg.d_sae, sae.cfg.k, sae.cfg.normalize) == (D, 6 * D, K,
+                                                                         "unit_norm")
+  assert sae.metadata["imported_from"] == "llm_jp_sae_v1"
+  np.testing.assert_array_equal(np.asarray(sae.params["W_dec"]), ref.W_dec.float().numpy())
+  x = np.random.default_rng(0).normal(size=(64, D)).astype(np.float32)
+  x_unit = x / np.linalg.norm(x, axis=-1, keepdims=True)
+  want_v, want_i = ref.encode(torch.from_numpy(x_unit))
+  got_v, got_i = sae.encode(x)  # ours normalises the raw rows itself
+  np.testing.assert_array_equal(np.asarray(got_i), want_i.numpy())
+  np.testing.assert_allclose(np.asarray(got_v), want_v.numpy(), rtol=1e-5, atol=1e-6)
+  (tmp_path / "model.safetensors").unlink()
+  with pytest.raises(CheckpointError, match="v1 config.json but no model.safetensors"):
+    sj.load_sae(tmp_path)

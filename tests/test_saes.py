@@ -131,3 +131,20 @@ def test_jumprelu_straight_through_gradients():
   g_theta0 = jax.grad(lambda t: heaviside(z, t, eps).sum())(theta)
   np.testing.assert_allclose(g_theta0, [0.0, -1000.0, 0.0, -1000.0])
   assert not jax.grad(lambda z: heaviside(z, theta, eps).sum())(z).any()
+
+
+def test_linear_encoder_init_is_a_default_linear_layer_with_a_unit_decoder_copy():
+  """The paper's (and sparsify's) init: W_enc uniform in +-1/sqrt(d_in), W_dec its
+  unit-normalised transpose; the default ``tied`` init keeps W_enc = W_dec^T at unit norm."""
+  cfg = sj.SAEConfig(d_in=37, d_sae=211, k=5)
+  p = registry.get("topk").init_params(jax.random.key(0), cfg, "linear")
+  w_enc, w_dec = np.asarray(p["W_enc"]), np.asarray(p["W_dec"])
+  bound = 1 / np.sqrt(37)
+  assert np.abs(w_enc).max() <= bound and np.abs(w_enc).max() > 0.95 * bound
+  assert abs(w_enc.std() - bound / np.sqrt(3)) < 0.02 * bound  # uniform, not normal
+  np.testing.assert_allclose(np.linalg.norm(w_dec, axis=1), 1.0, rtol=1e-6)
+  np.testing.assert_allclose(w_dec, w_enc.T / np.linalg.norm(w_enc.T, axis=1, keepdims=True),
+                             rtol=1e-6)
+  tied = registry.get("topk").init_params(jax.random.key(0), cfg)
+  np.testing.assert_array_equal(np.asarray(tied["W_enc"]), np.asarray(tied["W_dec"]).T)
+  np.testing.assert_allclose(np.linalg.norm(np.asarray(tied["W_dec"]), axis=1), 1.0, rtol=1e-6)

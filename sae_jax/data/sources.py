@@ -22,7 +22,12 @@ def load_documents(cfg: DataConfig) -> list[dict]:
   with ``cfg.seed`` (never the LM's own training draws); each carries its ``language``
   (en / ja / parallel) and its per-token ground truth under ``labels``.
   """
-  docs = _toy(cfg) if cfg.source == "toy" else _hf(cfg)
+  if cfg.source == "toy":
+    docs = _toy(cfg)
+  elif len(cfg.paths) == 1:
+    docs = _hf(cfg)
+  else:
+    docs = _mixed(cfg)
   if not docs:
     raise DataError(f"the {cfg.source} dataset {cfg.path or ''!r} (split {cfg.split!r}) has no "
                     "documents")
@@ -38,6 +43,21 @@ def _toy(cfg: DataConfig) -> list[dict]:
   return [{"text": d.text, "language": d.doc_type, "labels": {
       "language": d.language, "concept": d.concept, "category": d.category, "form": d.form,
       "pos": d.pos}} for d in docs]
+
+
+def _mixed(cfg: DataConfig) -> list[dict]:
+  """Several sources read side by side: their documents interleaved one from each in turn, so
+  any prefix (the first max_docs for training, the rest for evaluation) mixes them evenly.
+  Each document records its ``source`` index (and ``language``, when configured)."""
+  n = len(cfg.paths)
+  per = -(-cfg.max_docs // n) if cfg.max_docs else None
+  streams = []
+  for i, path in enumerate(cfg.paths):
+    docs = _hf(cfg.replace(path=path, max_docs=per, source_languages=()))
+    lang = {"language": cfg.source_languages[i]} if cfg.source_languages else {}
+    streams.append([{**d, **lang, "source": i} for d in docs])
+  mixed = [d for group in itertools.zip_longest(*streams) for d in group if d is not None]
+  return mixed[:cfg.max_docs] if cfg.max_docs else mixed
 
 
 def _hf(cfg: DataConfig) -> list[dict]:

@@ -44,9 +44,26 @@ def tokenize_documents(docs: list[dict], tokenizer, cfg: DataConfig, vocab_size:
     out.append({"ids": np.asarray(ids, np.int32), "doc": i, "meta": doc})
   if not out:
     raise DataError(f"all {len(docs)} documents are shorter than min_tokens={cfg.min_tokens}")
+  if cfg.balance:
+    out = _balanced(out)
   if vocab_size is not None and top >= vocab_size:
     raise DataError(f"the tokenizer produces id {top} but the model's vocabulary has "
                     f"{vocab_size} entries: tokenizer and model do not match")
+  return out
+
+
+def _balanced(tokenized: list[dict]) -> list[dict]:
+  """The same number of documents from every source (the first ones of each, in order)."""
+  counts: dict[int, int] = {}
+  for d in tokenized:
+    counts[d["meta"].get("source", 0)] = counts.get(d["meta"].get("source", 0), 0) + 1
+  keep, seen = min(counts.values()), dict.fromkeys(counts, 0)
+  out = []
+  for d in tokenized:
+    s = d["meta"].get("source", 0)
+    if seen[s] < keep:
+      seen[s] += 1
+      out.append(d)
   return out
 
 

@@ -127,16 +127,25 @@ class Architecture(abc.ABC):
   def decoder_row_norm(self) -> float:
     return 1.0
 
-  def init_params(self, key: jax.Array, cfg: SAEConfig) -> Params:
-    """Decoder rows: random directions at ``decoder_row_norm``; W_enc = W_dec^T; zero biases.
+  def init_params(self, key: jax.Array, cfg: SAEConfig, encoder_init: str = "tied") -> Params:
+    """Zero biases and, by ``encoder_init``: ``tied``: decoder rows random directions at
+    ``decoder_row_norm``, W_enc = W_dec^T; ``linear``: W_enc [D, M] uniform in
+    +-1/sqrt(D) (a default linear layer, as the paper and sparsify), decoder rows its columns
+    scaled to ``decoder_row_norm``.
 
     b_dec is set to the geometric median of the first batch by the trainer.
     """
     dtype = jnp.dtype(cfg.param_dtype)
-    w = jax.random.normal(key, (cfg.d_sae, cfg.d_in), jnp.float32)
-    w = w / jnp.linalg.norm(w, axis=-1, keepdims=True) * self.decoder_row_norm()
+    if encoder_init == "linear":
+      bound = 1.0 / jnp.sqrt(jnp.float32(cfg.d_in))
+      enc = jax.random.uniform(key, (cfg.d_sae, cfg.d_in), jnp.float32, -bound, bound)
+      w = enc / jnp.linalg.norm(enc, axis=-1, keepdims=True) * self.decoder_row_norm()
+    else:
+      w = jax.random.normal(key, (cfg.d_sae, cfg.d_in), jnp.float32)
+      w = w / jnp.linalg.norm(w, axis=-1, keepdims=True) * self.decoder_row_norm()
+      enc = w
     params = {
-        "W_enc": w.T.astype(dtype),
+        "W_enc": enc.T.astype(dtype),
         "b_enc": jnp.zeros((cfg.d_sae,), dtype),
         "W_dec": w.astype(dtype),
         "b_dec": jnp.zeros((cfg.d_in,), dtype),

@@ -94,7 +94,7 @@ def state_shardings(sae_cfg: SAEConfig, tcfg: TrainConfig, mesh: Mesh) -> TrainS
 
 def _init_state(sae_cfg, tcfg, first_batch, key, init_params=None) -> TrainState:
   arch = registry.get(sae_cfg.architecture)
-  params = arch.init_params(key, sae_cfg)
+  params = arch.init_params(key, sae_cfg, tcfg.encoder_init)
   warm = init_params is not None
   if warm:  # warm start: another SAE's parameters (same shapes), fresh optimizer and counters
     params = {k: jnp.asarray(init_params[k], v.dtype) for k, v in params.items()}
