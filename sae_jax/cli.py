@@ -8,6 +8,7 @@ import sys
 import traceback
 
 from absl import flags
+from absl import logging as absl_logging
 
 from sae_jax.trace_config import TraceConfig
 from sae_jax.errors import ConfigError, SaeJaxError
@@ -18,6 +19,7 @@ def run_main(main):
 
   @functools.wraps(main)
   def wrapped(argv):
+    quiet_libraries()
     try:
       return main(argv)
     except SaeJaxError as e:
@@ -32,6 +34,14 @@ def run_main(main):
       raise
 
   return wrapped
+
+
+def quiet_libraries() -> None:
+  """The libraries' INFO chatter (Orbax logs every checkpoint step) off unless the user asked
+  for it with ``--verbosity`` (``-v``): the progress lines are then what a person reads."""
+  verbosity = flags.FLAGS["verbosity"] if "verbosity" in flags.FLAGS else None
+  if verbosity is None or not verbosity.present:
+    absl_logging.set_verbosity(absl_logging.WARNING)
 
 
 def _multi_host() -> bool:

@@ -43,8 +43,10 @@ SUMMARY_FIELDS = ("checkpoint", "step", "hook", "fvu", "l0", "dead_fraction", "c
 
 
 def validate(cfg: TraceConfig) -> None:
-  """What can be checked before any model is loaded: the architecture and the export formats."""
-  registry.check(cfg.sae)
+  """What can be checked before any model is loaded: the architecture (its name and options;
+  k against d_sae once the model's width is known) and the export formats."""
+  # The template's d_sae is a placeholder until the model's width is known: check the rest.
+  registry.check(cfg.sae.replace(d_sae=max(cfg.sae.d_sae, cfg.sae.k or 1)))
   formats.check_formats(cfg.outputs.exports)
 
 
@@ -201,6 +203,7 @@ def _trace_checkpoint(cfg: TraceConfig, st: store.Store, rev: str, todo: list[_P
   for hook in cfg.hooks:
     parse_hook(hook, model.cfg.n_layers)  # a hook the model lacks: one line, before work
   sae_cfg = sae_config_for(cfg, model.cfg.d_model)
+  registry.check(sae_cfg)  # k against the real d_sae, before any extraction
   hooks = list(dict.fromkeys(p.hook for p in todo))
   if cfg.extract.activations == "cache":
     paths = write_caches(cfg, model, rev, hooks, st, log_fn)

@@ -5,7 +5,7 @@ from sae_jax.errors import ConfigError
 
 
 @pytest.mark.parametrize("kwargs, fragment", [
-    (dict(k=9000, d_sae=8192), "k=9000"),
+    (dict(k=9000, d_sae=8192), "k=9000 must be <= d_sae=8192"),
     (dict(k=0), "k=0"),
     (dict(architecture="gated"), "unknown architecture 'gated'"),
     (dict(normalize="layer"), "normalize='layer'"),

@@ -47,7 +47,7 @@ def _cfg(toy, **kw):
   c.model = str(toy)
   c.data.path = str(toy)
   c.train.total_tokens = 12 * 1024
-  c.train.checkpoint_every = 3
+  c.train.run.checkpoint_every = 3
   c.data.max_docs = 1500
   for k, v in kw.items():
     setattr(c, k, v)
@@ -148,6 +148,8 @@ def test_bad_trace_inputs(toy, tmp_path):
   assert [r["checkpoint"] for r in rows] == ["step0"]
   with pytest.raises(ConfigError, match="past the last block"):
     trace(_cfg(toy, revisions=("step0",), hooks=("resid_post.9",)), tmp_path / "h")
+  with pytest.raises(ConfigError, match=r"k=900 must be <= d_sae=512"):  # expansion 8 x 64
+    trace(_cfg(toy, revisions=("step0",), sae=dict(k=900)), tmp_path / "k")
   with pytest.raises(ConfigError, match="holds another trace"):
     trace(_cfg(toy, revisions=("step0",), expansion=4), tmp_path / "s")
   assert (tmp_path / "s" / "step0" / "resid_post.0" / "COMPLETE").exists()  # nothing lost
@@ -209,6 +211,10 @@ def test_collect_activations_then_train_sae_from_the_cache(toy, tmp_path):
           f"--cache={cache}")
   assert p.returncode == 0, p.stderr[-2000:]
   assert (tmp_path / "sae" / "COMPLETE").exists() and "done:" in p.stdout
+  # The libraries' INFO chatter (Orbax logs every checkpoint) is off by default ...
+  chatter = [l for l in p.stderr.splitlines() if l.startswith("I1") or l.startswith("I0")]
+  assert chatter == [], chatter[:3]
+  assert "step 4/4" in p.stdout  # ... and the progress lines are what remains
   sae = sj.load_sae(tmp_path / "sae" / "sae")
   assert sae.metadata["revision"] == "step30" and sae.metadata["eval"]["fvu"] < 1
   # The cache of another hook is refused in one line.

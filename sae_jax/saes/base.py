@@ -111,6 +111,8 @@ class Architecture(abc.ABC):
     if self.needs_k and cfg.k is None:
       raise ConfigError(f"architecture {self.name!r} needs k (active latents per token); got "
                         f"k=None for d_sae={cfg.d_sae}")
+    if cfg.k is not None and cfg.k > cfg.d_sae:
+      raise ConfigError(f"k={cfg.k} must be <= d_sae={cfg.d_sae} (the SAE's latents)")
     self.options(cfg)
 
   # ---- parameters ------------------------------------------------------------------------
