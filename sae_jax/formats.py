@@ -234,19 +234,25 @@ def export_llm_jp_sae(sae: SAE, path: str | os.PathLike) -> None:
     atomic_write_json(tmp / "config.json", out)
 
 
-def _load_llm_jp_sae(path: Path, c: dict) -> SAE:
-  d, m, k = int(c["d_in"]), int(c["num_latents"]), int(c["k"])
+def _llm_jp_sae(path: Path, d: int, m: int, k: int, version: str) -> SAE:
+  """A TopK SAE on unit-norm inputs from ``model.safetensors``, in either llm-jp-sae layout:
+  ``llm_jp_sae`` holds decoder.weight = W_dec^T [D, M], ``llm_jp_sae_v1`` W_dec [M, D]."""
   where = path / "model.safetensors"
   if not where.exists():
     _refuse_pickles(path)
-    raise CheckpointError(f"{path} has a topk_sae config.json but no model.safetensors")
+    raise CheckpointError(f"{path} has an {version} config.json but no model.safetensors")
   t = _load_tensors(where)
+  w_dec = (_expect(t, "W_dec", (m, d), where) if version == "llm_jp_sae_v1"
+           else _expect(t, "decoder.weight", (d, m), where).T)
   p = {"W_enc": _expect(t, "encoder.weight", (m, d), where).T,
-       "b_enc": _expect(t, "encoder.bias", (m,), where),
-       "W_dec": _expect(t, "decoder.weight", (d, m), where).T,
+       "b_enc": _expect(t, "encoder.bias", (m,), where), "W_dec": w_dec,
        "b_dec": _expect(t, "b_dec", (d,), where)}
   cfg = SAEConfig(architecture="topk", d_in=d, d_sae=m, k=k, normalize="unit_norm")
-  return _make(cfg, p, metadata={"imported_from": "llm_jp_sae"})
+  return _make(cfg, p, metadata={"imported_from": version})
+
+
+def _load_llm_jp_sae(path: Path, c: dict) -> SAE:
+  return _llm_jp_sae(path, int(c["d_in"]), int(c["num_latents"]), int(c["k"]), "llm_jp_sae")
 
 
 def _is_llm_jp_sae_v1(c: dict) -> bool:
@@ -258,20 +264,10 @@ def _is_llm_jp_sae_v1(c: dict) -> bool:
 def _load_llm_jp_sae_v1(path: Path, c: dict) -> SAE:
   """The v1 layout: encoder.weight [M, D], encoder.bias [M], W_dec [M, D], b_dec [D], usually
   bfloat16 (read exactly, then held as float32). Inputs are unit-norm (the paper's "Scalar")."""
-  d, k = int(c["d_in"]), int(c["k"])
-  m = d * int(c["expansion_factor"])
-  where = path / "model.safetensors"
-  if not where.exists():
-    _refuse_pickles(path)
-    raise CheckpointError(f"{path} has an llm-jp-sae v1 config.json but no model.safetensors")
-  t = _load_tensors(where)
-  p = {"W_enc": _expect(t, "encoder.weight", (m, d), where).T,
-       "b_enc": _expect(t, "encoder.bias", (m,), where),
-       "W_dec": _expect(t, "W_dec", (m, d), where),
-       "b_dec": _expect(t, "b_dec", (d,), where)}
-  cfg = SAEConfig(architecture="topk", d_in=d, d_sae=m, k=k, normalize="unit_norm")
-  return _make(cfg, p, metadata={"imported_from": "llm_jp_sae_v1",
-                                 "stored_dtype": str(c.get("torch_dtype", "float32"))})
+  d = int(c["d_in"])
+  sae = _llm_jp_sae(path, d, d * int(c["expansion_factor"]), int(c["k"]), "llm_jp_sae_v1")
+  sae.metadata["stored_dtype"] = str(c.get("torch_dtype", "float32"))
+  return sae
 
 
 # ---- dispatch -------------------------------------------------------------------------------

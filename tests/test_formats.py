@@ -215,5 +215,5 @@ def test_paper_v1_sae_weights_load(tmp_path):
   np.testing.assert_array_equal(np.asarray(got_i), want_i.numpy())
   np.testing.assert_allclose(np.asarray(got_v), want_v.numpy(), rtol=1e-5, atol=1e-6)
   (tmp_path / "model.safetensors").unlink()
-  with pytest.raises(CheckpointError, match="v1 config.json but no model.safetensors"):
+  with pytest.raises(CheckpointError, match="llm_jp_sae_v1 config.json but no model.safetensors"):
     sj.load_sae(tmp_path)
