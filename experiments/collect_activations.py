@@ -5,7 +5,7 @@ r"""Extract activations once into tensorstore caches, to train many SAEs from th
   python experiments/collect_activations.py --config=... --workdir=... --revisions=step100
 
 Every host of a multi-host run writes its own batches (resumable: rerun after a kill); a later
-`trace.py --config.activations=cache` with the same settings trains from these caches.
+`trace.py --config.extract.activations=cache` with the same settings trains from these caches.
 """
 
 import os
