@@ -90,10 +90,13 @@ def spliced_metrics(model, sae: SAE, hook: str, batches, max_batches: int | None
   kl_sae = mean KL(clean || with SAE) per predicted token. ``batches``: TokenBatch-like items
   with ``ids`` and ``mask`` [B, T].
   """
-  # The weights go in as splice arguments, not in a closure: the compiled forward is then
-  # shared by every SAE of one config and keeps none of them alive.
-  recon = _SpliceReconstruct(sae.cfg)
-  state = {"params": sae.params, "buffers": sae.buffers}
+  if isinstance(sae, SAE):
+    # The weights go in as splice arguments, not in a closure: the compiled forward is then
+    # shared by every SAE of one config and keeps none of them alive.
+    recon, state = _SpliceReconstruct(sae.cfg), {"params": sae.params, "buffers": sae.buffers}
+  else:  # anything with reconstruct([N, D]) (a baseline, a peer's SAE): spliced as a closure
+    recon = lambda x, args: sae.reconstruct(x.reshape(-1, x.shape[-1])).reshape(x.shape)
+    state = {}
   sums = {"clean": 0.0, "sae": 0.0, "ablated": 0.0, "kl": 0.0}
   count = 0.0
   for i, b in enumerate(batches):

@@ -112,7 +112,8 @@ def test_trace_runs_skips_done_work_and_resumes_exactly(toy, tmp_path, monkeypat
     raise AssertionError("a finished trace loaded a model")
 
   with monkeypatch.context() as m:  # a rerun of a finished trace trains and loads nothing
-    m.setattr("sae_jax.trace.load_model", no_model)
+    # sys.modules: the name sae_jax.trace is the package's trace() function
+    m.setattr(sys.modules["sae_jax.trace"], "load_model", no_model)
     assert trace(cfg, tmp_path / "a") == rows
   assert (pair / "COMPLETE").stat().st_mtime_ns == stamp
   # Kill a trace mid-way (while a pair is checkpointed but not complete), rerun, compare.
