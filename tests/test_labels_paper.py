@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from sae_jax.analysis.granularity import GRANULARITIES, classify, strongest_forms
-from sae_jax.analysis.paper import (Example, feature_language, language_counts, language_label,
-                                    paper_token_language, quantise, read_examples)
+from sae_jax.analysis.examples import Example, quantise, read_examples
+from sae_jax.analysis.paper import (feature_language, language_counts, language_label,
+                                    paper_token_language)
 
 DATA = Path(__file__).parent / "data" / "llm_jp_sae_demo"
 CHECKPOINTS = (10, 1000, 100000)

@@ -33,6 +33,9 @@ from sae_jax.analysis.codes import feature_stats_many
 from sae_jax.analysis.config import AnalysisConfig
 from sae_jax.analysis.describe import SAEFeatures, describe_sae
 from sae_jax.analysis.evalset import EvalSet, build_eval_set
+from sae_jax.analysis.examples import read_examples
+from sae_jax.analysis.granularity import GranularityConfig
+from sae_jax.analysis.labels import label_examples
 from sae_jax.analysis.lexicon import Lexicon, load_lexicon, toy_lexicon
 from sae_jax.analysis.lineage import THRESHOLD, OverlapResult, analyze_overlap
 from sae_jax.analysis.stats import FeatureStats
@@ -87,6 +90,22 @@ def analyze(workdir: str | Path, cfg: AnalysisConfig = AnalysisConfig(),
   log_fn(f"analysis written to {out} ({time.perf_counter() - t0:.0f}s); open "
          f"{out / outputs.REPORT}")
   return written
+
+
+def label_examples_file(input_path: str | Path, output_path: str | Path, lexicon: str = "",
+                        cfg: GranularityConfig = GranularityConfig()) -> Path:
+  """Label the features of a file of examples (the authors' demo format, see examples.py):
+  a CSV of ``feature, n_en, n_ja, language, granularity`` and finer columns."""
+  output_path = Path(output_path)
+  if output_path.suffix != ".csv":
+    raise ConfigError(f"output {output_path} must be a .csv file")
+  features = read_examples(input_path)
+  if not features:
+    raise DataError(f"{input_path} holds no features")
+  labels = label_examples(features, load_lexicon(lexicon) if lexicon else None, cfg)
+  df = tables.example_labels_table(labels)
+  store.atomic_write_bytes(output_path, lambda tmp: df.to_csv(tmp, index=False), suffix=".csv")
+  return output_path
 
 
 def _lexicon(cfg: AnalysisConfig, trace_cfg: TraceConfig) -> Lexicon | None:

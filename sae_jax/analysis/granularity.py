@@ -29,7 +29,7 @@ import unicodedata
 from typing import Sequence
 
 from sae_jax.analysis.lexicon import Lexicon, clean_token
-from sae_jax.analysis.paper import Example
+from sae_jax.analysis.examples import Example
 
 GRANULARITIES = ("token", "concept_synonym", "concept_semantic", "uninterpretable")
 

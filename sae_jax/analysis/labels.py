@@ -28,7 +28,10 @@ import dataclasses
 
 import numpy as np
 
+from sae_jax.analysis.examples import FeatureExamples
+from sae_jax.analysis.granularity import GranularityConfig, classify
 from sae_jax.analysis.lexicon import Lexicon, script_of
+from sae_jax.analysis.paper import feature_language
 from sae_jax.analysis.stats import FeatureStats
 from sae_jax.languages import EN, JA
 
@@ -173,3 +176,36 @@ def label_features(stats: FeatureStats, ids: np.ndarray, token_text: list[str],
   [S, T] of the evaluation set the stats were made from."""
   return FeatureLabels(**language_labels(stats, ids, token_text, token_lang, cfg),
                        **granularity_labels(stats, ids, token_text, lexicon, cfg))
+
+
+@dataclasses.dataclass(frozen=True)
+class ExampleLabels:
+  """The labels of one feature given by its examples: the paper's language rule (counts and
+  label), the script variant, and the four-class granularity with what decided it."""
+
+  feature: int
+  n_examples: int
+  n_en: int
+  n_ja: int
+  language: str  # the paper's rule
+  language_script: str  # the project's earlier script rule
+  granularity: str  # token, concept_synonym, concept_semantic, uninterpretable
+  top_form: str
+  top_share: float
+  pair_share: float
+  distinct_share: float
+  granularity_basis: str
+
+
+def label_examples(features: list[FeatureExamples], lexicon: Lexicon | None = None,
+                   cfg: GranularityConfig = GranularityConfig(), language_share: float = 0.9
+                   ) -> list[ExampleLabels]:
+  """Language (both rules) and granularity of each feature from its examples alone."""
+  out = []
+  for f in features:
+    lang = feature_language(f.examples, language_share)
+    g = classify(f.examples, lexicon, cfg)
+    out.append(ExampleLabels(f.feature, len(f.examples), lang.n_en, lang.n_ja, lang.language,
+                             lang.language_script, g.granularity, g.top_form, g.top_share,
+                             g.pair_share, g.distinct_share, g.basis))
+  return out

@@ -10,13 +10,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from sae_jax.analysis.config import AnalysisConfig
 from sae_jax.analysis.describe import SAEFeatures
-from sae_jax.analysis.labels import GRANULARITY_LABELS, LANGUAGE_LABELS
+from sae_jax.analysis.labels import GRANULARITY_LABELS, LANGUAGE_LABELS, ExampleLabels
 from sae_jax.analysis.lineage import OverlapResult
 from sae_jax.store import SAERecord
 
@@ -64,6 +65,17 @@ def features_table(saes: list[SAEFeatures], cfg: AnalysisConfig, ground_truth: b
           "granularity_truth": lab.granularity_truth[f] if ground_truth else None,
           "top_tokens": format_top_tokens(d.top_tokens[int(f)]),
           "in_sample": bool(in_sample[f])})
+  return _frame(rows)
+
+
+def example_labels_table(labels: list[ExampleLabels]) -> pd.DataFrame:
+  """One row per feature labelled from its examples: ``feature, n_en, n_ja, language,
+  granularity`` first, then the finer columns."""
+  first = ["feature", "n_en", "n_ja", "language", "granularity"]
+  rows = []
+  for x in labels:
+    d = dataclasses.asdict(x)
+    rows.append({**{k: d[k] for k in first}, **{k: v for k, v in d.items() if k not in first}})
   return _frame(rows)
 
 
