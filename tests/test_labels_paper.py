@@ -155,3 +155,37 @@ def test_label_examples_cli(tmp_path):
   assert r.returncode == 2 and r.stderr.count("\n") == 1 and "bad.jsonl" in r.stderr, r.stderr
   with gzip.open(src, "rt") as f:
     assert json.loads(f.readline())["feature"] == df.feature.iloc[0]
+
+
+def test_our_features_get_the_paper_rules_from_their_codes(tmp_path):
+  """The same rules on examples built from an SAE's codes over our evaluation set."""
+  from test_analysis import LEXICON, TOK, VOCAB, _evalset, _hand_sae, _one_hot
+  from sae_jax.analysis import AnalysisConfig, feature_stats, load_lexicon
+  from sae_jax.analysis.labels import label_features, sae_examples
+  (tmp_path / "lex.tsv").write_text(LEXICON)
+  lex = load_lexicon(tmp_path / "lex.tsv")
+  ev = _evalset()
+  st, values, indices = feature_stats(_hand_sae(), ev, _one_hot, AnalysisConfig())
+  feats = {f.feature: f for f in sae_examples(st, ev.ids, ev.mask, ev.token_text,
+                                              (values, indices), 0.7)}
+  assert sorted(feats) == [0, 1, 2, 3, 4, 5]
+  for ex in feats[4].examples:  # counted tokens only; 10 on every いぬ, 0 elsewhere
+    assert len(ex.tokens) == ev.ids.shape[1] - 1
+    assert all((a == 10) == (t == "いぬ") for t, a in zip(ex.tokens, ex.acts))
+  lab = label_features(st, ev.ids, ev.token_text, ev.language, lex, codes=(values, indices),
+                       mask=ev.mask)
+  want_lang = {0: "en", 1: "en", 2: "bilingual", 3: "en", 4: "ja", 5: "ja", 6: "dead"}
+  want_gran = {0: "token", 1: "concept_synonym", 2: "concept_synonym", 3: "concept_semantic",
+               4: "token", 5: "token", 6: "dead"}
+  assert {f: lab.language_paper[f] for f in want_lang} == want_lang
+  assert {f: lab.granularity_paper[f] for f in want_gran} == want_gran
+  assert lab.n_en[0] == len(feats[0].examples) and lab.n_ja[0] == 0 and lab.n_en[6] == -1
+  assert lab.language_script is lab.language  # the variant keeps its place
+  assert VOCAB[TOK["42"]] == "42"
+
+
+def test_wilson_interval_and_paper_table():
+  from sae_jax.analysis.tables import wilson_interval
+  lo, hi = wilson_interval(50, 100)
+  assert lo == pytest.approx(0.4038, abs=1e-4) and hi == pytest.approx(0.5962, abs=1e-4)
+  assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == 1.0

@@ -77,7 +77,8 @@ def analyze(workdir: str | Path, cfg: AnalysisConfig = AnalysisConfig(),
   out.mkdir(parents=True, exist_ok=True)
   t0 = time.perf_counter()
   evalset, stats = _all_stats(trace_cfg, records, saes, cfg, out, log_fn)
-  described = [describe_sae(r, stats[r.key], evalset, lexicon, cfg) for r in records]
+  described = [describe_sae(r, stats[r.key], evalset, lexicon, cfg, outputs.load_codes(out, r))
+               for r in records]
   overlap = None
   if cfg.overlap:
     overlap = analyze_overlap(records, saes, functools.partial(outputs.load_codes, out),
@@ -174,7 +175,8 @@ def _present(out: Path, title: str, described: list[SAEFeatures], overlap: Overl
   evals = {r.key: store.read_json(r.run.eval) for r in records if r.run.eval.exists()}
   frames = {"features": tables.features_table(described, cfg, ground_truth),
             "summary": tables.summary_table(described, cfg, ground_truth),
-            "eval": tables.eval_table(records, evals)}
+            "eval": tables.eval_table(records, evals),
+            "paper": tables.paper_labels_table(described)}
   if overlap is not None:
     frames["overlap"] = tables.overlap_table(overlap)
     frames["lineage"] = tables.lineage_table(overlap)

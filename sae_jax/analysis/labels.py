@@ -1,6 +1,13 @@
 """Language and granularity labels for every feature, with the rules' thresholds as config.
 
-Language (the paper's rule, Inaba et al. 2025 sec. 3): take the feature's example set (up to
+The paper's own rules (Inaba et al. 2025; their v1 code) are pure functions of a feature's
+examples (paper.py, granularity.py): ``language_paper`` (with its counts ``n_en``, ``n_ja``) and
+``granularity_paper`` (the paper's four classes), from examples built here out of the SAE's
+codes over the evaluation set (:func:`sae_examples`); :func:`label_examples` labels anyone's.
+
+Language by script (``language``, also ``language_script``: the project's earlier rule, a
+variant of the paper's - it leaves punctuation undecided where the paper counts it Japanese):
+take the feature's example set (up to
 ``n_examples`` sequences drawn at random among those where it fires at >= ``example_fraction``
 of its maximum), look at each example's maximally activating token, decide its script (Latin ->
 en, kana/kanji -> ja; a digit defers to the previous token, punctuation is undecided); more
@@ -28,7 +35,7 @@ import dataclasses
 
 import numpy as np
 
-from sae_jax.analysis.examples import FeatureExamples
+from sae_jax.analysis.examples import Example, FeatureExamples, quantise
 from sae_jax.analysis.granularity import GranularityConfig, classify
 from sae_jax.analysis.lexicon import Lexicon, script_of
 from sae_jax.analysis.paper import feature_language
@@ -47,12 +54,22 @@ class FeatureLabels:
   """The labels of one SAE's features: [M] object arrays of label names (``en_share``: float,
   NaN where no example was decided)."""
 
-  language: np.ndarray  # the paper's rule on the examples' scripts
+  language: np.ndarray  # the script rule (a variant of the paper's) on the examples
   language_meta: np.ndarray  # the same rule on the token metadata
   language_truth: np.ndarray  # the rule on all strong firings with per-token truth
   en_share: np.ndarray
   granularity: np.ndarray  # over the examples
   granularity_truth: np.ndarray  # over all strong firings
+  # The paper's rules on examples built from the codes (None where no codes were given).
+  language_paper: np.ndarray | None = None
+  n_en: np.ndarray | None = None  # [M] int, the paper rule's counts (-1 for dead features)
+  n_ja: np.ndarray | None = None
+  granularity_paper: np.ndarray | None = None  # token, concept_*, uninterpretable, dead
+
+  @property
+  def language_script(self) -> np.ndarray:
+    """The script rule, by its variant name."""
+    return self.language
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,11 +188,61 @@ def granularity_labels(stats: FeatureStats, ids: np.ndarray, token_text: list[st
 
 def label_features(stats: FeatureStats, ids: np.ndarray, token_text: list[str],
                    token_lang: np.ndarray, lexicon: Lexicon | None,
-                   cfg: LabelConfig = LabelConfig()) -> FeatureLabels:
+                   cfg: LabelConfig = LabelConfig(), codes: tuple | None = None,
+                   mask: np.ndarray | None = None) -> FeatureLabels:
   """Language and granularity labels of every feature (arrays [M]); ``ids``/``token_lang``:
-  [S, T] of the evaluation set the stats were made from."""
+  [S, T] of the evaluation set the stats were made from. With ``codes`` (values, indices
+  [N, k] over the counted tokens ``mask`` [S, T]) also the paper's rules on the examples."""
+  paper = {}
+  if codes is not None:
+    feats = sae_examples(stats, ids, mask, token_text, codes, cfg.example_fraction)
+    paper = paper_label_arrays(stats.d_sae, label_examples(feats, lexicon, language_share=
+                                                           cfg.language_share))
   return FeatureLabels(**language_labels(stats, ids, token_text, token_lang, cfg),
-                       **granularity_labels(stats, ids, token_text, lexicon, cfg))
+                       **granularity_labels(stats, ids, token_text, lexicon, cfg), **paper)
+
+
+def sae_examples(stats: FeatureStats, ids: np.ndarray, mask: np.ndarray, token_text: list[str],
+                 codes: tuple, fraction: float) -> list[FeatureExamples]:
+  """Every live feature's examples as the paper records them: each example sequence's counted
+  tokens (SentencePiece's marker written as a space) with the feature's activation on each
+  (its top-k code; 0 where it is not among the top k), quantised by the max over its examples."""
+  values, indices = codes
+  row_of = np.full(ids.shape, -1, np.int64)
+  row_of[mask] = np.arange(int(mask.sum()))
+  ex_mask, ex_seq, _ = stats.examples(fraction)
+  texts: dict[int, tuple[str, ...]] = {}
+  out = []
+  for f in np.nonzero(stats.live)[0]:
+    seqs = ex_seq[f][ex_mask[f]]
+    acts = []
+    for s in seqs:
+      rows = row_of[s][mask[s]]
+      acts.append(np.where(indices[rows] == f, values[rows], 0).sum(1))
+      if int(s) not in texts:
+        texts[int(s)] = tuple(_spaced(token_text[t]) for t in ids[s][mask[s]])
+    top = max((float(a.max()) for a in acts if a.size), default=0.0)
+    out.append(FeatureExamples(int(f), tuple(Example(texts[int(s)], quantise(a, top))
+                                             for s, a in zip(seqs, acts))))
+  return out
+
+
+def _spaced(token: str) -> str:
+  """A token piece with its tokenizer's space marker written as a space (as the paper does)."""
+  return token.replace("\u2581", " ").replace("\u0120", " ")
+
+
+def paper_label_arrays(d_sae: int, labels: list[ExampleLabels]) -> dict:
+  """{'language_paper', 'n_en', 'n_ja', 'granularity_paper'}: [M] arrays ("dead" / -1 for the
+  features ``labels`` does not name)."""
+  lang = np.full(d_sae, "dead", dtype=object)
+  gran = np.full(d_sae, "dead", dtype=object)
+  n_en = np.full(d_sae, -1, np.int64)
+  n_ja = np.full(d_sae, -1, np.int64)
+  for x in labels:
+    lang[x.feature], gran[x.feature] = x.language, x.granularity
+    n_en[x.feature], n_ja[x.feature] = x.n_en, x.n_ja
+  return {"language_paper": lang, "n_en": n_en, "n_ja": n_ja, "granularity_paper": gran}
 
 
 @dataclasses.dataclass(frozen=True)
