@@ -205,8 +205,14 @@ def label_features(stats: FeatureStats, ids: np.ndarray, token_text: list[str],
 def sae_examples(stats: FeatureStats, ids: np.ndarray, mask: np.ndarray, token_text: list[str],
                  codes: tuple, fraction: float) -> list[FeatureExamples]:
   """Every live feature's examples as the paper records them: each example sequence's counted
-  tokens (SentencePiece's marker written as a space) with the feature's activation on each
-  (its top-k code; 0 where it is not among the top k), quantised by the max over its examples."""
+  tokens (SentencePiece's marker written as a space) with the feature's activation on each,
+  quantised by the max over its examples.
+
+  Where this differs from the paper's collection: the sequences are the stats' example draw
+  (at random among those reaching >= ``fraction`` of the feature's max top-k code; the paper
+  takes the first 50 of a shuffled split above 0.7 x the max encoder output), and a token's
+  value is its top-k code (0 where the feature is not among the token's top k; the paper
+  records the encoder output before ReLU / top-k, clipped at 0)."""
   values, indices = codes
   row_of = np.full(ids.shape, -1, np.int64)
   row_of[mask] = np.arange(int(mask.sum()))
