@@ -241,7 +241,7 @@ def _check_paper_table(out, feats):
                  (feats.seed == r.seed)]
     assert r.n_live == len(rows)
     for x in ("en", "ja", "bilingual"):
-      assert getattr(r, f"n_paper_{x}") == (rows.language_paper == x).sum()
+      assert getattr(r, f"n_paper_{x}") == (rows.language == x).sum()
       assert getattr(r, f"n_script_{x}") == (rows.language_script == x).sum()
     assert r.n_paper_en + r.n_paper_ja + r.n_paper_bilingual == r.n_live
     assert (rows.n_en + rows.n_ja == rows.n_examples).all()  # the paper decides every example

@@ -177,10 +177,12 @@ def test_our_features_get_the_paper_rules_from_their_codes(tmp_path):
   want_lang = {0: "en", 1: "en", 2: "bilingual", 3: "en", 4: "ja", 5: "ja", 6: "dead"}
   want_gran = {0: "token", 1: "concept_synonym", 2: "concept_synonym", 3: "concept_semantic",
                4: "token", 5: "token", 6: "dead"}
-  assert {f: lab.language_paper[f] for f in want_lang} == want_lang
+  assert {f: lab.language[f] for f in want_lang} == want_lang  # the paper's rule: primary
   assert {f: lab.granularity_paper[f] for f in want_gran} == want_gran
   assert lab.n_en[0] == len(feats[0].examples) and lab.n_ja[0] == 0 and lab.n_en[6] == -1
-  assert lab.language_script is lab.language  # the variant keeps its place
+  script = label_features(st, ev.ids, ev.token_text, ev.language, lex)  # no codes: by script
+  assert script.language_script is None and not script.by_paper_rule
+  assert list(lab.language_script) == list(script.language)  # the variant beside it
   assert VOCAB[TOK["42"]] == "42"
 
 

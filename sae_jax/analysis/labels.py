@@ -1,13 +1,14 @@
 """Language and granularity labels for every feature, with the rules' thresholds as config.
 
 The paper's own rules (Inaba et al. 2025; their v1 code) are pure functions of a feature's
-examples (paper.py, granularity.py): ``language_paper`` (with its counts ``n_en``, ``n_ja``) and
-``granularity_paper`` (the paper's four classes), from examples built here out of the SAE's
-codes over the evaluation set (:func:`sae_examples`); :func:`label_examples` labels anyone's.
+examples (paper.py, granularity.py): ``language`` (the primary label, with its counts ``n_en``,
+``n_ja``) and ``granularity_paper`` (the paper's four classes), from examples built here out of
+the SAE's codes over the evaluation set (:func:`sae_examples`); :func:`label_examples` labels
+anyone's.
 
-Language by script (``language``, also ``language_script``: the project's earlier rule, a
-variant of the paper's - it leaves punctuation undecided where the paper counts it Japanese):
-take the feature's example set (up to
+Language by script (``language_script``: the project's earlier rule, a variant of the paper's
+- it leaves punctuation undecided where the paper counts it Japanese; ``language`` itself where
+no codes were given): take the feature's example set (up to
 ``n_examples`` sequences drawn at random among those where it fires at >= ``example_fraction``
 of its maximum), look at each example's maximally activating token, decide its script (Latin ->
 en, kana/kanji -> ja; a digit defers to the previous token, punctuation is undecided); more
@@ -54,22 +55,23 @@ class FeatureLabels:
   """The labels of one SAE's features: [M] object arrays of label names (``en_share``: float,
   NaN where no example was decided)."""
 
-  language: np.ndarray  # the script rule (a variant of the paper's) on the examples
+  language: np.ndarray  # the paper's rule (the script rule where no codes were given)
   language_meta: np.ndarray  # the same rule on the token metadata
   language_truth: np.ndarray  # the rule on all strong firings with per-token truth
   en_share: np.ndarray
   granularity: np.ndarray  # over the examples
   granularity_truth: np.ndarray  # over all strong firings
-  # The paper's rules on examples built from the codes (None where no codes were given).
-  language_paper: np.ndarray | None = None
-  n_en: np.ndarray | None = None  # [M] int, the paper rule's counts (-1 for dead features)
+  # With the codes: the script rule as the variant beside ``language``, the paper rule's
+  # counts and the paper's four granularity classes (None where no codes were given).
+  language_script: np.ndarray | None = None
+  n_en: np.ndarray | None = None  # [M] int (-1 for dead features)
   n_ja: np.ndarray | None = None
   granularity_paper: np.ndarray | None = None  # token, concept_*, uninterpretable, dead
 
   @property
-  def language_script(self) -> np.ndarray:
-    """The script rule, by its variant name."""
-    return self.language
+  def by_paper_rule(self) -> bool:
+    """Whether ``language`` is the paper's rule (the examples were built from codes)."""
+    return self.language_script is not None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,13 +195,18 @@ def label_features(stats: FeatureStats, ids: np.ndarray, token_text: list[str],
   """Language and granularity labels of every feature (arrays [M]); ``ids``/``token_lang``:
   [S, T] of the evaluation set the stats were made from. With ``codes`` (values, indices
   [N, k] over the counted tokens ``mask`` [S, T]) also the paper's rules on the examples."""
+  lang = language_labels(stats, ids, token_text, token_lang, cfg)
   paper = {}
   if codes is not None:
     feats = sae_examples(stats, ids, mask, token_text, codes, cfg.example_fraction)
     paper = paper_label_arrays(stats.d_sae, label_examples(feats, lexicon, language_share=
                                                            cfg.language_share))
-  return FeatureLabels(**language_labels(stats, ids, token_text, token_lang, cfg),
-                       **granularity_labels(stats, ids, token_text, lexicon, cfg), **paper)
+    paper["language_script"] = lang["language"]
+    lang["language"] = paper.pop("language")
+    decided = paper["n_en"] + paper["n_ja"]
+    lang["en_share"] = np.where(decided > 0, paper["n_en"] / np.maximum(decided, 1), np.nan)
+  return FeatureLabels(**lang, **granularity_labels(stats, ids, token_text, lexicon, cfg),
+                       **paper)
 
 
 def sae_examples(stats: FeatureStats, ids: np.ndarray, mask: np.ndarray, token_text: list[str],
@@ -239,7 +246,7 @@ def _spaced(token: str) -> str:
 
 
 def paper_label_arrays(d_sae: int, labels: list[ExampleLabels]) -> dict:
-  """{'language_paper', 'n_en', 'n_ja', 'granularity_paper'}: [M] arrays ("dead" / -1 for the
+  """{'language', 'n_en', 'n_ja', 'granularity_paper'}: [M] arrays ("dead" / -1 for the
   features ``labels`` does not name)."""
   lang = np.full(d_sae, "dead", dtype=object)
   gran = np.full(d_sae, "dead", dtype=object)
@@ -248,7 +255,7 @@ def paper_label_arrays(d_sae: int, labels: list[ExampleLabels]) -> dict:
   for x in labels:
     lang[x.feature], gran[x.feature] = x.language, x.granularity
     n_en[x.feature], n_ja[x.feature] = x.n_en, x.n_ja
-  return {"language_paper": lang, "n_en": n_en, "n_ja": n_ja, "granularity_paper": gran}
+  return {"language": lang, "n_en": n_en, "n_ja": n_ja, "granularity_paper": gran}
 
 
 @dataclasses.dataclass(frozen=True)

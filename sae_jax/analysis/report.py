@@ -28,7 +28,8 @@ from sae_jax.store import SAERecord
 SUMMARY_COLUMNS = (["checkpoint", "hook", "seed", "n_live", "n_dead"] +
                    [f"share_lang_{x}" for x in BY_LANGUAGE] +
                    [f"share_gran_{x}" for x in GRANULARITY_LABELS if x != "dead"] +
-                   ["agreement_language", "agreement_granularity"])
+                   ["agreement_language", "agreement_language_script",
+                    "agreement_granularity"])
 OVERLAP_COLUMNS = ["hook", "kind", "a", "b", "overlap", "overlap_decoder", "mean_best"] + [
     f"overlap_lang_{x}" for x in BY_LANGUAGE]
 
@@ -135,7 +136,7 @@ def _cards(features, saes: list[SAEFeatures], evalset: EvalSet, cfg: AnalysisCon
     items = [{"f": int(x.feature), "freq": x.frequency, "freq_en": x.frequency_en,
               "freq_ja": x.frequency_ja, "mean": round(x.mean_act, 4),
               "max": round(x.max_act, 4), "entropy": round(x.token_entropy, 3),
-              "lang": x.language, "lang_paper": x.language_paper, "gran_paper":
+              "lang": x.language, "lang_script": x.language_script, "gran_paper":
               x.granularity_paper, "lang_meta": x.language_meta, "lang_truth": x.language_truth,
               "gran": x.granularity, "gran_truth": x.granularity_truth,
               "sample": bool(x.in_sample), "top": d.top_tokens[int(x.feature)],
@@ -229,8 +230,8 @@ function renderList() {
 }
 function showCard(it) {
   let h = '<h3 id="card-title">feature ' + it.f + ' <small>(' + esc($('sae').value) + ')</small></h3>';
-  if (it.lang_paper) h += '<span class="lbl">paper rule: ' + esc(it.lang_paper) + '</span>';
   h += '<span class="lbl">language: ' + esc(it.lang) + '</span>';
+  if (it.lang_script) h += '<span class="lbl">by script: ' + esc(it.lang_script) + '</span>';
   h += '<span class="lbl">by metadata: ' + esc(it.lang_meta) + '</span>';
   if (it.lang_truth) h += '<span class="lbl">truth: ' + esc(it.lang_truth) + '</span>';
   h += '<span class="lbl">granularity: ' + esc(it.gran) + '</span>';

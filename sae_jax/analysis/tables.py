@@ -2,7 +2,8 @@
 
     features   one row per live (checkpoint, hook, seed, feature)
     summary    one row per SAE: label counts and shares (all live features and the sample),
-               agreement of the script labels with the ground truth and with the metadata
+               agreement of the labels (the paper's language rule; the script variant too)
+               with the ground truth and with the metadata
     paper      one row per SAE: the paper's language rule beside the script variant, the
                paper's four granularity classes with Wilson 95 % intervals
     eval       one row per SAE: its training-time evaluation (eval.json)
@@ -75,11 +76,11 @@ def features_table(saes: list[SAEFeatures], cfg: AnalysisConfig, ground_truth: b
 
 def _paper_columns(lab, f: int) -> dict:
   """The paper's rules of one feature (None where the labels were made without codes)."""
-  if lab.language_paper is None:
-    return {"language_paper": None, "n_en": None, "n_ja": None, "language_script":
-            lab.language[f], "granularity_paper": None}
-  return {"language_paper": lab.language_paper[f], "n_en": int(lab.n_en[f]),
-          "n_ja": int(lab.n_ja[f]), "language_script": lab.language[f],
+  if not lab.by_paper_rule:
+    return {"n_en": None, "n_ja": None, "language_script": lab.language[f],
+            "granularity_paper": None}
+  return {"n_en": int(lab.n_en[f]), "n_ja": int(lab.n_ja[f]),
+          "language_script": lab.language_script[f],
           "granularity_paper": lab.granularity_paper[f]}
 
 
@@ -100,13 +101,13 @@ def paper_labels_table(saes: list[SAEFeatures]) -> pd.DataFrame:
   rows = []
   for d in saes:
     lab, live = d.labels, d.live
-    if lab.language_paper is None:
+    if not lab.by_paper_rule:
       continue
     row = {**_sae_columns(d.record), "n_live": int(live.size)}
     for x in PAPER_LANGUAGES[:3]:
-      row[f"n_paper_{x}"] = int((lab.language_paper[live] == x).sum())
-      row[f"n_script_{x}"] = int((lab.language[live] == x).sum())
-    row["n_script_none"] = int((lab.language[live] == "none").sum())
+      row[f"n_paper_{x}"] = int((lab.language[live] == x).sum())
+      row[f"n_script_{x}"] = int((lab.language_script[live] == x).sum())
+    row["n_script_none"] = int((lab.language_script[live] == "none").sum())
     for g in GRANULARITIES:
       k = int((lab.granularity_paper[live] == g).sum())
       lo, hi = wilson_interval(k, int(live.size))
@@ -152,6 +153,10 @@ def _summary_row(d: SAEFeatures, cfg: AnalysisConfig, ground_truth: bool) -> dic
   row["agreement_granularity"] = (_agreement(lab.granularity[live], lab.granularity_truth[live])
                                   if truth else float("nan"))
   row["agreement_language_meta"] = _agreement(lab.language[live], lab.language_meta[live])
+  if lab.by_paper_rule:
+    row["agreement_language_script"] = (
+        _agreement(lab.language_script[live], lab.language_truth[live]) if truth else
+        float("nan"))
   return row
 
 
