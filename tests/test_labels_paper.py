@@ -191,3 +191,13 @@ def test_wilson_interval_and_paper_table():
   lo, hi = wilson_interval(50, 100)
   assert lo == pytest.approx(0.4038, abs=1e-4) and hi == pytest.approx(0.5962, abs=1e-4)
   assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == 1.0
+
+
+def test_array_quantisation_equals_the_paper_formula():
+  import numpy as np
+  from sae_jax.analysis.labels import _quantised
+  rng = np.random.default_rng(0)
+  v = np.concatenate([rng.normal(size=500).astype(np.float32), [0.0, 3.0, 1.5]]).astype(
+      np.float32)
+  assert _quantised(v, 3.0) == quantise(v.tolist(), 3.0)
+  assert _quantised(v, 0.0) == quantise(v.tolist(), 0.0)

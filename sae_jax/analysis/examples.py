@@ -51,11 +51,8 @@ class FeatureExamples:
 
 def strongest_position(acts: Sequence[float]) -> int:
   """Index of the first maximum of ``acts`` (-1 for an empty sequence)."""
-  best, at = None, -1
-  for i, a in enumerate(acts):
-    if best is None or a > best:
-      best, at = a, i
-  return at
+  acts = list(acts)
+  return acts.index(max(acts)) if acts else -1
 
 
 def quantise(values: Sequence[float], max_act: float) -> tuple[int, ...]:

@@ -36,7 +36,7 @@ import dataclasses
 
 import numpy as np
 
-from sae_jax.analysis.examples import Example, FeatureExamples, quantise
+from sae_jax.analysis.examples import MAX_QUANT, Example, FeatureExamples
 from sae_jax.analysis.granularity import GranularityConfig, classify
 from sae_jax.analysis.lexicon import Lexicon, script_of
 from sae_jax.analysis.paper import feature_language
@@ -235,9 +235,17 @@ def sae_examples(stats: FeatureStats, ids: np.ndarray, mask: np.ndarray, token_t
       if int(s) not in texts:
         texts[int(s)] = tuple(_spaced(token_text[t]) for t in ids[s][mask[s]])
     top = max((float(a.max()) for a in acts if a.size), default=0.0)
-    out.append(FeatureExamples(int(f), tuple(Example(texts[int(s)], quantise(a, top))
+    out.append(FeatureExamples(int(f), tuple(Example(texts[int(s)], _quantised(a, top))
                                              for s, a in zip(seqs, acts))))
   return out
+
+
+def _quantised(values: np.ndarray, top: float) -> tuple[int, ...]:
+  """``examples.quantise`` on an array: 0 where <= 0, else ceil(10 * a / top)."""
+  if not top > 0:
+    return (0,) * values.size
+  v = values.astype(np.float64)
+  return tuple(np.where(v > 0, np.ceil(v * MAX_QUANT / top), 0).astype(np.int64).tolist())
 
 
 def _spaced(token: str) -> str:
