@@ -225,8 +225,34 @@ def test_toy_trace_analysis_end_to_end(tiny_toy, tmp_path):
                                                      abs=1e-12), x
   ja_only = feats_final[feats_final.language_truth == "ja"]
   assert len(ja_only) and (ja_only.frequency_ja > ja_only.frequency_en).mean() > 0.9
+  _check_paper_table(out, feats)
   _check_overlap_and_lineage(out, work, feats, final)
   _check_report_in_chromium(out, feats_final, tmp_path)
+
+
+def _check_paper_table(out, feats):
+  """paper.csv against the features table: both language rules, the four classes and their
+  Wilson intervals around the shares."""
+  import pandas as pd
+  paper = pd.read_csv(out / "paper.csv")
+  assert len(paper) == len(feats.groupby(["checkpoint", "hook", "seed"]))
+  for r in paper.itertuples():
+    rows = feats[(feats.checkpoint == r.checkpoint) & (feats.hook == r.hook) &
+                 (feats.seed == r.seed)]
+    assert r.n_live == len(rows)
+    for x in ("en", "ja", "bilingual"):
+      assert getattr(r, f"n_paper_{x}") == (rows.language == x).sum()
+      assert getattr(r, f"n_script_{x}") == (rows.language_script == x).sum()
+    assert r.n_paper_en + r.n_paper_ja + r.n_paper_bilingual == r.n_live
+    assert (rows.n_en + rows.n_ja == rows.n_examples).all()  # the paper decides every example
+    for g in ("token", "concept_synonym", "concept_semantic", "uninterpretable"):
+      k = getattr(r, f"n_{g}")
+      assert k == (rows.granularity_paper == g).sum()
+      assert getattr(r, f"{g}_lo") <= k / r.n_live <= getattr(r, f"{g}_hi")
+  html_text = (out / "report.html").read_text(encoding="utf-8")
+  assert "the paper&#x27;s rule beside the script variant" in html_text or (
+      "the paper's rule beside the script variant" in html_text)
+  assert "Wilson 95 % interval" in html_text
 
 
 def _check_overlap_and_lineage(out, work, feats, final):

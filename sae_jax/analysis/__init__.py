@@ -13,8 +13,11 @@ from sae_jax.analysis.codes import feature_stats, feature_stats_many
 from sae_jax.analysis.config import AnalysisConfig
 from sae_jax.analysis.describe import SAEFeatures, describe_sae
 from sae_jax.analysis.evalset import EvalSet, build_eval_set
-from sae_jax.analysis.labels import (FeatureLabels, LabelConfig, granularity_labels,
-                                     label_features, language_labels)
+from sae_jax.analysis.examples import Example, FeatureExamples, read_examples
+from sae_jax.analysis.granularity import GranularityConfig
+from sae_jax.analysis.labels import (ExampleLabels, FeatureLabels, LabelConfig,
+                                     granularity_labels, label_examples, label_features,
+                                     language_labels)
 from sae_jax.analysis.lexicon import Lexicon, load_lexicon, script_of, toy_lexicon
 from sae_jax.analysis.lineage import Comparison, Lineage, OverlapResult, analyze_overlap
 from sae_jax.analysis.matching import (Matching, assign_one_to_one, match_activations,
@@ -22,10 +25,11 @@ from sae_jax.analysis.matching import (Matching, assign_one_to_one, match_activa
 from sae_jax.analysis.stats import (FeatureStats, StatsAccumulator, collect_stats,
                                     collect_stats_many)
 
-__all__ = ["AnalysisConfig", "Comparison", "EvalSet", "FeatureLabels", "FeatureStats",
-           "LabelConfig", "Lexicon", "Lineage", "Matching", "OverlapResult", "SAEFeatures",
-           "StatsAccumulator", "analyze", "analyze_overlap", "assign_one_to_one",
-           "build_eval_set", "collect_stats", "collect_stats_many", "describe_sae",
-           "feature_stats", "feature_stats_many", "granularity_labels", "label_features",
-           "language_labels", "load_lexicon", "match_activations", "match_decoders", "script_of",
+__all__ = ["AnalysisConfig", "Comparison", "EvalSet", "Example", "ExampleLabels",
+           "FeatureExamples", "FeatureLabels", "FeatureStats", "GranularityConfig", "LabelConfig",
+           "Lexicon", "Lineage", "Matching", "OverlapResult", "SAEFeatures", "StatsAccumulator",
+           "analyze", "analyze_overlap", "assign_one_to_one", "build_eval_set", "collect_stats",
+           "collect_stats_many", "describe_sae", "feature_stats", "feature_stats_many",
+           "granularity_labels", "label_examples", "label_features", "language_labels",
+           "load_lexicon", "match_activations", "match_decoders", "read_examples", "script_of",
            "toy_lexicon"]

@@ -33,6 +33,9 @@ from sae_jax.analysis.codes import feature_stats_many
 from sae_jax.analysis.config import AnalysisConfig
 from sae_jax.analysis.describe import SAEFeatures, describe_sae
 from sae_jax.analysis.evalset import EvalSet, build_eval_set
+from sae_jax.analysis.examples import read_examples
+from sae_jax.analysis.granularity import GranularityConfig
+from sae_jax.analysis.labels import label_examples
 from sae_jax.analysis.lexicon import Lexicon, load_lexicon, toy_lexicon
 from sae_jax.analysis.lineage import THRESHOLD, OverlapResult, analyze_overlap
 from sae_jax.analysis.stats import FeatureStats
@@ -74,7 +77,8 @@ def analyze(workdir: str | Path, cfg: AnalysisConfig = AnalysisConfig(),
   out.mkdir(parents=True, exist_ok=True)
   t0 = time.perf_counter()
   evalset, stats = _all_stats(trace_cfg, records, saes, cfg, out, log_fn)
-  described = [describe_sae(r, stats[r.key], evalset, lexicon, cfg) for r in records]
+  described = [describe_sae(r, stats[r.key], evalset, lexicon, cfg, outputs.load_codes(out, r))
+               for r in records]
   overlap = None
   if cfg.overlap:
     overlap = analyze_overlap(records, saes, functools.partial(outputs.load_codes, out),
@@ -87,6 +91,22 @@ def analyze(workdir: str | Path, cfg: AnalysisConfig = AnalysisConfig(),
   log_fn(f"analysis written to {out} ({time.perf_counter() - t0:.0f}s); open "
          f"{out / outputs.REPORT}")
   return written
+
+
+def label_examples_file(input_path: str | Path, output_path: str | Path, lexicon: str = "",
+                        cfg: GranularityConfig = GranularityConfig()) -> Path:
+  """Label the features of a file of examples (the authors' demo format, see examples.py):
+  a CSV of ``feature, n_en, n_ja, language, granularity`` and finer columns."""
+  output_path = Path(output_path)
+  if output_path.suffix != ".csv":
+    raise ConfigError(f"output {output_path} must be a .csv file")
+  features = read_examples(input_path)
+  if not features:
+    raise DataError(f"{input_path} holds no features")
+  labels = label_examples(features, load_lexicon(lexicon) if lexicon else None, cfg)
+  df = tables.example_labels_table(labels)
+  store.atomic_write_bytes(output_path, lambda tmp: df.to_csv(tmp, index=False), suffix=".csv")
+  return output_path
 
 
 def _lexicon(cfg: AnalysisConfig, trace_cfg: TraceConfig) -> Lexicon | None:
@@ -155,7 +175,8 @@ def _present(out: Path, title: str, described: list[SAEFeatures], overlap: Overl
   evals = {r.key: store.read_json(r.run.eval) for r in records if r.run.eval.exists()}
   frames = {"features": tables.features_table(described, cfg, ground_truth),
             "summary": tables.summary_table(described, cfg, ground_truth),
-            "eval": tables.eval_table(records, evals)}
+            "eval": tables.eval_table(records, evals),
+            "paper": tables.paper_labels_table(described)}
   if overlap is not None:
     frames["overlap"] = tables.overlap_table(overlap)
     frames["lineage"] = tables.lineage_table(overlap)

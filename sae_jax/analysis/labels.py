@@ -1,6 +1,14 @@
 """Language and granularity labels for every feature, with the rules' thresholds as config.
 
-Language (the paper's rule, Inaba et al. 2025 sec. 3): take the feature's example set (up to
+The paper's own rules (Inaba et al. 2025; their v1 code) are pure functions of a feature's
+examples (paper.py, granularity.py): ``language`` (the primary label, with its counts ``n_en``,
+``n_ja``) and ``granularity_paper`` (the paper's four classes), from examples built here out of
+the SAE's codes over the evaluation set (:func:`sae_examples`); :func:`label_examples` labels
+anyone's.
+
+Language by script (``language_script``: the project's earlier rule, a variant of the paper's
+- it leaves punctuation undecided where the paper counts it Japanese; ``language`` itself where
+no codes were given): take the feature's example set (up to
 ``n_examples`` sequences drawn at random among those where it fires at >= ``example_fraction``
 of its maximum), look at each example's maximally activating token, decide its script (Latin ->
 en, kana/kanji -> ja; a digit defers to the previous token, punctuation is undecided); more
@@ -28,7 +36,10 @@ import dataclasses
 
 import numpy as np
 
+from sae_jax.analysis.examples import MAX_QUANT, Example, FeatureExamples
+from sae_jax.analysis.granularity import GranularityConfig, classify
 from sae_jax.analysis.lexicon import Lexicon, script_of
+from sae_jax.analysis.paper import feature_language
 from sae_jax.analysis.stats import FeatureStats
 from sae_jax.languages import EN, JA
 
@@ -44,12 +55,23 @@ class FeatureLabels:
   """The labels of one SAE's features: [M] object arrays of label names (``en_share``: float,
   NaN where no example was decided)."""
 
-  language: np.ndarray  # the paper's rule on the examples' scripts
+  language: np.ndarray  # the paper's rule (the script rule where no codes were given)
   language_meta: np.ndarray  # the same rule on the token metadata
   language_truth: np.ndarray  # the rule on all strong firings with per-token truth
   en_share: np.ndarray
   granularity: np.ndarray  # over the examples
   granularity_truth: np.ndarray  # over all strong firings
+  # With the codes: the script rule as the variant beside ``language``, the paper rule's
+  # counts and the paper's four granularity classes (None where no codes were given).
+  language_script: np.ndarray | None = None
+  n_en: np.ndarray | None = None  # [M] int (-1 for dead features)
+  n_ja: np.ndarray | None = None
+  granularity_paper: np.ndarray | None = None  # token, concept_*, uninterpretable, dead
+
+  @property
+  def by_paper_rule(self) -> bool:
+    """Whether ``language`` is the paper's rule (the examples were built from codes)."""
+    return self.language_script is not None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,8 +190,110 @@ def granularity_labels(stats: FeatureStats, ids: np.ndarray, token_text: list[st
 
 def label_features(stats: FeatureStats, ids: np.ndarray, token_text: list[str],
                    token_lang: np.ndarray, lexicon: Lexicon | None,
-                   cfg: LabelConfig = LabelConfig()) -> FeatureLabels:
+                   cfg: LabelConfig = LabelConfig(), codes: tuple | None = None,
+                   mask: np.ndarray | None = None) -> FeatureLabels:
   """Language and granularity labels of every feature (arrays [M]); ``ids``/``token_lang``:
-  [S, T] of the evaluation set the stats were made from."""
-  return FeatureLabels(**language_labels(stats, ids, token_text, token_lang, cfg),
-                       **granularity_labels(stats, ids, token_text, lexicon, cfg))
+  [S, T] of the evaluation set the stats were made from. With ``codes`` (values, indices
+  [N, k] over the counted tokens ``mask`` [S, T]) also the paper's rules on the examples."""
+  lang = language_labels(stats, ids, token_text, token_lang, cfg)
+  paper = {}
+  if codes is not None:
+    feats = sae_examples(stats, ids, mask, token_text, codes, cfg.example_fraction)
+    paper = paper_label_arrays(stats.d_sae, label_examples(feats, lexicon, language_share=
+                                                           cfg.language_share))
+    paper["language_script"] = lang["language"]
+    lang["language"] = paper.pop("language")
+    decided = paper["n_en"] + paper["n_ja"]
+    lang["en_share"] = np.where(decided > 0, paper["n_en"] / np.maximum(decided, 1), np.nan)
+  return FeatureLabels(**lang, **granularity_labels(stats, ids, token_text, lexicon, cfg),
+                       **paper)
+
+
+def sae_examples(stats: FeatureStats, ids: np.ndarray, mask: np.ndarray, token_text: list[str],
+                 codes: tuple, fraction: float) -> list[FeatureExamples]:
+  """Every live feature's examples as the paper records them: each example sequence's counted
+  tokens (SentencePiece's marker written as a space) with the feature's activation on each,
+  quantised by the max over its examples.
+
+  Where this differs from the paper's collection: the sequences are the stats' example draw
+  (at random among those reaching >= ``fraction`` of the feature's max top-k code; the paper
+  takes the first 50 of a shuffled split above 0.7 x the max encoder output), and a token's
+  value is its top-k code (0 where the feature is not among the token's top k; the paper
+  records the encoder output before ReLU / top-k, clipped at 0)."""
+  values, indices = codes
+  row_of = np.full(ids.shape, -1, np.int64)
+  row_of[mask] = np.arange(int(mask.sum()))
+  ex_mask, ex_seq, _ = stats.examples(fraction)
+  texts: dict[int, tuple[str, ...]] = {}
+  out = []
+  for f in np.nonzero(stats.live)[0]:
+    seqs = ex_seq[f][ex_mask[f]]
+    acts = []
+    for s in seqs:
+      rows = row_of[s][mask[s]]
+      acts.append(np.where(indices[rows] == f, values[rows], 0).sum(1))
+      if int(s) not in texts:
+        texts[int(s)] = tuple(_spaced(token_text[t]) for t in ids[s][mask[s]])
+    top = max((float(a.max()) for a in acts if a.size), default=0.0)
+    out.append(FeatureExamples(int(f), tuple(Example(texts[int(s)], _quantised(a, top))
+                                             for s, a in zip(seqs, acts))))
+  return out
+
+
+def _quantised(values: np.ndarray, top: float) -> tuple[int, ...]:
+  """``examples.quantise`` on an array: 0 where <= 0, else ceil(10 * a / top)."""
+  if not top > 0:
+    return (0,) * values.size
+  v = values.astype(np.float64)
+  return tuple(np.where(v > 0, np.ceil(v * MAX_QUANT / top), 0).astype(np.int64).tolist())
+
+
+def _spaced(token: str) -> str:
+  """A token piece with its tokenizer's space marker written as a space (as the paper does)."""
+  return token.replace("\u2581", " ").replace("\u0120", " ")
+
+
+def paper_label_arrays(d_sae: int, labels: list[ExampleLabels]) -> dict:
+  """{'language', 'n_en', 'n_ja', 'granularity_paper'}: [M] arrays ("dead" / -1 for the
+  features ``labels`` does not name)."""
+  lang = np.full(d_sae, "dead", dtype=object)
+  gran = np.full(d_sae, "dead", dtype=object)
+  n_en = np.full(d_sae, -1, np.int64)
+  n_ja = np.full(d_sae, -1, np.int64)
+  for x in labels:
+    lang[x.feature], gran[x.feature] = x.language, x.granularity
+    n_en[x.feature], n_ja[x.feature] = x.n_en, x.n_ja
+  return {"language": lang, "n_en": n_en, "n_ja": n_ja, "granularity_paper": gran}
+
+
+@dataclasses.dataclass(frozen=True)
+class ExampleLabels:
+  """The labels of one feature given by its examples: the paper's language rule (counts and
+  label), the script variant, and the four-class granularity with what decided it."""
+
+  feature: int
+  n_examples: int
+  n_en: int
+  n_ja: int
+  language: str  # the paper's rule
+  language_script: str  # the project's earlier script rule
+  granularity: str  # token, concept_synonym, concept_semantic, uninterpretable
+  top_form: str
+  top_share: float
+  pair_share: float
+  distinct_share: float
+  granularity_basis: str
+
+
+def label_examples(features: list[FeatureExamples], lexicon: Lexicon | None = None,
+                   cfg: GranularityConfig = GranularityConfig(), language_share: float = 0.9
+                   ) -> list[ExampleLabels]:
+  """Language (both rules) and granularity of each feature from its examples alone."""
+  out = []
+  for f in features:
+    lang = feature_language(f.examples, language_share)
+    g = classify(f.examples, lexicon, cfg)
+    out.append(ExampleLabels(f.feature, len(f.examples), lang.n_en, lang.n_ja, lang.language,
+                             lang.language_script, g.granularity, g.top_form, g.top_share,
+                             g.pair_share, g.distinct_share, g.basis))
+  return out

@@ -18,6 +18,7 @@ from sae_jax import store
 from sae_jax.analysis.config import AnalysisConfig
 from sae_jax.analysis.describe import SAEFeatures
 from sae_jax.analysis.evalset import EvalSet
+from sae_jax.analysis.granularity import GRANULARITIES
 from sae_jax.analysis.labels import GRANULARITY_LABELS, LANGUAGE_LABELS
 from sae_jax.analysis.lexicon import clean_token
 from sae_jax.analysis.lineage import BY_LANGUAGE, Codes, Link
@@ -27,7 +28,8 @@ from sae_jax.store import SAERecord
 SUMMARY_COLUMNS = (["checkpoint", "hook", "seed", "n_live", "n_dead"] +
                    [f"share_lang_{x}" for x in BY_LANGUAGE] +
                    [f"share_gran_{x}" for x in GRANULARITY_LABELS if x != "dead"] +
-                   ["agreement_language", "agreement_granularity"])
+                   ["agreement_language", "agreement_language_script",
+                    "agreement_granularity"])
 OVERLAP_COLUMNS = ["hook", "kind", "a", "b", "overlap", "overlap_decoder", "mean_best"] + [
     f"overlap_lang_{x}" for x in BY_LANGUAGE]
 
@@ -46,6 +48,26 @@ def table_html(df, cols) -> str:
   body = "".join("<tr>" + "".join(f"<td>{_fmt(v)}</td>" for v in row) + "</tr>"
                  for row in df[cols].itertuples(index=False))
   return f'<table class="tbl"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def paper_html(paper) -> str:
+  """The paper's rules per SAE: language by the paper's rule beside the script variant, and
+  the four granularity classes as share [Wilson 95 % interval]."""
+  if paper is None or paper.empty:
+    return ""
+  lang_cols = ["checkpoint", "hook", "seed", "n_live"] + [
+      f"n_{rule}_{x}" for x in ("en", "ja", "bilingual") for rule in ("paper", "script")] + [
+      "n_script_none"]
+  rows = "".join(
+      "<tr>" + "".join(f"<td>{_fmt(getattr(r, c))}</td>" for c in ("checkpoint", "hook", "seed"))
+      + "".join(f"<td>{getattr(r, f'n_{g}')} ({getattr(r, f'share_{g}'):.1%} "
+                f"[{getattr(r, f'{g}_lo'):.1%}, {getattr(r, f'{g}_hi'):.1%}])</td>"
+                for g in GRANULARITIES) + "</tr>" for r in paper.itertuples())
+  head = "".join(f"<th>{h}</th>" for h in ("checkpoint", "hook", "seed") + GRANULARITIES)
+  return ("<h2>Language: the paper's rule beside the script variant (live features)</h2>" +
+          table_html(paper, lang_cols) +
+          "<h2>Granularity in the paper's four classes (share [Wilson 95 % interval])</h2>"
+          f'<table class="tbl"><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>')
 
 
 def overlap_html(overlap, lineage, threshold: float) -> str:
@@ -114,7 +136,8 @@ def _cards(features, saes: list[SAEFeatures], evalset: EvalSet, cfg: AnalysisCon
     items = [{"f": int(x.feature), "freq": x.frequency, "freq_en": x.frequency_en,
               "freq_ja": x.frequency_ja, "mean": round(x.mean_act, 4),
               "max": round(x.max_act, 4), "entropy": round(x.token_entropy, 3),
-              "lang": x.language, "lang_meta": x.language_meta, "lang_truth": x.language_truth,
+              "lang": x.language, "lang_script": x.language_script, "gran_paper":
+              x.granularity_paper, "lang_meta": x.language_meta, "lang_truth": x.language_truth,
               "gran": x.granularity, "gran_truth": x.granularity_truth,
               "sample": bool(x.in_sample), "top": d.top_tokens[int(x.feature)],
               "ctx": _contexts(d.stats, evalset, x.feature, codes, row_of, cfg),
@@ -138,6 +161,7 @@ def write_report(path: Path, title: str, tables: dict, plots: list[str], saes: l
   fill = {
       "__TITLE__": html.escape(title), "__SUMMARY__": table_html(tables["summary"],
                                                                  SUMMARY_COLUMNS),
+      "__PAPER__": paper_html(tables.get("paper")),
       "__EVAL__": table_html(tables["eval"], ["checkpoint", "hook", "seed"] + list(EVAL_FIELDS)),
       "__OVERLAP__": overlap_html(tables.get("overlap"), tables.get("lineage"), threshold),
       "__PLOTS__": "".join(f'<figure><img src="plots/{n}.png" alt="{n}"><figcaption>'
@@ -170,6 +194,7 @@ font-size:12px} select,input{margin-right:.6em}
 </style></head><body>
 <h1>sae_jax analysis: __TITLE__</h1>
 <h2>Feature populations per checkpoint</h2>__SUMMARY__
+__PAPER__
 <h2>SAE quality per checkpoint</h2>__EVAL__
 <h2>Figures</h2>__PLOTS__
 __OVERLAP__
@@ -206,9 +231,11 @@ function renderList() {
 function showCard(it) {
   let h = '<h3 id="card-title">feature ' + it.f + ' <small>(' + esc($('sae').value) + ')</small></h3>';
   h += '<span class="lbl">language: ' + esc(it.lang) + '</span>';
+  if (it.lang_script) h += '<span class="lbl">by script: ' + esc(it.lang_script) + '</span>';
   h += '<span class="lbl">by metadata: ' + esc(it.lang_meta) + '</span>';
   if (it.lang_truth) h += '<span class="lbl">truth: ' + esc(it.lang_truth) + '</span>';
   h += '<span class="lbl">granularity: ' + esc(it.gran) + '</span>';
+  if (it.gran_paper) h += '<span class="lbl">paper classes: ' + esc(it.gran_paper) + '</span>';
   if (it.gran_truth) h += '<span class="lbl">truth: ' + esc(it.gran_truth) + '</span>';
   h += '<p>firing frequency ' + it.freq.toExponential(2) + ' (en ' +
     it.freq_en.toExponential(2) + ', ja ' + it.freq_ja.toExponential(2) + '), mean ' +

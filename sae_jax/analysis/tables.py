@@ -2,7 +2,10 @@
 
     features   one row per live (checkpoint, hook, seed, feature)
     summary    one row per SAE: label counts and shares (all live features and the sample),
-               agreement of the paper's labels with the ground truth and with the metadata
+               agreement of the labels (the paper's language rule; the script variant too)
+               with the ground truth and with the metadata
+    paper      one row per SAE: the paper's language rule beside the script variant, the
+               paper's four granularity classes with Wilson 95 % intervals
     eval       one row per SAE: its training-time evaluation (eval.json)
     overlap    one row per comparison of two SAEs (lineage.Comparison)
     lineage    one row per live feature of each hook's final SAE (lineage.Lineage)
@@ -10,14 +13,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from sae_jax.analysis.config import AnalysisConfig
 from sae_jax.analysis.describe import SAEFeatures
-from sae_jax.analysis.labels import GRANULARITY_LABELS, LANGUAGE_LABELS
+from sae_jax.analysis.granularity import GRANULARITIES
+from sae_jax.analysis.labels import GRANULARITY_LABELS, LANGUAGE_LABELS, ExampleLabels
 from sae_jax.analysis.lineage import OverlapResult
+from sae_jax.analysis.paper import PAPER_LANGUAGES
 from sae_jax.store import SAERecord
 
 if TYPE_CHECKING:
@@ -60,10 +66,65 @@ def features_table(saes: list[SAEFeatures], cfg: AnalysisConfig, ground_truth: b
           "token_entropy": float(entropy[f]), "n_examples": int(n_ex[f]),
           "language": lab.language[f], "language_meta": lab.language_meta[f],
           "language_truth": lab.language_truth[f] if ground_truth else None,
-          "en_share": float(lab.en_share[f]), "granularity": lab.granularity[f],
+          "en_share": float(lab.en_share[f]), **_paper_columns(lab, f),
+          "granularity": lab.granularity[f],
           "granularity_truth": lab.granularity_truth[f] if ground_truth else None,
           "top_tokens": format_top_tokens(d.top_tokens[int(f)]),
           "in_sample": bool(in_sample[f])})
+  return _frame(rows)
+
+
+def _paper_columns(lab, f: int) -> dict:
+  """The paper's rules of one feature (None where the labels were made without codes)."""
+  if not lab.by_paper_rule:
+    return {"n_en": None, "n_ja": None, "language_script": lab.language[f],
+            "granularity_paper": None}
+  return {"n_en": int(lab.n_en[f]), "n_ja": int(lab.n_ja[f]),
+          "language_script": lab.language_script[f],
+          "granularity_paper": lab.granularity_paper[f]}
+
+
+def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+  """Wilson score interval of a binomial share k / n (95 % by default; (nan, nan) if n = 0)."""
+  if n <= 0:
+    return float("nan"), float("nan")
+  p = k / n
+  denom = 1 + z * z / n
+  centre = (p + z * z / (2 * n)) / denom
+  half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+  return float(max(centre - half, 0.0)), float(min(centre + half, 1.0))
+
+
+def paper_labels_table(saes: list[SAEFeatures]) -> pd.DataFrame:
+  """One row per SAE: the paper's language rule and the script variant side by side (counts
+  over live features), and the paper's four granularity classes with Wilson 95 % intervals."""
+  rows = []
+  for d in saes:
+    lab, live = d.labels, d.live
+    if not lab.by_paper_rule:
+      continue
+    row = {**_sae_columns(d.record), "n_live": int(live.size)}
+    for x in PAPER_LANGUAGES[:3]:
+      row[f"n_paper_{x}"] = int((lab.language[live] == x).sum())
+      row[f"n_script_{x}"] = int((lab.language_script[live] == x).sum())
+    row["n_script_none"] = int((lab.language_script[live] == "none").sum())
+    for g in GRANULARITIES:
+      k = int((lab.granularity_paper[live] == g).sum())
+      lo, hi = wilson_interval(k, int(live.size))
+      row.update({f"n_{g}": k, f"share_{g}": k / max(live.size, 1), f"{g}_lo": lo,
+                  f"{g}_hi": hi})
+    rows.append(row)
+  return _frame(rows)
+
+
+def example_labels_table(labels: list[ExampleLabels]) -> pd.DataFrame:
+  """One row per feature labelled from its examples: ``feature, n_en, n_ja, language,
+  granularity`` first, then the finer columns."""
+  first = ["feature", "n_en", "n_ja", "language", "granularity"]
+  rows = []
+  for x in labels:
+    d = dataclasses.asdict(x)
+    rows.append({**{k: d[k] for k in first}, **{k: v for k, v in d.items() if k not in first}})
   return _frame(rows)
 
 
@@ -92,6 +153,10 @@ def _summary_row(d: SAEFeatures, cfg: AnalysisConfig, ground_truth: bool) -> dic
   row["agreement_granularity"] = (_agreement(lab.granularity[live], lab.granularity_truth[live])
                                   if truth else float("nan"))
   row["agreement_language_meta"] = _agreement(lab.language[live], lab.language_meta[live])
+  if lab.by_paper_rule:
+    row["agreement_language_script"] = (
+        _agreement(lab.language_script[live], lab.language_truth[live]) if truth else
+        float("nan"))
   return row
 
 
