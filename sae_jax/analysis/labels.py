@@ -2,13 +2,13 @@
 
 The paper's own rules (Inaba et al. 2025; their v1 code) are pure functions of a feature's
 examples (paper.py, granularity.py): ``language`` (the primary label, with its counts ``n_en``,
-``n_ja``) and ``granularity_paper`` (the paper's four classes), from examples built here out of
-the SAE's codes over the evaluation set (:func:`sae_examples`); :func:`label_examples` labels
-anyone's.
+``n_ja``) and ``granularity_paper`` (the paper's four classes), from examples collected as the
+authors' code collects them (paper_examples.py; :func:`sae_examples` reads them);
+:func:`label_examples` labels anyone's.
 
 Language by script (``language_script``: the project's earlier rule, a variant of the paper's
 - it leaves punctuation undecided where the paper counts it Japanese; ``language`` itself where
-no codes were given): take the feature's example set (up to
+the paper's examples were not given): take the feature's example set (up to
 ``n_examples`` sequences drawn at random among those where it fires at >= ``example_fraction``
 of its maximum), look at each example's maximally activating token, decide its script (Latin ->
 en, kana/kanji -> ja; a digit defers to the previous token, punctuation is undecided); more
@@ -36,7 +36,7 @@ import dataclasses
 
 import numpy as np
 
-from sae_jax.analysis.examples import MAX_QUANT, Example, FeatureExamples
+from sae_jax.analysis.examples import Example, FeatureExamples
 from sae_jax.analysis.granularity import GranularityConfig, classify
 from sae_jax.analysis.lexicon import Lexicon, script_of
 from sae_jax.analysis.paper import feature_language
@@ -55,14 +55,14 @@ class FeatureLabels:
   """The labels of one SAE's features: [M] object arrays of label names (``en_share``: float,
   NaN where no example was decided)."""
 
-  language: np.ndarray  # the paper's rule (the script rule where no codes were given)
+  language: np.ndarray  # the paper's rule (the script rule without the paper's examples)
   language_meta: np.ndarray  # the same rule on the token metadata
   language_truth: np.ndarray  # the rule on all strong firings with per-token truth
   en_share: np.ndarray
   granularity: np.ndarray  # over the examples
   granularity_truth: np.ndarray  # over all strong firings
-  # With the codes: the script rule as the variant beside ``language``, the paper rule's
-  # counts and the paper's four granularity classes (None where no codes were given).
+  # With the paper's examples: the script rule as the variant beside ``language``, the paper
+  # rule's counts and the paper's four granularity classes (None without them).
   language_script: np.ndarray | None = None
   n_en: np.ndarray | None = None  # [M] int (-1 for dead features)
   n_ja: np.ndarray | None = None
@@ -70,7 +70,7 @@ class FeatureLabels:
 
   @property
   def by_paper_rule(self) -> bool:
-    """Whether ``language`` is the paper's rule (the examples were built from codes)."""
+    """Whether ``language`` is the paper's rule (the paper's examples were given)."""
     return self.language_script is not None
 
 
@@ -190,15 +190,16 @@ def granularity_labels(stats: FeatureStats, ids: np.ndarray, token_text: list[st
 
 def label_features(stats: FeatureStats, ids: np.ndarray, token_text: list[str],
                    token_lang: np.ndarray, lexicon: Lexicon | None,
-                   cfg: LabelConfig = LabelConfig(), codes: tuple | None = None,
-                   mask: np.ndarray | None = None) -> FeatureLabels:
+                   cfg: LabelConfig = LabelConfig(), mask: np.ndarray | None = None
+                   ) -> FeatureLabels:
   """Language and granularity labels of every feature (arrays [M]); ``ids``/``token_lang``:
-  [S, T] of the evaluation set the stats were made from. With ``codes`` (values, indices
-  [N, k] over the counted tokens ``mask`` [S, T]) also the paper's rules on the examples."""
+  [S, T] of the evaluation set the stats were made from. With ``mask`` (its counted tokens
+  [S, T]) and the paper's examples in ``stats`` (codes.py collects them) also the paper's rules
+  on those examples."""
   lang = language_labels(stats, ids, token_text, token_lang, cfg)
   paper = {}
-  if codes is not None:
-    feats = sae_examples(stats, ids, mask, token_text, codes, cfg.example_fraction)
+  if mask is not None and stats.paper_seq is not None:
+    feats = sae_examples(stats, ids, mask, token_text)
     paper = paper_label_arrays(stats.d_sae, label_examples(feats, lexicon, language_share=
                                                            cfg.language_share))
     paper["language_script"] = lang["language"]
@@ -209,43 +210,27 @@ def label_features(stats: FeatureStats, ids: np.ndarray, token_text: list[str],
                        **paper)
 
 
-def sae_examples(stats: FeatureStats, ids: np.ndarray, mask: np.ndarray, token_text: list[str],
-                 codes: tuple, fraction: float) -> list[FeatureExamples]:
-  """Every live feature's examples as the paper records them: each example sequence's counted
-  tokens (SentencePiece's marker written as a space) with the feature's activation on each,
-  quantised by the max over its examples.
-
-  Where this differs from the paper's collection: the sequences are the stats' example draw
-  (at random among those reaching >= ``fraction`` of the feature's max top-k code; the paper
-  takes the first 50 of a shuffled split above 0.7 x the max encoder output), and a token's
-  value is its top-k code (0 where the feature is not among the token's top k; the paper
-  records the encoder output before ReLU / top-k, clipped at 0)."""
-  values, indices = codes
-  row_of = np.full(ids.shape, -1, np.int64)
-  row_of[mask] = np.arange(int(mask.sum()))
-  ex_mask, ex_seq, _ = stats.examples(fraction)
+def sae_examples(stats: FeatureStats, ids: np.ndarray, mask: np.ndarray, token_text: list[str]
+                 ) -> list[FeatureExamples]:
+  """Every live feature's examples as the paper collects and records them (paper_examples.py:
+  the first ``n_examples`` sequences of the evaluation set where the feature's top-k code is
+  above 0.7 x its maximum pre-activation): each example sequence's counted tokens
+  (SentencePiece's marker written as a space) with the feature's pre-activation on each,
+  quantised by the max over the feature's examples. A live feature none of whose codes passes
+  the threshold has no examples (the authors' code saves no file for it)."""
   texts: dict[int, tuple[str, ...]] = {}
   out = []
   for f in np.nonzero(stats.live)[0]:
-    seqs = ex_seq[f][ex_mask[f]]
-    acts = []
-    for s in seqs:
-      rows = row_of[s][mask[s]]
-      acts.append(np.where(indices[rows] == f, values[rows], 0).sum(1))
-      if int(s) not in texts:
-        texts[int(s)] = tuple(_spaced(token_text[t]) for t in ids[s][mask[s]])
-    top = max((float(a.max()) for a in acts if a.size), default=0.0)
-    out.append(FeatureExamples(int(f), tuple(Example(texts[int(s)], _quantised(a, top))
-                                             for s, a in zip(seqs, acts))))
+    examples = []
+    for e, s in enumerate(stats.paper_seq[f]):
+      if s < 0:
+        break
+      s = int(s)
+      if s not in texts:
+        texts[s] = tuple(_spaced(token_text[t]) for t in ids[s][mask[s]])
+      examples.append(Example(texts[s], tuple(stats.paper_acts[f, e][mask[s]].tolist())))
+    out.append(FeatureExamples(int(f), tuple(examples)))
   return out
-
-
-def _quantised(values: np.ndarray, top: float) -> tuple[int, ...]:
-  """``examples.quantise`` on an array: 0 where <= 0, else ceil(10 * a / top)."""
-  if not top > 0:
-    return (0,) * values.size
-  v = values.astype(np.float64)
-  return tuple(np.where(v > 0, np.ceil(v * MAX_QUANT / top), 0).astype(np.int64).tolist())
 
 
 def _spaced(token: str) -> str:
