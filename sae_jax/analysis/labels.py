@@ -33,6 +33,7 @@ the rules to that whole population of strong firings instead of the 50 examples.
 from __future__ import annotations
 
 import dataclasses
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -211,15 +212,15 @@ def label_features(stats: FeatureStats, ids: np.ndarray, token_text: list[str],
 
 
 def sae_examples(stats: FeatureStats, ids: np.ndarray, mask: np.ndarray, token_text: list[str]
-                 ) -> list[FeatureExamples]:
+                 ) -> Iterator[FeatureExamples]:
   """Every live feature's examples as the paper collects and records them (paper_examples.py:
   the first ``n_examples`` sequences of the evaluation set where the feature's top-k code is
   above 0.7 x its maximum pre-activation): each example sequence's counted tokens
   (SentencePiece's marker written as a space) with the feature's pre-activation on each,
   quantised by the max over the feature's examples. A live feature none of whose codes passes
-  the threshold has no examples (the authors' code saves no file for it)."""
+  the threshold has no examples (the authors' code saves no file for it). One feature at a
+  time: at the paper's scale the examples of all 32,768 features are millions of tuples."""
   texts: dict[int, tuple[str, ...]] = {}
-  out = []
   for f in np.nonzero(stats.live)[0]:
     examples = []
     for e, s in enumerate(stats.paper_seq[f]):
@@ -229,8 +230,7 @@ def sae_examples(stats: FeatureStats, ids: np.ndarray, mask: np.ndarray, token_t
       if s not in texts:
         texts[s] = tuple(_spaced(token_text[t]) for t in ids[s][mask[s]])
       examples.append(Example(texts[s], tuple(stats.paper_acts[f, e][mask[s]].tolist())))
-    out.append(FeatureExamples(int(f), tuple(examples)))
-  return out
+    yield FeatureExamples(int(f), tuple(examples))
 
 
 def _spaced(token: str) -> str:
@@ -270,7 +270,7 @@ class ExampleLabels:
   granularity_basis: str
 
 
-def label_examples(features: list[FeatureExamples], lexicon: Lexicon | None = None,
+def label_examples(features: Iterable[FeatureExamples], lexicon: Lexicon | None = None,
                    cfg: GranularityConfig = GranularityConfig(), language_share: float = 0.9
                    ) -> list[ExampleLabels]:
   """Language (both rules) and granularity of each feature from its examples alone."""
