@@ -247,12 +247,17 @@ def _check_paper_table(out, feats):
     for x in ("en", "ja", "bilingual"):
       assert getattr(r, f"n_paper_{x}") == (rows.language == x).sum()
       assert getattr(r, f"n_script_{x}") == (rows.language_script == x).sum()
-    assert r.n_paper_en + r.n_paper_ja + r.n_paper_bilingual == r.n_live
-    assert (rows.n_en + rows.n_ja == rows.n_examples).all()  # the paper decides every example
+    assert r.n_paper_en + r.n_paper_ja + r.n_paper_bilingual + r.n_paper_none == r.n_live
+    # The paper decides every example (up to 50); a feature without examples is not labelled.
+    n_ex = rows.n_en + rows.n_ja
+    assert ((n_ex >= 0) & (n_ex <= 50)).all() and (n_ex > 0).any()
+    assert ((n_ex == 0) == (rows.language == "none")).all()
+    assert ((n_ex == 0) == (rows.granularity_paper == "none")).all()
+    assert r.n_labelled == (n_ex > 0).sum() == r.n_live - r.n_paper_none
     for g in ("token", "concept_synonym", "concept_semantic", "uninterpretable"):
       k = getattr(r, f"n_{g}")
       assert k == (rows.granularity_paper == g).sum()
-      assert getattr(r, f"{g}_lo") <= k / r.n_live <= getattr(r, f"{g}_hi")
+      assert getattr(r, f"{g}_lo") <= k / r.n_labelled <= getattr(r, f"{g}_hi")
   html_text = (out / "report.html").read_text(encoding="utf-8")
   assert "the paper&#x27;s rule beside the script variant" in html_text or (
       "the paper's rule beside the script variant" in html_text)

@@ -67,7 +67,7 @@ class FeatureLabels:
   language_script: np.ndarray | None = None
   n_en: np.ndarray | None = None  # [M] int (-1 for dead features)
   n_ja: np.ndarray | None = None
-  granularity_paper: np.ndarray | None = None  # token, concept_*, uninterpretable, dead
+  granularity_paper: np.ndarray | None = None  # token, concept_*, uninterpretable, none, dead
 
   @property
   def by_paper_rule(self) -> bool:
@@ -240,13 +240,15 @@ def _spaced(token: str) -> str:
 
 def paper_label_arrays(d_sae: int, labels: list[ExampleLabels]) -> dict:
   """{'language', 'n_en', 'n_ja', 'granularity_paper'}: [M] arrays ("dead" / -1 for the
-  features ``labels`` does not name)."""
+  features ``labels`` does not name; granularity "none" for a feature without examples, which
+  the paper does not label)."""
   lang = np.full(d_sae, "dead", dtype=object)
   gran = np.full(d_sae, "dead", dtype=object)
   n_en = np.full(d_sae, -1, np.int64)
   n_ja = np.full(d_sae, -1, np.int64)
   for x in labels:
-    lang[x.feature], gran[x.feature] = x.language, x.granularity
+    lang[x.feature] = x.language
+    gran[x.feature] = x.granularity if x.n_examples else "none"
     n_en[x.feature], n_ja[x.feature] = x.n_en, x.n_ja
   return {"language": lang, "n_en": n_en, "n_ja": n_ja, "granularity_paper": gran}
 
