@@ -166,21 +166,19 @@ def test_our_features_get_the_paper_rules_from_their_codes(tmp_path):
   lex = load_lexicon(tmp_path / "lex.tsv")
   ev = _evalset()
   st, values, indices = feature_stats(_hand_sae(), ev, _one_hot, AnalysisConfig())
-  feats = {f.feature: f for f in sae_examples(st, ev.ids, ev.mask, ev.token_text,
-                                              (values, indices), 0.7)}
+  feats = {f.feature: f for f in sae_examples(st, ev.ids, ev.mask, ev.token_text)}
   assert sorted(feats) == [0, 1, 2, 3, 4, 5]
   for ex in feats[4].examples:  # counted tokens only; 10 on every いぬ, 0 elsewhere
     assert len(ex.tokens) == ev.ids.shape[1] - 1
     assert all((a == 10) == (t == "いぬ") for t, a in zip(ex.tokens, ex.acts))
-  lab = label_features(st, ev.ids, ev.token_text, ev.language, lex, codes=(values, indices),
-                       mask=ev.mask)
+  lab = label_features(st, ev.ids, ev.token_text, ev.language, lex, mask=ev.mask)
   want_lang = {0: "en", 1: "en", 2: "bilingual", 3: "en", 4: "ja", 5: "ja", 6: "dead"}
   want_gran = {0: "token", 1: "concept_synonym", 2: "concept_synonym", 3: "concept_semantic",
                4: "token", 5: "token", 6: "dead"}
   assert {f: lab.language[f] for f in want_lang} == want_lang  # the paper's rule: primary
   assert {f: lab.granularity_paper[f] for f in want_gran} == want_gran
   assert lab.n_en[0] == len(feats[0].examples) and lab.n_ja[0] == 0 and lab.n_en[6] == -1
-  script = label_features(st, ev.ids, ev.token_text, ev.language, lex)  # no codes: by script
+  script = label_features(st, ev.ids, ev.token_text, ev.language, lex)  # no mask: by script
   assert script.language_script is None and not script.by_paper_rule
   assert list(lab.language_script) == list(script.language)  # the variant beside it
   assert VOCAB[TOK["42"]] == "42"
@@ -195,9 +193,11 @@ def test_wilson_interval_and_paper_table():
 
 def test_array_quantisation_equals_the_paper_formula():
   import numpy as np
-  from sae_jax.analysis.labels import _quantised
+  from sae_jax.analysis.paper_examples import quantise_examples
   rng = np.random.default_rng(0)
-  v = np.concatenate([rng.normal(size=500).astype(np.float32), [0.0, 3.0, 1.5]]).astype(
+  v = np.concatenate([np.minimum(rng.normal(size=500), 2.9), [0.0, 3.0, 1.5]]).astype(
       np.float32)
-  assert _quantised(v, 3.0) == quantise(v.tolist(), 3.0)
-  assert _quantised(v, 0.0) == quantise(v.tolist(), 0.0)
+  # One feature, one example of len(v) tokens: quantised by the max over it (3.0).
+  q, top = quantise_examples(v[None, None], np.zeros((1, 1), np.int64),
+                             np.ones((1, v.size), bool))
+  assert top[0] == 3.0 and tuple(q[0, 0].tolist()) == quantise(v.tolist(), 3.0)

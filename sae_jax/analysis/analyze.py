@@ -77,8 +77,7 @@ def analyze(workdir: str | Path, cfg: AnalysisConfig = AnalysisConfig(),
   out.mkdir(parents=True, exist_ok=True)
   t0 = time.perf_counter()
   evalset, stats = _all_stats(trace_cfg, records, saes, cfg, out, log_fn)
-  described = [describe_sae(r, stats[r.key], evalset, lexicon, cfg, outputs.load_codes(out, r))
-               for r in records]
+  described = [describe_sae(r, stats[r.key], evalset, lexicon, cfg) for r in records]
   overlap = None
   if cfg.overlap:
     overlap = analyze_overlap(records, saes, functools.partial(outputs.load_codes, out),

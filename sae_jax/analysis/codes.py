@@ -2,7 +2,9 @@
 
 One model forward per evaluation batch serves every SAE of a checkpoint (all hooks, seed
 variants); each SAE's top-k codes come back to the host once, feed its statistics, and are
-returned for the second pass (strong firings, example draw) and the overlap analysis.
+returned for the second pass (strong firings, example draw) and the overlap analysis. A last
+pass collects the paper's examples (paper_examples.py): it re-runs ``acts_fn`` on the batches
+that hold a chosen sequence.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import numpy as np
 
 from sae_jax.analysis.config import AnalysisConfig
 from sae_jax.analysis.evalset import EvalSet
+from sae_jax.analysis.paper_examples import paper_examples
 from sae_jax.analysis.stats import FeatureStats, add_strong_firings, collect_stats_many
 
 
@@ -58,4 +61,10 @@ def feature_stats_many(saes: dict, evalset: EvalSet, acts_fn: Callable,
                        evalset.language[evalset.mask], seq, pos.astype(np.int32),
                        cfg.labels.example_fraction, seed=cfg.sample_seed)
     out[name] = (st, values, indices)
+  collected = paper_examples(saes, {name: o[1:] for name, o in out.items()},
+                             {name: o[0].max_pre for name, o in out.items()}, evalset, acts_fn,
+                             cfg.seqs_per_batch, cfg.n_examples, cfg.labels.example_fraction)
+  for name, (seq_, acts, top) in collected.items():
+    st = out[name][0]
+    st.paper_seq, st.paper_acts, st.paper_max = seq_, acts, top
   return out

@@ -66,12 +66,11 @@ def sample_live(stats: FeatureStats, size: int, seed: int, sae_seed: int = 0) ->
 
 
 def describe_sae(record: SAERecord, stats: FeatureStats, evalset: EvalSet,
-                 lexicon: Lexicon | None, cfg: AnalysisConfig, codes: tuple | None = None
-                 ) -> SAEFeatures:
-  """Labels, the random sample, top tokens and per-language frequencies of one SAE (``codes``:
-  its (values, indices) over the evaluation set, for the paper's rules on its examples)."""
+                 lexicon: Lexicon | None, cfg: AnalysisConfig) -> SAEFeatures:
+  """Labels (the paper's rules on the paper's examples where ``stats`` carries them), the
+  random sample, top tokens and per-language frequencies of one SAE."""
   labels = label_features(stats, evalset.ids, evalset.token_text, evalset.language, lexicon,
-                          cfg.labels, codes, evalset.mask)
+                          cfg.labels, evalset.mask)
   codes = np.clip(evalset.language[evalset.mask].astype(np.int64), 0, N_LANGUAGE_CODES - 1)
   lang_tokens = np.bincount(codes, minlength=N_LANGUAGE_CODES)
   return SAEFeatures(

@@ -2,13 +2,13 @@
 
 The paper's own rules (Inaba et al. 2025; their v1 code) are pure functions of a feature's
 examples (paper.py, granularity.py): ``language`` (the primary label, with its counts ``n_en``,
-``n_ja``) and ``granularity_paper`` (the paper's four classes), from examples built here out of
-the SAE's codes over the evaluation set (:func:`sae_examples`); :func:`label_examples` labels
-anyone's.
+``n_ja``) and ``granularity_paper`` (the paper's four classes), from examples collected as the
+authors' code collects them (paper_examples.py; :func:`sae_examples` reads them);
+:func:`label_examples` labels anyone's.
 
 Language by script (``language_script``: the project's earlier rule, a variant of the paper's
 - it leaves punctuation undecided where the paper counts it Japanese; ``language`` itself where
-no codes were given): take the feature's example set (up to
+the paper's examples were not given): take the feature's example set (up to
 ``n_examples`` sequences drawn at random among those where it fires at >= ``example_fraction``
 of its maximum), look at each example's maximally activating token, decide its script (Latin ->
 en, kana/kanji -> ja; a digit defers to the previous token, punctuation is undecided); more
@@ -33,10 +33,11 @@ the rules to that whole population of strong firings instead of the 50 examples.
 from __future__ import annotations
 
 import dataclasses
+from typing import Iterable, Iterator
 
 import numpy as np
 
-from sae_jax.analysis.examples import MAX_QUANT, Example, FeatureExamples
+from sae_jax.analysis.examples import Example, FeatureExamples
 from sae_jax.analysis.granularity import GranularityConfig, classify
 from sae_jax.analysis.lexicon import Lexicon, script_of
 from sae_jax.analysis.paper import feature_language
@@ -55,22 +56,22 @@ class FeatureLabels:
   """The labels of one SAE's features: [M] object arrays of label names (``en_share``: float,
   NaN where no example was decided)."""
 
-  language: np.ndarray  # the paper's rule (the script rule where no codes were given)
+  language: np.ndarray  # the paper's rule (the script rule without the paper's examples)
   language_meta: np.ndarray  # the same rule on the token metadata
   language_truth: np.ndarray  # the rule on all strong firings with per-token truth
   en_share: np.ndarray
   granularity: np.ndarray  # over the examples
   granularity_truth: np.ndarray  # over all strong firings
-  # With the codes: the script rule as the variant beside ``language``, the paper rule's
-  # counts and the paper's four granularity classes (None where no codes were given).
+  # With the paper's examples: the script rule as the variant beside ``language``, the paper
+  # rule's counts and the paper's four granularity classes (None without them).
   language_script: np.ndarray | None = None
   n_en: np.ndarray | None = None  # [M] int (-1 for dead features)
   n_ja: np.ndarray | None = None
-  granularity_paper: np.ndarray | None = None  # token, concept_*, uninterpretable, dead
+  granularity_paper: np.ndarray | None = None  # token, concept_*, uninterpretable, none, dead
 
   @property
   def by_paper_rule(self) -> bool:
-    """Whether ``language`` is the paper's rule (the examples were built from codes)."""
+    """Whether ``language`` is the paper's rule (the paper's examples were given)."""
     return self.language_script is not None
 
 
@@ -190,15 +191,16 @@ def granularity_labels(stats: FeatureStats, ids: np.ndarray, token_text: list[st
 
 def label_features(stats: FeatureStats, ids: np.ndarray, token_text: list[str],
                    token_lang: np.ndarray, lexicon: Lexicon | None,
-                   cfg: LabelConfig = LabelConfig(), codes: tuple | None = None,
-                   mask: np.ndarray | None = None) -> FeatureLabels:
+                   cfg: LabelConfig = LabelConfig(), mask: np.ndarray | None = None
+                   ) -> FeatureLabels:
   """Language and granularity labels of every feature (arrays [M]); ``ids``/``token_lang``:
-  [S, T] of the evaluation set the stats were made from. With ``codes`` (values, indices
-  [N, k] over the counted tokens ``mask`` [S, T]) also the paper's rules on the examples."""
+  [S, T] of the evaluation set the stats were made from. With ``mask`` (its counted tokens
+  [S, T]) and the paper's examples in ``stats`` (codes.py collects them) also the paper's rules
+  on those examples."""
   lang = language_labels(stats, ids, token_text, token_lang, cfg)
   paper = {}
-  if codes is not None:
-    feats = sae_examples(stats, ids, mask, token_text, codes, cfg.example_fraction)
+  if mask is not None and stats.paper_seq is not None:
+    feats = sae_examples(stats, ids, mask, token_text)
     paper = paper_label_arrays(stats.d_sae, label_examples(feats, lexicon, language_share=
                                                            cfg.language_share))
     paper["language_script"] = lang["language"]
@@ -209,43 +211,26 @@ def label_features(stats: FeatureStats, ids: np.ndarray, token_text: list[str],
                        **paper)
 
 
-def sae_examples(stats: FeatureStats, ids: np.ndarray, mask: np.ndarray, token_text: list[str],
-                 codes: tuple, fraction: float) -> list[FeatureExamples]:
-  """Every live feature's examples as the paper records them: each example sequence's counted
-  tokens (SentencePiece's marker written as a space) with the feature's activation on each,
-  quantised by the max over its examples.
-
-  Where this differs from the paper's collection: the sequences are the stats' example draw
-  (at random among those reaching >= ``fraction`` of the feature's max top-k code; the paper
-  takes the first 50 of a shuffled split above 0.7 x the max encoder output), and a token's
-  value is its top-k code (0 where the feature is not among the token's top k; the paper
-  records the encoder output before ReLU / top-k, clipped at 0)."""
-  values, indices = codes
-  row_of = np.full(ids.shape, -1, np.int64)
-  row_of[mask] = np.arange(int(mask.sum()))
-  ex_mask, ex_seq, _ = stats.examples(fraction)
+def sae_examples(stats: FeatureStats, ids: np.ndarray, mask: np.ndarray, token_text: list[str]
+                 ) -> Iterator[FeatureExamples]:
+  """Every live feature's examples as the paper collects and records them (paper_examples.py:
+  the first ``n_examples`` sequences of the evaluation set where the feature's top-k code is
+  above 0.7 x its maximum pre-activation): each example sequence's counted tokens
+  (SentencePiece's marker written as a space) with the feature's pre-activation on each,
+  quantised by the max over the feature's examples. A live feature none of whose codes passes
+  the threshold has no examples (the authors' code saves no file for it). One feature at a
+  time: at the paper's scale the examples of all 32,768 features are millions of tuples."""
   texts: dict[int, tuple[str, ...]] = {}
-  out = []
   for f in np.nonzero(stats.live)[0]:
-    seqs = ex_seq[f][ex_mask[f]]
-    acts = []
-    for s in seqs:
-      rows = row_of[s][mask[s]]
-      acts.append(np.where(indices[rows] == f, values[rows], 0).sum(1))
-      if int(s) not in texts:
-        texts[int(s)] = tuple(_spaced(token_text[t]) for t in ids[s][mask[s]])
-    top = max((float(a.max()) for a in acts if a.size), default=0.0)
-    out.append(FeatureExamples(int(f), tuple(Example(texts[int(s)], _quantised(a, top))
-                                             for s, a in zip(seqs, acts))))
-  return out
-
-
-def _quantised(values: np.ndarray, top: float) -> tuple[int, ...]:
-  """``examples.quantise`` on an array: 0 where <= 0, else ceil(10 * a / top)."""
-  if not top > 0:
-    return (0,) * values.size
-  v = values.astype(np.float64)
-  return tuple(np.where(v > 0, np.ceil(v * MAX_QUANT / top), 0).astype(np.int64).tolist())
+    examples = []
+    for e, s in enumerate(stats.paper_seq[f]):
+      if s < 0:
+        break
+      s = int(s)
+      if s not in texts:
+        texts[s] = tuple(_spaced(token_text[t]) for t in ids[s][mask[s]])
+      examples.append(Example(texts[s], tuple(stats.paper_acts[f, e][mask[s]].tolist())))
+    yield FeatureExamples(int(f), tuple(examples))
 
 
 def _spaced(token: str) -> str:
@@ -255,13 +240,15 @@ def _spaced(token: str) -> str:
 
 def paper_label_arrays(d_sae: int, labels: list[ExampleLabels]) -> dict:
   """{'language', 'n_en', 'n_ja', 'granularity_paper'}: [M] arrays ("dead" / -1 for the
-  features ``labels`` does not name)."""
+  features ``labels`` does not name; granularity "none" for a feature without examples, which
+  the paper does not label)."""
   lang = np.full(d_sae, "dead", dtype=object)
   gran = np.full(d_sae, "dead", dtype=object)
   n_en = np.full(d_sae, -1, np.int64)
   n_ja = np.full(d_sae, -1, np.int64)
   for x in labels:
-    lang[x.feature], gran[x.feature] = x.language, x.granularity
+    lang[x.feature] = x.language
+    gran[x.feature] = x.granularity if x.n_examples else "none"
     n_en[x.feature], n_ja[x.feature] = x.n_en, x.n_ja
   return {"language": lang, "n_en": n_en, "n_ja": n_ja, "granularity_paper": gran}
 
@@ -285,7 +272,7 @@ class ExampleLabels:
   granularity_basis: str
 
 
-def label_examples(features: list[FeatureExamples], lexicon: Lexicon | None = None,
+def label_examples(features: Iterable[FeatureExamples], lexicon: Lexicon | None = None,
                    cfg: GranularityConfig = GranularityConfig(), language_share: float = 0.9
                    ) -> list[ExampleLabels]:
   """Language (both rules) and granularity of each feature from its examples alone."""

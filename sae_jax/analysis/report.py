@@ -57,16 +57,18 @@ def paper_html(paper) -> str:
     return ""
   lang_cols = ["checkpoint", "hook", "seed", "n_live"] + [
       f"n_{rule}_{x}" for x in ("en", "ja", "bilingual") for rule in ("paper", "script")] + [
-      "n_script_none"]
+      "n_script_none", "n_paper_none", "n_labelled"]
   rows = "".join(
       "<tr>" + "".join(f"<td>{_fmt(getattr(r, c))}</td>" for c in ("checkpoint", "hook", "seed"))
       + "".join(f"<td>{getattr(r, f'n_{g}')} ({getattr(r, f'share_{g}'):.1%} "
                 f"[{getattr(r, f'{g}_lo'):.1%}, {getattr(r, f'{g}_hi'):.1%}])</td>"
                 for g in GRANULARITIES) + "</tr>" for r in paper.itertuples())
   head = "".join(f"<th>{h}</th>" for h in ("checkpoint", "hook", "seed") + GRANULARITIES)
-  return ("<h2>Language: the paper's rule beside the script variant (live features)</h2>" +
+  return ("<h2>Language: the paper's rule beside the script variant (live features; "
+          "n_paper_none: without the paper's examples)</h2>" +
           table_html(paper, lang_cols) +
-          "<h2>Granularity in the paper's four classes (share [Wilson 95 % interval])</h2>"
+          "<h2>Granularity in the paper's four classes (share of the n_labelled features with "
+          "examples [Wilson 95 % interval])</h2>"
           f'<table class="tbl"><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>')
 
 

@@ -22,6 +22,7 @@ from typing import Callable, Iterable
 import jax
 import numpy as np
 
+from sae_jax.analysis.paper_examples import max_pre_activation
 from sae_jax.languages import N_LANGUAGE_CODES
 
 
@@ -52,6 +53,13 @@ class FeatureStats:
   sample_val: np.ndarray | None = None
   sample_seq: np.ndarray | None = None
   sample_pos: np.ndarray | None = None
+  # The paper's collection (paper_examples.py): max(0, max pre-activation) [M] from the first
+  # pass; the first E sequences above 0.7 x that [M, E] (-1: none), the quantised values on
+  # their tokens [M, E, T] (int8) and the max over them they were quantised by [M].
+  max_pre: np.ndarray | None = None
+  paper_seq: np.ndarray | None = None
+  paper_acts: np.ndarray | None = None
+  paper_max: np.ndarray | None = None
 
   def strong_tokens(self, feature: int) -> tuple[np.ndarray, np.ndarray]:
     """(token ids, counts) of the feature's strong firings, most frequent first."""
@@ -127,6 +135,7 @@ class StatsAccumulator:
     self.ex_pos = np.zeros((d_sae, n_examples), np.int32)
     self._cand: list[tuple] = []
     self._cand_n = 0
+    self.max_pre = np.zeros(d_sae, np.float32)  # reduced on device per batch (collect_stats)
 
   def add(self, values: np.ndarray, indices: np.ndarray, token: np.ndarray, seq: np.ndarray,
           pos: np.ndarray, lang: np.ndarray) -> None:
@@ -199,7 +208,7 @@ class StatsAccumulator:
     self._merge_examples()
     return FeatureStats(self.n_tokens, self.count, self.act_sum, self.act_max, self.lang_count,
                         self.lang_sum, self.keys, self.counts, self.sums, self.vocab,
-                        self.ex_val, self.ex_seq, self.ex_pos)
+                        self.ex_val, self.ex_seq, self.ex_pos, max_pre=self.max_pre)
 
 
 def collect_stats(sae, batches: Iterable[tuple], vocab: int, n_examples: int = 50,
@@ -227,10 +236,12 @@ def collect_stats_many(saes: dict, batches: Iterable[tuple], vocab: int, n_examp
   """Statistics of several SAEs over one pass of ``batches``: {name: FeatureStats}.
 
   ``saes``: {name: (sae, hook)}; each batch is ({hook: acts [n, d]}, token, seq, pos, lang), so
-  SAEs of several hooks (or several seeds of one hook) share one model forward per batch.
+  SAEs of several hooks (or several seeds of one hook) share one model forward per batch. Each
+  SAE's largest pre-activation per feature (``FeatureStats.max_pre``) is reduced on device.
   """
   enc = {name: jax.jit(lambda x, sae=sae, k=(ks or {}).get(name) or sae.cfg.k or 64:
-                       sae.encode(x, k=k)) for name, (sae, _) in saes.items()}
+                       (sae.encode(x, k=k), max_pre_activation(sae, x)))
+         for name, (sae, _) in saes.items()}
   acc = {name: StatsAccumulator(sae.cfg.d_sae, vocab, n_examples)
          for name, (sae, _) in saes.items()}
   t0 = last = time.perf_counter()
@@ -255,7 +266,8 @@ def collect_stats_many(saes: dict, batches: Iterable[tuple], vocab: int, n_examp
 def _add_batch_codes(acc: dict, pending, on_codes) -> None:
   """Hand one batch's codes (fetched from device now) to each SAE's accumulator."""
   codes, meta = pending
-  for name, (values, indices) in codes.items():
+  for name, ((values, indices), max_pre) in codes.items():
+    np.maximum(acc[name].max_pre, np.asarray(max_pre), out=acc[name].max_pre)
     values, indices = np.asarray(values), np.asarray(indices)
     if on_codes is not None:
       on_codes(name, values, indices)

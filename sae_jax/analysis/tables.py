@@ -97,7 +97,9 @@ def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 def paper_labels_table(saes: list[SAEFeatures]) -> pd.DataFrame:
   """One row per SAE: the paper's language rule and the script variant side by side (counts
-  over live features), and the paper's four granularity classes with Wilson 95 % intervals."""
+  over live features; ``n_paper_none``: live features without the paper's examples), and the
+  paper's four granularity classes with Wilson 95 % intervals over the ``n_labelled`` live
+  features that have examples (the paper labels only those)."""
   rows = []
   for d in saes:
     lab, live = d.labels, d.live
@@ -108,11 +110,12 @@ def paper_labels_table(saes: list[SAEFeatures]) -> pd.DataFrame:
       row[f"n_paper_{x}"] = int((lab.language[live] == x).sum())
       row[f"n_script_{x}"] = int((lab.language_script[live] == x).sum())
     row["n_script_none"] = int((lab.language_script[live] == "none").sum())
+    row["n_paper_none"] = int((lab.language[live] == "none").sum())
+    n = row["n_labelled"] = int((lab.granularity_paper[live] != "none").sum())
     for g in GRANULARITIES:
       k = int((lab.granularity_paper[live] == g).sum())
-      lo, hi = wilson_interval(k, int(live.size))
-      row.update({f"n_{g}": k, f"share_{g}": k / max(live.size, 1), f"{g}_lo": lo,
-                  f"{g}_hi": hi})
+      lo, hi = wilson_interval(k, n)
+      row.update({f"n_{g}": k, f"share_{g}": k / max(n, 1), f"{g}_lo": lo, f"{g}_hi": hi})
     rows.append(row)
   return _frame(rows)
 
