@@ -236,7 +236,7 @@ class TrainConfig(_JsonMixin):
   auxk_coef: float = 1.0 / 32.0
   dead_tokens: int = 10_000_000
   geometric_median_iters: int = 50
-  encoder_init: str = "tied"
+  encoder_init: str = "linear"
   optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
   run: RunConfig = dataclasses.field(default_factory=RunConfig)
 
