@@ -37,7 +37,8 @@ flags.DEFINE_integer("seeds", 3, "seeds per dataset x schedule x system")
 flags.DEFINE_list("peers", ["sparsify", "sae_lens"], "peer systems")
 flags.DEFINE_string("peer_python", os.environ.get("SAE_JAX_PEER_PYTHON"),
                     "python of a venv with torch, eai-sparsify and sae-lens")
-flags.DEFINE_string("workdir", "quality_runs", "outputs, data and the toy model cache")
+flags.DEFINE_string("workdir", os.path.expanduser("~/.cache/sae_jax/quality"),
+                    "outputs, data and the toy model cache")
 flags.DEFINE_string("toy_dir", None, "a trained tiny toy model (default: trained into workdir)")
 flags.DEFINE_float("scale", 1.0, "multiply every dataset's steps by this")
 flags.DEFINE_string("encoder_init", None, "ours' encoder_init (default: TrainConfig's)")
