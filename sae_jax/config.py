@@ -220,9 +220,10 @@ class TrainConfig(_JsonMixin):
     auxk_coef: weight of the AuxK loss (Gao et al.: 1/32).
     dead_tokens: a latent is dead after this many tokens without firing (Gao et al.: 10M).
     geometric_median_iters: Weiszfeld iterations for the b_dec initialisation.
-    encoder_init: ``tied`` (decoder rows random unit directions, W_enc = W_dec^T) or
-      ``linear`` (the paper's and sparsify's: W_enc a default linear layer, uniform in
-      +-1/sqrt(d_in), and the decoder a unit-normalised copy of it).
+    encoder_init: ``linear`` (the default; the paper's and sparsify's: W_enc a default linear
+      layer, uniform in +-1/sqrt(d_in), and the decoder a unit-normalised copy of it) or
+      ``tied`` (decoder rows random unit directions, W_enc = W_dec^T: a unit encoder, which
+      learns less per token; see experiments/benchmarks/quality_note.md).
     optim: Adam and the learning-rate schedule (:class:`OptimConfig`).
     run: logging, evaluation and checkpoint cadence (:class:`RunConfig`).
   """
@@ -236,7 +237,7 @@ class TrainConfig(_JsonMixin):
   auxk_coef: float = 1.0 / 32.0
   dead_tokens: int = 10_000_000
   geometric_median_iters: int = 50
-  encoder_init: str = "tied"
+  encoder_init: str = "linear"
   optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
   run: RunConfig = dataclasses.field(default_factory=RunConfig)
 

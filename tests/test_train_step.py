@@ -49,8 +49,11 @@ def test_sharded_2x4_step_equals_single_device(arch):
 
 
 def test_decoder_rows_stay_unit_norm_and_loss_falls():
+  # A relative fall from the first step: measured from the tied init (unit encoder) it was set
+  # for; the linear default starts lower on this Gaussian data (0.32, not compressible much
+  # further in 30 steps). Learning per token with the defaults: tests/test_quality.py.
   mesh = sj.make_mesh(sj.MeshConfig(data=8, model=1))
-  state, hist = _run("topk", mesh, steps=30)
+  state, hist = _run("topk", mesh, steps=30, encoder_init="tied")
   np.testing.assert_allclose(np.linalg.norm(state.params["W_dec"], axis=1), 1.0, rtol=1e-5)
   assert hist[-1]["fvu"] < 0.8 * hist[0]["fvu"]
   assert all(h["l0"] == pytest.approx(4.0) for h in hist)

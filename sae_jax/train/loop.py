@@ -11,6 +11,7 @@ bit-identical parameters to a run that was never interrupted.
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -27,7 +28,7 @@ from sae_jax.saes.sae import SAE
 from sae_jax.train import actions
 from sae_jax.train.data import BatchStream
 from sae_jax.train.jobs import ActiveJob, SAEJob, restore_common
-from sae_jax.train.state import init_train_state
+from sae_jax.train.state import init_train_state, long_warmup_message
 from sae_jax.version import __version__
 
 # The key of a single-source batch: a job without a hook reads it.
@@ -185,7 +186,13 @@ class Trainer:
         r.state = init_train_state(r.cfg, r.tcfg, self.mesh, r.rows(first_global), key,
                                    r.job.init_params)
       batches = _prepend(first, batches)
+    warned = set()
     for r in self.active:
+      message = long_warmup_message(r.tcfg, self.total)
+      if message and message not in warned:  # once per fit, however many jobs share it
+        warned.add(message)
+        warnings.warn(message, stacklevel=2)
+        self.log_fn("WARNING: " + message)
       self.log_fn(f"training {r.cfg.architecture} SAE d_in={r.cfg.d_in} d_sae={r.cfg.d_sae} "
                   f"k={r.cfg.k} on {self.mesh.devices.size} device(s), {self.batch_size} "
                   f"tokens/step" + (f", {self.total} steps" if self.total else "")

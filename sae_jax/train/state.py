@@ -68,6 +68,17 @@ def make_optimizer(sae_cfg: SAEConfig, tcfg: TrainConfig) -> optax.GradientTrans
   return optax.adam(schedule, b1=opt.adam_b1, b2=opt.adam_b2, eps=opt.adam_eps)
 
 
+def long_warmup_message(tcfg: TrainConfig, total_steps: int | None) -> str | None:
+  """Why the warm-up is suspicious (it covers more than half of the run's steps), or None."""
+  warmup = tcfg.optim.warmup_steps
+  if not total_steps or 2 * warmup <= total_steps:
+    return None
+  return (f"the learning-rate warm-up ({warmup} steps) covers more than half of the run's "
+          f"{total_steps} steps: the SAE trains at a small learning rate for most of the run "
+          f"(the final lr is {min(1.0, total_steps / max(warmup, 1)):.0%} of the set lr); "
+          f"lower optim.warmup_steps or train on more tokens")
+
+
 def state_axes(sae_cfg: SAEConfig, abstract_state: TrainState) -> TrainState:
   """Logical axes of every leaf of a TrainState (optimizer moments follow their parameter)."""
   arch = registry.get(sae_cfg.architecture)
