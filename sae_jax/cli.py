@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import sys
 import traceback
 
@@ -65,6 +66,12 @@ def parse_flags_or_exit(argv):
     return flags.FLAGS(argv)
   except (flags.Error, ValueError, TypeError, AttributeError, KeyError, FileNotFoundError,
           SyntaxError) as e:
+    missing = re.fullmatch(r"""["']*'([\w.]+)'["']*""", str(e).strip())
+    if isinstance(e, (KeyError, AttributeError)) and missing:
+      # ml_collections: an override of a field the config file does not set
+      print(f"error: no config field {missing.group(1)!r} to override; a config file sets the "
+            "fields its get_config lists", file=sys.stderr)
+      sys.exit(2)
     msg = str(e).strip().splitlines()
     print(f"error: {msg[-1] if msg else type(e).__name__}", file=sys.stderr)
     sys.exit(2)

@@ -269,7 +269,12 @@ class TrainConfig(_JsonMixin):
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]):
-    """From JSON; a flat pre-split dict (``lr``, ``log_every``, ... at the top) still loads."""
+    """From JSON; a flat pre-split dict (``lr``, ``log_every``, ... at the top) still loads.
+
+    A pre-split dict records a run that used the ``tied`` encoder init (the default then)."""
+    d = dict(d)
+    if "optim" not in d and "encoder_init" not in d:
+      d["encoder_init"] = "tied"
     d, _ = _split_legacy_options(d)  # penalties moved to the SAE's options (see SAEConfig)
     d = _nest(d, "optim", OptimConfig)
     d = _nest(d, "run", RunConfig)

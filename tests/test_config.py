@@ -147,7 +147,8 @@ def test_legacy_trace_json_loads_as_todays_config():
   old = json.loads((LEGACY / "trace.json").read_text())
   assert "lr" in old["train"] and "activations" in old  # really the flat layout
   want = _shipped("toy", "tiny").replace(model="TOY")
-  want = want.replace(data=want.data.replace(path="TOY"))
+  want = want.replace(data=want.data.replace(path="TOY"),
+                      train=want.train.replace(encoder_init="tied"))  # the init it ran with
   assert sj.TraceConfig.from_dict(old) == want
 
 
@@ -158,10 +159,15 @@ def test_legacy_run_config_resumes_without_a_difference(tmp_path):
   sj.store.atomic_write_json(run.config, old)
   want = _shipped("toy", "tiny")
   sae_cfg = want.sae.replace(d_in=64, d_sae=512)
-  check_same_run(run, run_config(sae_cfg, want.train), overwrite=False)  # no ConfigError
+  tied = want.train.replace(encoder_init="tied")  # the init the old run used
+  check_same_run(run, run_config(sae_cfg, tied), overwrite=False)  # no ConfigError
   with pytest.raises(ConfigError, match=r"train.optim.lr: 0.002 -> 0.003"):
-    other = want.train.replace(optim=want.train.optim.replace(lr=3e-3))
+    other = tied.replace(optim=tied.optim.replace(lr=3e-3))
     check_same_run(run, run_config(sae_cfg, other), overwrite=False)
+  # Today's default init differs from the old run's: said in one line, nothing discarded.
+  with pytest.raises(ConfigError, match=r"train.encoder_init: 'tied' -> 'linear'"):
+    check_same_run(run, run_config(sae_cfg, want.train), overwrite=False)
+  assert json.loads(run.config.read_text()) == old
 
 
 def test_legacy_architecture_fields_become_options():

@@ -159,6 +159,8 @@ def test_bad_trace_inputs(toy, tmp_path):
 @pytest.mark.parametrize("args, fragment", [
     (["--config=experiments/configs/nope.py"], "nope.py"),
     (["--config.train.batch_size=abc"], "abc"),
+    (["--config=experiments/configs/toy.py:tiny", "--config.train.nope=1"],
+     "no config field 'nope' to override"),
 ])
 def test_cli_flag_errors_are_one_line_with_status_2(args, fragment, tmp_path):
   proc = subprocess.run([sys.executable, "experiments/trace.py", f"--workdir={tmp_path}"] + args,
