@@ -48,6 +48,13 @@ def validate(cfg: TraceConfig) -> None:
   # The template's d_sae is a placeholder until the model's width is known: check the rest.
   registry.check(cfg.sae.replace(d_sae=max(cfg.sae.d_sae, cfg.sae.k or 1)))
   formats.check_formats(cfg.outputs.exports)
+  # Every hook names a site; for a toy model not trained yet, one its depth will have (a bad
+  # hook is said now, not after minutes of training the toy model).
+  toy_layers = None
+  if cfg.toy and not (Path(cfg.model) / "world.json").exists():
+    toy_layers = (TINY_LM if cfg.toy_size == "tiny" else LMConfig()).n_layers
+  for hook in cfg.hooks:
+    parse_hook(hook, toy_layers)
 
 
 def sae_config_for(cfg: TraceConfig, d_model: int) -> SAEConfig:

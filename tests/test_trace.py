@@ -141,6 +141,21 @@ def test_trace_runs_skips_done_work_and_resumes_exactly(toy, tmp_path, monkeypat
       np.testing.assert_array_equal(a[k][name], b[k][name], err_msg=f"{k} {name}")
 
 
+def test_a_bad_hook_is_named_before_the_toy_model_is_trained(tmp_path, monkeypatch):
+  def no_training(*args, **kwargs):
+    raise AssertionError("the toy model was trained before the hook was checked")
+
+  monkeypatch.setattr(sys.modules["sae_jax.trace"], "train_toy_lm", no_training)
+  c = _load_config(ROOT / "experiments" / "configs" / "toy.py", "tiny")
+  c.hooks = ("resid_post.99",)
+  with pytest.raises(ConfigError, match="'resid_post.99' is past the last block: the model "
+                                        "has 2 blocks"):
+    trace(trace_config_from(c, str(tmp_path)), tmp_path)
+  c.hooks = ("resid_mid.0",)
+  with pytest.raises(ConfigError, match="unknown hook 'resid_mid.0'"):
+    trace(trace_config_from(c, str(tmp_path)), tmp_path)
+
+
 def test_bad_trace_inputs(toy, tmp_path):
   with pytest.raises(CheckpointError, match="revision 'step77' of"):
     trace(_cfg(toy, revisions=("step0", "step77")), tmp_path / "m")
