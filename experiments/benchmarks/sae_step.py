@@ -2,7 +2,7 @@ r"""SAE train-step throughput against the bare encoder matmul (and the PyTorch p
 
 Prints one JSON object per line: ``name``, ``tokens_per_s``, and for steps the ratio to the
 encoder matmul ``relu(x @ W_enc)`` measured in the same run. With ``--peer_python`` it also
-runs ``shared/bench/peer_sae_step.py`` (sparsify, SAELens) in that interpreter at the same
+runs ``peer_sae_step.py`` (beside this file: sparsify, SAELens) in that interpreter at the same
 shape and reports our step's speed-up over each.
 
   python experiments/benchmarks/sae_step.py                       # d_in=512 d_sae=8192 k=32
@@ -34,7 +34,7 @@ flags.DEFINE_float("dead_fraction", 0.25,
                    "peer harness does; 0 to skip")
 flags.DEFINE_integer("steps", 10, "timed steps (after warm-up)")
 flags.DEFINE_string("peer_python", None, "python of a venv with eai-sparsify and sae-lens")
-flags.DEFINE_string("peer_script", None, "path of peer_sae_step.py (default: ../shared/bench)")
+flags.DEFINE_string("peer_script", None, "path of peer_sae_step.py (default: the one beside this file)")
 
 
 def _timeit(fn, steps: int) -> float:
@@ -109,8 +109,7 @@ def bench_shape(d: int, m: int, k: int, n: int, archs, dead_fraction: float, ste
 
 
 def run_peers(d: int, m: int, k: int, n: int, ours: dict[str, float]) -> None:
-  script = FLAGS.peer_script or os.path.join(os.path.dirname(__file__), "..", "..", "..",
-                                             "shared", "bench", "peer_sae_step.py")
+  script = FLAGS.peer_script or os.path.join(os.path.dirname(__file__), "peer_sae_step.py")
   proc = subprocess.run([os.path.expanduser(FLAGS.peer_python), script, str(d), str(m), str(k),
                          str(n)], capture_output=True, text=True, check=False)
   for line in proc.stdout.splitlines():
