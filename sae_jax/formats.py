@@ -48,14 +48,18 @@ def _save_tensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
 
 
 def _load_tensors(path: Path) -> dict[str, np.ndarray]:
-  """Every tensor of a safetensors file as numpy; bfloat16 ones (numpy has no such dtype) are
-  read through JAX and widened to float32 exactly."""
+  """Every tensor of a safetensors file as numpy. A file with bfloat16 tensors (numpy has no
+  such dtype: the paper's v1 SAEs) is read through JAX and widened to float32 exactly."""
   from safetensors import safe_open
+  from safetensors.numpy import load_file
   try:
-    with safe_open(str(path), framework="flax") as f:
-      tensors = {k: f.get_tensor(k) for k in f.keys()}
-    return {k: np.asarray(t.astype(jnp.float32) if t.dtype == jnp.bfloat16 else t)
-            for k, t in tensors.items()}
+    try:
+      return load_file(str(path))
+    except TypeError:  # "data type 'bfloat16' not understood"
+      with safe_open(str(path), framework="flax") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+      return {k: np.asarray(t.astype(jnp.float32) if t.dtype == jnp.bfloat16 else t)
+              for k, t in tensors.items()}
   except Exception as e:  # safetensors raises several types for damaged files
     raise CheckpointError(f"cannot read SAE weights {path}: {e}") from None
 
@@ -283,12 +287,6 @@ def check_formats(formats) -> None:
   bad = [f for f in formats if f not in FORMATS]
   if bad:
     raise ConfigError(f"unknown export format(s) {bad}; allowed: {list(FORMATS)}")
-
-
-def export_sae(sae: SAE, path: str | os.PathLike, format: str = "sae_jax") -> None:
-  """Write ``sae`` to the directory ``path`` in one of FORMATS (atomically)."""
-  check_formats([format])
-  WRITERS[format](sae, path)
 
 
 def _refuse_pickles(path: Path) -> None:

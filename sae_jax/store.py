@@ -40,20 +40,15 @@ _SEED_SUFFIX = re.compile(r"^(?P<hook>.+)@seed(?P<seed>\d+)$")
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-  """Write ``text`` to ``path`` atomically (temp file in the same directory, then rename)."""
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
+  """Write ``text`` (UTF-8) to ``path`` atomically and durably (synced before the rename)."""
+
+  def write(tmp: str) -> None:
+    with open(tmp, "w", encoding="utf-8") as f:
       f.write(text)
       f.flush()
       os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    with contextlib.suppress(FileNotFoundError):
-      os.unlink(tmp)
-    raise
+
+  atomic_write_bytes(path, write)
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:

@@ -34,7 +34,8 @@ flags.DEFINE_float("dead_fraction", 0.25,
                    "peer harness does; 0 to skip")
 flags.DEFINE_integer("steps", 10, "timed steps (after warm-up)")
 flags.DEFINE_string("peer_python", None, "python of a venv with eai-sparsify and sae-lens")
-flags.DEFINE_string("peer_script", None, "path of peer_sae_step.py (default: the one beside this file)")
+flags.DEFINE_string("peer_script", None,
+                    "path of peer_sae_step.py (default: the one beside this file)")
 
 
 def _timeit(fn, steps: int) -> float:

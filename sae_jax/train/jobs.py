@@ -27,6 +27,10 @@ from sae_jax.train.state import _init_state
 from sae_jax.train.step import make_train_step
 
 
+# The key of a single-source batch in the fit loop's {hook: rows} batches.
+SINGLE = None
+
+
 class CompletionHook(Protocol):
   """Called once per finished SAE, after it is saved and before COMPLETE is written (so it
   runs again if the process dies in between: it must be idempotent)."""
@@ -132,8 +136,8 @@ class ActiveJob:
 
   def rows(self, batch: dict):
     """This job's rows of a {hook: rows} batch (a single-source batch: its only entry)."""
-    if len(batch) == 1 and None in batch:
-      return batch[None]
+    if list(batch) == [SINGLE]:
+      return batch[SINGLE]
     if self.job.hook not in batch:
       raise ConfigError(f"SAEJob.hook={self.job.hook!r} is not among the source's hooks "
                         f"{sorted(batch, key=str)}")

@@ -27,13 +27,9 @@ from sae_jax.saes import registry
 from sae_jax.saes.sae import SAE
 from sae_jax.train import actions
 from sae_jax.train.data import BatchStream
-from sae_jax.train.jobs import ActiveJob, SAEJob, restore_common
+from sae_jax.train.jobs import SINGLE, ActiveJob, SAEJob, restore_common
 from sae_jax.train.state import init_train_state, long_warmup_message
 from sae_jax.version import __version__
-
-# The key of a single-source batch: a job without a hook reads it.
-_SINGLE = None
-
 
 def train_sae(activations: np.ndarray | Iterable[np.ndarray], sae_config: SAEConfig,
               train_config: TrainConfig, workdir: str | Path | None = None,
@@ -116,10 +112,10 @@ def _check_jobs(jobs: Sequence[SAEJob]) -> None:
 
 
 def _by_hook(rows):
-  """Every source in the loop is {hook: rows}: a single-hook batch is keyed by _SINGLE."""
+  """Every source in the loop is {hook: rows}: a single-hook batch is keyed by SINGLE."""
   if rows is None or isinstance(rows, dict):
     return rows
-  return {_SINGLE: rows}
+  return {SINGLE: rows}
 
 
 class Trainer:
@@ -151,8 +147,8 @@ class Trainer:
     with actions.SigtermFlag() as self.sigterm:
       for batch in batches:
         batch = _by_hook(batch)
-        shared = (distributed.to_global(batch[_SINGLE], x_sharding)
-                  if list(batch) == [_SINGLE] else None)
+        shared = (distributed.to_global(batch[SINGLE], x_sharding)
+                  if list(batch) == [SINGLE] else None)
         served = self.stream.served
         for r in self.active:
           x = shared if shared is not None else distributed.to_global(r.rows(batch), x_sharding)
