@@ -25,6 +25,10 @@ flags.DEFINE_integer("d_sae", 8192, "latents M")
 flags.DEFINE_integer("k", 32, "active latents per token")
 flags.DEFINE_integer("batch", 4096, "tokens per step N")
 flags.DEFINE_bool("paper_shape", False, "also time the paper's shape (2048, 32768, k=32)")
+flags.DEFINE_bool("default_shape", True, "time the --d_in/--d_sae/--k/--batch shape")
+flags.DEFINE_integer("accelerator_chunk_mb", None,
+                     "on GPU/TPU, pre-activation MB per encoder chunk (default: the library's "
+                     "kernels.topk.ACCELERATOR_CHUNK_BYTES)")
 flags.DEFINE_integer("paper_batch", 4096,
                      "tokens per step at the paper's shape (the paper used 32768; scaled to "
                      "what a small machine holds)")
@@ -35,7 +39,11 @@ flags.DEFINE_float("dead_fraction", 0.25,
 flags.DEFINE_integer("steps", 10, "timed steps (after warm-up)")
 flags.DEFINE_string("peer_python", None, "python of a venv with eai-sparsify and sae-lens")
 flags.DEFINE_string("peer_script", None,
-                    "path of peer_sae_step.py (default: the one beside this file)")
+                    "path of the peer harness (default: peer_sae_step.py beside this file, or "
+                    "peer_sae_step_gpu.py when JAX runs on a GPU)")
+flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"],
+                  "dtype of our step's matmul inputs and of the encoder-matmul bound (sparsify "
+                  "on CUDA runs its forward under bfloat16 autocast)")
 
 
 def _timeit(fn, steps: int) -> float:
@@ -63,22 +71,29 @@ def bench_shape(d: int, m: int, k: int, n: int, archs, dead_fraction: float, ste
   import numpy as np
 
   import sae_jax as sj
+  from sae_jax.kernels import topk
   from sae_jax.train import init_train_state, make_train_step
 
   device = jax.devices()[0]
   common = {"d": d, "m": m, "k": k, "n": n, "shape": tag, "backend": device.platform,
-            "device": device.device_kind, "n_devices": jax.device_count()}
+            "device": device.device_kind, "n_devices": jax.device_count(),
+            "jax": jax.__version__}
+  if device.platform != "cpu":
+    common["accelerator_chunk_mb"] = topk.ACCELERATOR_CHUNK_BYTES >> 20
   key = jax.random.key(0)
   x = jax.random.normal(key, (n, d), jnp.float32)
   w = jax.random.normal(jax.random.key(1), (d, m), jnp.float32) / np.sqrt(d)
-  matmul = jax.jit(lambda x, w: jax.nn.relu(x @ w))
+  cdt = jnp.dtype(FLAGS.compute_dtype)
+  common["compute_dtype"] = cdt.name
+  matmul = jax.jit(lambda x, w: jax.nn.relu(
+      jnp.dot(x.astype(cdt), w.astype(cdt), preferred_element_type=jnp.float32)))
   t_mm = _timeit(lambda: matmul(x, w), steps)
   _emit({"name": "encoder_matmul", **common, "step_s": round(t_mm, 5),
          "tokens_per_s": round(n / t_mm, 1)})
   results = {"encoder_matmul": n / t_mm}
   mesh = sj.make_mesh()
   for arch in archs:
-    cfg = sj.SAEConfig(architecture=arch, d_in=d, d_sae=m, k=k)
+    cfg = sj.SAEConfig(architecture=arch, d_in=d, d_sae=m, k=k, compute_dtype=cdt.name)
     tcfg = sj.TrainConfig(batch_size=n)
     variants = [("", 0.0)] + ([("_auxk", dead_fraction)] if dead_fraction > 0 and
                               cfg.architecture in ("topk", "batchtopk") else [])
@@ -109,8 +124,20 @@ def bench_shape(d: int, m: int, k: int, n: int, archs, dead_fraction: float, ste
   return results
 
 
+def _ours_for(rec: dict) -> tuple[str, ...]:
+  """Which of our steps a peer record compares with (same dead-latent setting)."""
+  system = rec.get("system", "")
+  if system.endswith("_auxk"):
+    return ("sae_step_topk_auxk",)
+  if "autocast" in rec:  # the GPU harness times sparsify without dead latents too
+    return ("sae_step_topk",)
+  return ("sae_step_topk", "sae_step_topk_auxk")  # the CPU harness: 25 % dead, always
+
+
 def run_peers(d: int, m: int, k: int, n: int, ours: dict[str, float]) -> None:
-  script = FLAGS.peer_script or os.path.join(os.path.dirname(__file__), "peer_sae_step.py")
+  import jax
+  default = "peer_sae_step_gpu.py" if jax.default_backend() == "gpu" else "peer_sae_step.py"
+  script = FLAGS.peer_script or os.path.join(os.path.dirname(__file__), default)
   proc = subprocess.run([os.path.expanduser(FLAGS.peer_python), script, str(d), str(m), str(k),
                          str(n)], capture_output=True, text=True, check=False)
   for line in proc.stdout.splitlines():
@@ -120,7 +147,7 @@ def run_peers(d: int, m: int, k: int, n: int, ours: dict[str, float]) -> None:
       continue
     rec["name"] = "peer_" + rec.get("system", "unknown")
     if "tokens_per_s" in rec:
-      for ours_name in ("sae_step_topk", "sae_step_topk_auxk"):
+      for ours_name in _ours_for(rec):
         if ours_name in ours:
           rec[f"{ours_name}_speedup"] = round(ours[ours_name] / rec["tokens_per_s"], 2)
     _emit(rec)
@@ -130,13 +157,19 @@ def run_peers(d: int, m: int, k: int, n: int, ours: dict[str, float]) -> None:
 
 def main(argv):
   del argv
-  ours = bench_shape(FLAGS.d_in, FLAGS.d_sae, FLAGS.k, FLAGS.batch, FLAGS.architectures,
-                     FLAGS.dead_fraction, FLAGS.steps, "default")
-  if FLAGS.peer_python:
-    run_peers(FLAGS.d_in, FLAGS.d_sae, FLAGS.k, FLAGS.batch, ours)
+  if FLAGS.accelerator_chunk_mb:
+    from sae_jax.kernels import topk
+    topk.ACCELERATOR_CHUNK_BYTES = FLAGS.accelerator_chunk_mb << 20
+  if FLAGS.default_shape:
+    ours = bench_shape(FLAGS.d_in, FLAGS.d_sae, FLAGS.k, FLAGS.batch, FLAGS.architectures,
+                       FLAGS.dead_fraction, FLAGS.steps, "default")
+    if FLAGS.peer_python:
+      run_peers(FLAGS.d_in, FLAGS.d_sae, FLAGS.k, FLAGS.batch, ours)
   if FLAGS.paper_shape:
-    bench_shape(2048, 32768, 32, FLAGS.paper_batch, ["topk"], 0.0, max(3, FLAGS.steps // 3),
-                "paper_scaled")
+    paper = bench_shape(2048, 32768, 32, FLAGS.paper_batch, ["topk"], FLAGS.dead_fraction,
+                        max(3, FLAGS.steps // 3), "paper_scaled")
+    if FLAGS.peer_python:
+      run_peers(2048, 32768, 32, FLAGS.paper_batch, paper)
 
 
 if __name__ == "__main__":

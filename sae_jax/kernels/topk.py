@@ -10,9 +10,8 @@ global (values, indices) as a single device would. The decode and both backward 
 the rows a shard owns; the caller sums partial reconstructions over the latent axis.
 
 Backward passes never form an [N, M] array: the encoder gradient is a scatter-add of N*K rows
-into W_enc's selected columns, the decoder gradient a scatter-add of N*K rows into W_dec.
-On CPU a loop over K of [N, D] gathers / scatter-adds is several times faster than one
-[N*K, D] gather (measured: 5.6 ms vs 80 ms at N=4096 D=512 K=32), hence the scans over K.
+into W_enc's selected columns, the decoder gradient a scatter-add of N*K rows into W_dec (the
+row operations, in a CPU and an accelerator form, are in ``rows.py``).
 """
 
 from __future__ import annotations
@@ -25,6 +24,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from sae_jax.kernels import cpu_topk
+from sae_jax.kernels import rows as row_ops
 
 
 class TopKCodes(NamedTuple):
@@ -101,54 +101,36 @@ def owned_rows(indices: jax.Array, m_local: int, axis_name: str | None):
   return jnp.where(owned, local, m_local), owned
 
 
-def _scatter_rows(rows_of: jax.Array, weights: jax.Array, source: jax.Array, m_local: int,
-                  dtype) -> jax.Array:
-  """sum_j weights[n, j] * source[n] into row rows_of[n, j] of an [m_local, D] zero array.
-
-  Rows equal to m_local (not owned) are dropped. A scan over K with contiguous [N] slices
-  (K-major) runs about twice as fast on CPU as a fori_loop slicing columns.
-  """
-  def body(acc, rw):
-    r, w = rw
-    return acc.at[r].add((w[:, None] * source).astype(dtype), mode="drop"), None
-
-  # Materialise the loop inputs: left fusable, XLA recomputes their producers inside the loop
-  # (measured: 39 ms instead of 21 ms for N=4096, D=512, M=8192, K=32).
-  rows_t, weights_t, source = lax.optimization_barrier((rows_of.T, weights.T, source))
-  acc = jnp.zeros((m_local, source.shape[-1]), dtype)
-  return lax.scan(body, acc, (rows_t, weights_t))[0]
-
-
-def _gather_dot(rows_of: jax.Array, weights: jax.Array, table: jax.Array) -> jax.Array:
-  """sum_j weights[n, j] * table[rows_of[n, j]]  ([N, K], [N, K], [M_l, D] -> [N, D] float32)."""
-  rows_of = jnp.minimum(rows_of, table.shape[0] - 1)
-
-  def body(acc, rw):
-    r, w = rw
-    return acc + w[:, None] * table[r].astype(jnp.float32), None
-
-  rows_t, weights_t = lax.optimization_barrier((rows_of.T, weights.T))  # see _scatter_rows
-  acc = jnp.zeros((rows_of.shape[0], table.shape[1]), jnp.float32)
-  return lax.scan(body, acc, (rows_t, weights_t))[0]
-
-
 # --------------------------------------------------------------------------------------------
 # Fused encode.
 
 
-def _row_chunk(n: int, m_local: int) -> int:
-  """Rows per encoder chunk: keep the [rows, M_l] pre-activations near 8 MB (cache-sized).
+# Pre-activation bytes one encoder chunk may hold on an accelerator (GPU/TPU): big enough that
+# each chunk's matmul fills the chip, small enough that the full [N, M] array is never formed
+# (the paper's step: 32,768 x 32,768 float32 pre-activations would be 4 GiB). A benchmark knob.
+ACCELERATOR_CHUNK_BYTES = 256 << 20
 
-  Selecting from a chunk while it is still in cache made encode + top-k 1.5x faster on CPU
-  (N=4096, M=8192: 121 ms vs 186 ms), and the full [N, M] array is never allocated.
+
+def _row_chunk(n: int, m_local: int, accelerator: bool = False) -> int:
+  """Rows per encoder chunk (a power of two, at most n).
+
+  CPU: keep the [rows, M_l] pre-activations near 8 MB (cache-sized): selecting from a chunk
+  while it is still in cache made encode + top-k 1.5x faster (N=4096, M=8192: 121 ms vs
+  186 ms). Accelerators: chunks of about ACCELERATOR_CHUNK_BYTES, so the loop has few trips.
   """
-  target = max(64, min(1024, (2 << 20) // max(m_local, 1)))
+  if accelerator:
+    target = max(64, ACCELERATOR_CHUNK_BYTES // 4 // max(m_local, 1))
+  else:
+    target = max(64, min(1024, (2 << 20) // max(m_local, 1)))
   chunk = 1 << (target.bit_length() - 1)
   return min(chunk, max(n, 1))
 
 
-def _encode_select(xc, W_enc, b_enc, aux_mask, k, k_aux, compute_dtype):
-  """Local top-k (and AuxK top-k among aux_mask) of (xc @ W_enc + b_enc), chunk by chunk."""
+def _encode_select(xc, W_enc, b_enc, aux_mask, k, k_aux, compute_dtype, accelerator=None):
+  """Local top-k (and AuxK top-k among aux_mask) of (xc @ W_enc + b_enc), chunk by chunk.
+
+  ``accelerator`` picks the chunk policy (None: by the platform the function is lowered for).
+  """
   n, d = xc.shape
   m_local = W_enc.shape[1]
   cdt = jnp.dtype(compute_dtype)
@@ -163,11 +145,17 @@ def _encode_select(xc, W_enc, b_enc, aux_mask, k, k_aux, compute_dtype):
       out = out + tuple(_local_top_k(masked, min(k_aux, m_local)))
     return out
 
-  chunk = _row_chunk(n, m_local)
-  n_pad = -n % chunk
-  xs = jnp.pad(xc, ((0, n_pad), (0, 0))).reshape(-1, chunk, d)
-  outs = lax.map(one_chunk, xs)
-  return [o.reshape(n + n_pad, -1)[:n] for o in outs]
+  def chunked(xc, accelerator):
+    chunk = _row_chunk(n, m_local, accelerator)
+    n_pad = -n % chunk
+    xs = jnp.pad(xc, ((0, n_pad), (0, 0))).reshape(-1, chunk, d)
+    outs = lax.map(one_chunk, xs)
+    return tuple(o.reshape(n + n_pad, -1)[:n] for o in outs)
+
+  if accelerator is not None:
+    return list(chunked(xc, accelerator))
+  return list(lax.platform_dependent(xc, cpu=lambda xc: chunked(xc, False),
+                                     default=lambda xc: chunked(xc, True)))
 
 
 def _merge_shards(vals, idx, k, m_local, axis_name):
@@ -210,11 +198,11 @@ def _encode_bwd(k, k_aux, axis_name, compute_dtype, res, g):
   rows, owned = owned_rows(indices, m_local, axis_name)
   weights = jnp.where(owned, weights, 0.0).astype(jnp.float32)
   # dL/dW_enc[:, m] = sum over (n, j) selecting m of weights[n, j] * xc[n]: rows of W_enc^T.
-  d_w_enc = _scatter_rows(rows, weights, xc, m_local, jnp.float32).T
+  d_w_enc = row_ops.scatter_rows(rows, weights, xc, m_local, jnp.float32).T
   d_b_enc = jnp.zeros((m_local,), jnp.float32).at[rows].add(weights, mode="drop")
   # dL/dxc[n] = sum_j weights[n, j] W_enc[:, idx[n, j]]. Its sum over n is W_enc @ d_b_enc, so
   # b_dec's gradient costs one mat-vec; dx (unused when training, removed by XLA) needs gathers.
-  d_x = _gather_dot(rows, weights, W_enc.T)
+  d_x = row_ops.gather_dot(rows, weights, W_enc.T)
   d_b_dec = -(W_enc.astype(jnp.float32) @ d_b_enc)
   return (d_x.astype(xc.dtype), d_w_enc.astype(W_enc.dtype), d_b_enc.astype(W_enc.dtype),
           d_b_dec.astype(W_enc.dtype), None)
@@ -260,26 +248,20 @@ def topk_encode(x: jax.Array, W_enc: jax.Array, b_enc: jax.Array, b_dec: jax.Arr
 
 def _decode_fwd(values, indices, W_dec, axis_name):
   m_local = W_dec.shape[0]
-  rows, owned = owned_rows(indices, m_local, axis_name)
+  rows_idx, owned = owned_rows(indices, m_local, axis_name)
   weights = jnp.where(owned, values, 0.0).astype(jnp.float32)
-  out = _gather_dot(rows, weights, W_dec)
-  return out, (weights, rows, owned, W_dec)
+  out = row_ops.gather_dot(rows_idx, weights, W_dec)
+  return out, (weights, rows_idx, owned, W_dec)
 
 
 def _decode_bwd(axis_name, res, g):
   del axis_name
-  weights, rows, owned, W_dec = res
+  weights, rows_idx, owned, W_dec = res
   m_local = W_dec.shape[0]
   g = g.astype(jnp.float32)
-  safe_rows = jnp.minimum(rows, m_local - 1)
 
-  # Two scans (gather-dot, then scatter-add) run faster on CPU than one doing both (30 vs 42 ms).
-  def dot_row(_, r):
-    return None, jnp.einsum("nd,nd->n", g, W_dec[r].astype(jnp.float32))
-
-  safe_t, g = lax.optimization_barrier((safe_rows.T, g))  # see _scatter_rows
-  d_vals = lax.scan(dot_row, None, safe_t)[1].T
-  d_w = _scatter_rows(rows, weights, g, m_local, jnp.float32)
+  d_vals = row_ops.row_dots(rows_idx, g, W_dec)
+  d_w = row_ops.scatter_rows(rows_idx, weights, g, m_local, jnp.float32)
   d_vals = jnp.where(owned, d_vals, 0.0)
   return d_vals, None, d_w.astype(W_dec.dtype)
 

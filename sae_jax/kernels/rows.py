@@ -1,0 +1,127 @@
+"""Row gathers and scatter-adds of the sparse kernels, in a CPU and an accelerator form.
+
+Axes: N tokens, J selected latents per token (k or k_aux), D model width, M_l latent rows.
+Every function takes ``rows_of`` [N, J] local row ids (M_l marks "not owned": dropped or
+contributing zero) and is lowered per platform:
+
+- CPU: a scan over J of [N, D] gathers / scatter-adds. On CPU a loop over K of [N, D] row
+  operations runs several times faster than one [N*K, D] gather (measured: 5.6 ms vs 80 ms at
+  N=4096 D=512 K=32).
+- GPU/TPU: a scan over groups of G columns, each one [N*G, D] gather or scatter-add, G chosen so
+  a group's rows hold about ACCELERATOR_GROUP_BYTES. A per-column scan there re-reads and
+  re-writes the [N, D] accumulator J times (measured on an H200 at the paper's shape: the
+  sparse parts took 34 ms of a 40 ms step against 6 ms for the encoder matmul).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+# Bytes of gathered rows (N*G*D float32) one accelerator group may hold. A benchmark knob.
+ACCELERATOR_GROUP_BYTES = 1 << 30
+
+
+def group_size(n: int, j: int, d: int, accelerator: bool) -> int:
+  """Columns per loop trip: 1 on the CPU, else as many as ACCELERATOR_GROUP_BYTES allows."""
+  if not accelerator:
+    return 1
+  return max(1, min(j, ACCELERATOR_GROUP_BYTES // (4 * max(n * d, 1))))
+
+
+def _groups(rows_of: jax.Array, weights: jax.Array | None, g: int, m_local: int):
+  """[N, J] -> [T, N, g] (T = ceil(J/g)); padded columns: row m_local, weight 0."""
+  n, j = rows_of.shape
+  pad = -j % g
+  rows = jnp.pad(rows_of, ((0, 0), (0, pad)), constant_values=m_local)
+  rows = rows.reshape(n, -1, g).transpose(1, 0, 2)
+  if weights is None:
+    return rows, None
+  w = jnp.pad(weights, ((0, 0), (0, pad))).reshape(n, -1, g).transpose(1, 0, 2)
+  return rows, w
+
+
+def _per_platform(fn, *args):
+  """fn(*args, accelerator=...) lowered with the CPU form on CPU, else the accelerator form."""
+  return lax.platform_dependent(*args, cpu=functools.partial(fn, accelerator=False),
+                                default=functools.partial(fn, accelerator=True))
+
+
+def _scatter_rows(rows_of, weights, source, m_local, dtype, accelerator):
+  n, j = rows_of.shape
+  d = source.shape[-1]
+  g = group_size(n, j, d, accelerator)
+  # Materialise the loop inputs: left fusable, XLA recomputes their producers inside the loop
+  # (measured on CPU: 39 ms instead of 21 ms for N=4096, D=512, M=8192, K=32).
+  rows, w = _groups(rows_of, weights, g, m_local)
+  rows, w, source = lax.optimization_barrier((rows, w, source))
+
+  def body(acc, rw):
+    r, wt = rw  # [N, g]
+    upd = (wt[:, :, None] * source[:, None, :]).astype(dtype).reshape(n * g, d)
+    return acc.at[r.reshape(-1)].add(upd, mode="drop"), None
+
+  acc = jnp.zeros((m_local, d), dtype)
+  return lax.scan(body, acc, (rows, w))[0]
+
+
+def scatter_rows(rows_of: jax.Array, weights: jax.Array, source: jax.Array, m_local: int,
+                 dtype) -> jax.Array:
+  """sum_j weights[n, j] * source[n] into row rows_of[n, j] of an [m_local, D] zero array.
+
+  rows_of, weights: [N, J]; source: [N, D]. Rows equal to m_local (not owned) are dropped.
+  """
+  fn = functools.partial(_scatter_rows, m_local=m_local, dtype=dtype)
+  return _per_platform(fn, rows_of, weights, source)
+
+
+def _gather_dot(rows_of, weights, table, accelerator):
+  n, j = rows_of.shape
+  m_local, d = table.shape
+  g = group_size(n, j, d, accelerator)
+  rows, w = _groups(jnp.minimum(rows_of, m_local - 1), weights, g, m_local - 1)
+  rows, w = lax.optimization_barrier((rows, w))  # see _scatter_rows
+
+  def body(acc, rw):
+    r, wt = rw
+    if g == 1:  # the CPU form: an elementwise product, no size-1 contraction
+      return acc + wt[:, 0, None] * table[r[:, 0]].astype(jnp.float32), None
+    return acc + jnp.einsum("ng,ngd->nd", wt, table[r].astype(jnp.float32)), None
+
+  acc = jnp.zeros((n, d), jnp.float32)
+  return lax.scan(body, acc, (rows, w.astype(jnp.float32)))[0]
+
+
+def gather_dot(rows_of: jax.Array, weights: jax.Array, table: jax.Array) -> jax.Array:
+  """sum_j weights[n, j] * table[rows_of[n, j]]: [N, J], [N, J], [M_l, D] -> [N, D] float32.
+
+  Row ids >= M_l read the last row: their weights must be zero.
+  """
+  return _per_platform(_gather_dot, rows_of, weights, table)
+
+
+def _row_dots(rows_of, g_rows, table, accelerator):
+  n, j = rows_of.shape
+  m_local, d = table.shape
+  grp = group_size(n, j, d, accelerator)
+  rows, _ = _groups(jnp.minimum(rows_of, m_local - 1), None, grp, m_local - 1)
+  rows, g_rows = lax.optimization_barrier((rows, g_rows))  # see _scatter_rows
+
+  def body(_, r):
+    if grp == 1:
+      return None, jnp.einsum("nd,nd->n", g_rows, table[r[:, 0]].astype(jnp.float32))[:, None]
+    return None, jnp.einsum("nd,ngd->ng", g_rows, table[r].astype(jnp.float32))
+
+  dots = lax.scan(body, None, rows)[1]  # [T, N, grp]
+  return dots.transpose(1, 0, 2).reshape(n, -1)[:, :j]
+
+
+def row_dots(rows_of: jax.Array, g_rows: jax.Array, table: jax.Array) -> jax.Array:
+  """<g_rows[n], table[rows_of[n, j]]>: [N, J], [N, D] float32, [M_l, D] -> [N, J] float32.
+
+  Row ids >= M_l read the last row: mask those entries afterwards.
+  """
+  return _per_platform(_row_dots, rows_of, g_rows, table)
