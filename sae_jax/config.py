@@ -17,6 +17,7 @@ NORMALIZATIONS = ("none", "unit_norm", "expected_norm")
 DTYPES = ("float32", "bfloat16", "float16")
 LR_SCHEDULES = ("constant", "cosine")
 ENCODER_INITS = ("tied", "linear")
+AUXK_IMPLS = ("auto", "sparse", "dense")
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -220,6 +221,10 @@ class TrainConfig(_JsonMixin):
     auxk_coef: weight of the AuxK loss (Gao et al.: 1/32).
     dead_tokens: a latent is dead after this many tokens without firing (Gao et al.: 10M).
     geometric_median_iters: Weiszfeld iterations for the b_dec initialisation.
+    auxk_impl: how the AuxK reconstruction is computed: ``sparse`` (N * k_aux gathered rows),
+      ``dense`` (matmuls over a block of the dead latents; unsharded latents only) or ``auto``
+      (dense on GPU/TPU when k_aux is at least 1/64 of that block; sparse on the CPU, where
+      both measured alike at the default shape, and whenever the latents are sharded).
     encoder_init: ``linear`` (the default; the paper's and sparsify's: W_enc a default linear
       layer, uniform in +-1/sqrt(d_in), and the decoder a unit-normalised copy of it) or
       ``tied`` (decoder rows random unit directions, W_enc = W_dec^T: a unit encoder, which
@@ -237,12 +242,14 @@ class TrainConfig(_JsonMixin):
   auxk_coef: float = 1.0 / 32.0
   dead_tokens: int = 10_000_000
   geometric_median_iters: int = 50
+  auxk_impl: str = "auto"
   encoder_init: str = "linear"
   optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
   run: RunConfig = dataclasses.field(default_factory=RunConfig)
 
-  # Fields that do not change what is computed: a restart may change them freely.
-  RESTART_SAFE: ClassVar[tuple[str, ...]] = ("run",)
+  # Fields that do not change what is computed (auxk_impl: only the order of float sums): a
+  # restart may change them freely.
+  RESTART_SAFE: ClassVar[tuple[str, ...]] = ("run", "auxk_impl")
   # Fields of the shared token stream: equal across the SAEs trained side by side on it.
   STREAM_FIELDS: ClassVar[tuple[str, ...]] = (
       "batch_size", "total_tokens", "seed", "shuffle_batches", "eval_tokens")
@@ -257,6 +264,8 @@ class TrainConfig(_JsonMixin):
     _check(self.dead_tokens >= 1, f"dead_tokens={self.dead_tokens} must be >= 1")
     _check(self.shuffle_batches >= 1, f"shuffle_batches={self.shuffle_batches} must be >= 1")
     _check(self.eval_tokens >= 0, f"eval_tokens={self.eval_tokens} must be >= 0")
+    _check(self.auxk_impl in AUXK_IMPLS,
+           f"auxk_impl={self.auxk_impl!r}; allowed: {list(AUXK_IMPLS)}")
     _check(self.encoder_init in ENCODER_INITS,
            f"encoder_init={self.encoder_init!r}; allowed: {list(ENCODER_INITS)}")
     _check(isinstance(self.optim, OptimConfig), f"optim={self.optim!r} must be an OptimConfig")

@@ -189,3 +189,29 @@ def test_auxk_width_follows_the_dead_count_with_identical_results():
   assert float(m1["aux_loss"]) == pytest.approx(float(m2["aux_loss"]), rel=1e-6)
   for k in narrow.params:
     np.testing.assert_allclose(narrow.params[k], wide.params[k], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_dense_auxk_equals_sparse_auxk(arch):
+  """AuxK over a dense block of dead latents: the sparse path's loss and gradients (to float
+  tolerance, fixed up front: the sums run in another order)."""
+  mesh = sj.make_mesh(sj.MeshConfig(data=1, model=1), devices=jax.devices()[:1])
+  cfg = sj.SAEConfig(architecture=arch, d_in=D, d_sae=M, k=4)
+  x = _data(1)[0]
+  out = {}
+  for impl in ("sparse", "dense"):
+    tcfg = sj.TrainConfig(batch_size=N, aux_k=8, auxk_impl=impl,
+                          optim=sj.OptimConfig(lr=1e-2, warmup_steps=1))
+    step = make_train_step(cfg, tcfg, mesh)
+    # 37 dead latents: a capacity of 64 with 27 padded columns that must never be picked.
+    state = init_train_state(cfg, tcfg, mesh, x).replace(
+        tokens_since_fired=jnp.where(jnp.arange(M) % 7 == 3, tcfg.dead_tokens, 0))
+    assert step.aux_plan(state) == (8, 64 if impl == "dense" else 0)
+    out[impl] = step(state, x)
+  (s_state, s_m), (d_state, d_m) = out["sparse"], out["dense"]
+  assert float(s_m["aux_loss"]) > 0
+  assert float(d_m["aux_loss"]) == pytest.approx(float(s_m["aux_loss"]), rel=1e-5)
+  for k in s_state.params:
+    np.testing.assert_allclose(d_state.params[k], s_state.params[k], rtol=1e-5, atol=1e-6)
+  with pytest.raises(ConfigError, match="auxk_impl='fast'"):
+    sj.TrainConfig(auxk_impl="fast")

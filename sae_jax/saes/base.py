@@ -40,6 +40,8 @@ class ShardCtx:
   data_axis: str | None
   model_axis: str | None
   n_global: int
+  # > 0: compute AuxK densely over this many dead-latent columns (kernels/auxk.py); 0: sparse.
+  aux_capacity: int = 0
 
   def psum_data(self, x):
     return x if self.data_axis is None else lax.psum(x, self.data_axis)

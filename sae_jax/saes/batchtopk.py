@@ -57,7 +57,7 @@ class BatchTopK(TopK):
                              ctx.data_axis)
     keep = (codes.values >= thr) & (codes.values > 0)
     values = jnp.where(keep, codes.values, 0.0)
-    return self._decode(params, codes, values, ctx, k_aux, thr)
+    return self._decode(params, codes, values, ctx, k_aux, thr, x, dead, cfg)
 
   def update_buffers(self, buffers, info, step):
     old = buffers["threshold"]

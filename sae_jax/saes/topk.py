@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from sae_jax.kernels import select_topk, sparse_decode, topk_encode
+from sae_jax.kernels.auxk import dense_auxk_decode
 from sae_jax.saes.base import Architecture, TrainForward, TrainInfo, fired_counts
 from sae_jax.saes.registry import register
 
@@ -31,19 +32,26 @@ class TopK(Architecture):
     return jnp.maximum(top[:, :k], 0.0), idx[:, :k]
 
   def sparse_codes(self, params, x, dead, cfg, ctx, k, k_aux):
+    """Top-k codes, with the AuxK ones unless AuxK runs densely (ctx.aux_capacity)."""
     return topk_encode(x, params["W_enc"], params["b_enc"], params["b_dec"], k,
-                       aux_mask=dead, k_aux=k_aux, axis_name=ctx.model_axis,
-                       compute_dtype=cfg.compute_dtype)
+                       aux_mask=dead, k_aux=0 if ctx.aux_capacity else k_aux,
+                       axis_name=ctx.model_axis, compute_dtype=cfg.compute_dtype)
 
   def train_forward(self, params, buffers, x, dead, cfg, tcfg, ctx, k_aux):
     codes = self.sparse_codes(params, x, dead, cfg, ctx, cfg.k, k_aux)
-    return self._decode(params, codes, codes.values, ctx, k_aux, jnp.zeros((), jnp.float32))
+    return self._decode(params, codes, codes.values, ctx, k_aux, jnp.zeros((), jnp.float32),
+                        x, dead, cfg)
 
-  def _decode(self, params, codes, values, ctx, k_aux, threshold):
+  def _decode(self, params, codes, values, ctx, k_aux, threshold, x, dead, cfg):
     W_dec = params["W_dec"]
     partial = sparse_decode(values, codes.indices, W_dec, ctx.model_axis)
-    aux = (sparse_decode(codes.aux_values, codes.aux_indices, W_dec, ctx.model_axis)
-           if k_aux else None)
+    if not k_aux:
+      aux = None
+    elif ctx.aux_capacity:
+      aux = dense_auxk_decode(x, params["W_enc"], params["b_enc"], params["b_dec"], W_dec, dead,
+                              k_aux, ctx.aux_capacity, cfg.compute_dtype)
+    else:
+      aux = sparse_decode(codes.aux_values, codes.aux_indices, W_dec, ctx.model_axis)
     m_local = W_dec.shape[0]
     fired = fired_counts(codes.indices, lax.stop_gradient(values), m_local, ctx.model_axis)
     return (TrainForward(partial, jnp.zeros((), jnp.float32), aux),

@@ -30,11 +30,12 @@ METRIC_NAMES = ("loss", "recon_loss", "mse", "fvu", "l0", "aux_loss", "penalty",
 
 
 def _shard_body(params, buffers, tsf, x_raw, *, sae_cfg: SAEConfig, tcfg: TrainConfig,
-                n_global: int, k_aux: int, k_aux_cfg: int,
+                n_global: int, k_aux: int, k_aux_cfg: int, aux_capacity: int,
                 replicated_over_model: frozenset[str]):
   """One shard's loss, gradients and statistics. Shapes are local: x_raw [n, D], W_enc [D, M_l]."""
   arch = registry.get(sae_cfg.architecture)
-  ctx = ShardCtx(data_axis="data", model_axis="model", n_global=n_global)
+  ctx = ShardCtx(data_axis="data", model_axis="model", n_global=n_global,
+                 aux_capacity=aux_capacity)
   x, _ = normalize_inputs(x_raw, sae_cfg.normalize, buffers["norm_scale"])
 
   mean = ctx.psum_data(x.sum(0)) / n_global
@@ -82,6 +83,21 @@ def _shard_body(params, buffers, tsf, x_raw, *, sae_cfg: SAEConfig, tcfg: TrainC
   return grads, fired, info.threshold, metrics
 
 
+# Dense AuxK ("auto") when k_aux columns are at least this share of the dead-latent block: the
+# sparse path moves k_aux rows per token, the dense one multiplies by the whole block.
+DENSE_AUXK_MIN_DENSITY = 1 / 64
+
+
+def _dense_auxk(impl: str, mesh: Mesh, arch) -> str:
+  """Resolve ``auxk_impl`` for this mesh: "dense", "auto" (by density) or "sparse"."""
+  dense_ok = arch.sparse and arch.name in ("topk", "batchtopk") and mesh.shape["model"] == 1
+  if impl == "sparse" or not dense_ok:
+    return "sparse"
+  if impl == "dense":
+    return "dense"
+  return "auto" if mesh.devices.flat[0].platform != "cpu" else "sparse"
+
+
 def _project_decoder_grad(g_w_dec: jax.Array, w_dec: jax.Array) -> jax.Array:
   """Remove from each decoder row's gradient its component along that (unit) row."""
   w = w_dec.astype(jnp.float32)
@@ -98,8 +114,10 @@ class TrainStep:
 
   Programs are compiled lazily per AuxK width: none while no latent is dead, else k_aux
   columns, or fewer (a power of two) while fewer latents are dead. AuxK costs a second top-k
-  and that many extra sparse rows per token. The choice is read from the input state (one
-  scalar sync per step), so a resumed run makes the same choice as an uninterrupted one. The
+  and that many extra sparse rows per token, or, computed densely (``TrainConfig.auxk_impl``),
+  matmuls over a block of dead-latent columns (a power of two that holds them, so a program
+  per such width). The choice is read from the input state (one scalar sync per step), so a
+  resumed run makes the same choice as an uninterrupted one. The
   state is donated. A batch with NaN/Inf leaves the state unchanged except ``nan_batches``
   (metrics NaN, ``skipped`` 1).
   """
@@ -114,34 +132,51 @@ class TrainStep:
     self.tx = make_optimizer(sae_cfg, tcfg)
     self.state_shardings = state_shardings(sae_cfg, tcfg, mesh)
     self.x_sharding = sharding.named_sharding(mesh, ("batch", "embed"))
-    self._compiled: dict[int, Callable] = {}
+    self._compiled: dict[tuple[int, int], Callable] = {}
     dead_tokens = tcfg.dead_tokens
     self._num_dead = jax.jit(lambda tsf: (tsf >= dead_tokens).sum())
+    self.dense_auxk = _dense_auxk(tcfg.auxk_impl, mesh, self.arch)
 
   def __call__(self, state: TrainState, x: jax.Array) -> tuple[TrainState, dict]:
-    return self.jitted(self.aux_columns(state))(state, x)
+    return self.jitted(*self.aux_plan(state))(state, x)
 
   def aux_columns(self, state: TrainState) -> int:
     """AuxK columns this state needs: 0 when no latent is dead, else the configured k_aux
     or, while fewer latents are dead, the power of two that holds them all (same result: the
     extra columns would only select non-dead latents, whose values are zero)."""
-    if not self.k_aux:
-      return 0
-    n = int(self._num_dead(state.tokens_since_fired))
-    return 0 if n == 0 else min(self.k_aux, 1 << (n - 1).bit_length())
+    return self.aux_plan(state)[0]
 
-  def jitted(self, aux_columns: int) -> Callable:
-    """The jitted program for one AuxK width (for ahead-of-time lowering too)."""
-    if aux_columns not in self._compiled:
+  def aux_plan(self, state: TrainState) -> tuple[int, int]:
+    """(AuxK columns, dense AuxK capacity) for this state; capacity 0 runs AuxK sparsely.
+
+    Dense AuxK runs when ``auxk_impl`` (resolved for this mesh) says so and k_aux is at least
+    DENSE_AUXK_MIN_DENSITY of the capacity: with few columns per many dead latents the sparse
+    rows cost less than the dense block."""
+    if not self.k_aux:
+      return 0, 0
+    n = int(self._num_dead(state.tokens_since_fired))
+    if n == 0:
+      return 0, 0
+    pow2 = 1 << (n - 1).bit_length()
+    cols = min(self.k_aux, pow2)
+    capacity = min(pow2, self.sae_cfg.d_sae)
+    dense = self.dense_auxk == "dense" or (
+        self.dense_auxk == "auto" and cols >= DENSE_AUXK_MIN_DENSITY * capacity)
+    return cols, capacity if dense else 0
+
+  def jitted(self, aux_columns: int, aux_capacity: int = 0) -> Callable:
+    """The jitted program for one AuxK width and dense capacity (for ahead-of-time lowering)."""
+    key = (aux_columns, aux_capacity)
+    if key not in self._compiled:
       rep = NamedSharding(self.mesh, P())
-      self._compiled[aux_columns] = jax.jit(
-          functools.partial(self._step, aux_columns=aux_columns),
+      self._compiled[key] = jax.jit(
+          functools.partial(self._step, aux_columns=aux_columns, aux_capacity=aux_capacity),
           in_shardings=(self.state_shardings, self.x_sharding),
           out_shardings=(self.state_shardings, {k: rep for k in METRIC_NAMES}),
           donate_argnums=0)
-    return self._compiled[aux_columns]
+    return self._compiled[key]
 
-  def _grads(self, aux_columns: int):
+  def _grads(self, aux_columns: int, aux_capacity: int):
     st = self.state_shardings
     p_specs = jax.tree.map(lambda s: s.spec, st.params)
     b_specs = jax.tree.map(lambda s: s.spec, st.buffers)
@@ -149,16 +184,16 @@ class TrainStep:
     replicated = frozenset(k for k, s in p_specs.items() if "model" not in tuple(s))
     body = functools.partial(_shard_body, sae_cfg=self.sae_cfg, tcfg=self.tcfg,
                              n_global=self.tcfg.batch_size, k_aux=aux_columns,
-                             k_aux_cfg=max(self.k_aux, 1),
+                             k_aux_cfg=max(self.k_aux, 1), aux_capacity=aux_capacity,
                              replicated_over_model=replicated)
     return jax.shard_map(body, mesh=self.mesh,
                          in_specs=(p_specs, b_specs, tsf_spec, self.x_sharding.spec),
                          out_specs=(p_specs, tsf_spec, P(), P()), check_vma=False)
 
-  def _step(self, state: TrainState, x: jax.Array, aux_columns: int):
+  def _step(self, state: TrainState, x: jax.Array, aux_columns: int, aux_capacity: int):
     arch, tcfg, n = self.arch, self.tcfg, self.tcfg.batch_size
     ok = jnp.isfinite(x).all()
-    grads, fired, threshold, metrics = self._grads(aux_columns)(
+    grads, fired, threshold, metrics = self._grads(aux_columns, aux_capacity)(
         state.params, state.buffers, state.tokens_since_fired, x)
     params = state.params
     if arch.normalize_decoder:
