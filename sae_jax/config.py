@@ -17,6 +17,7 @@ NORMALIZATIONS = ("none", "unit_norm", "expected_norm")
 DTYPES = ("float32", "bfloat16", "float16")
 LR_SCHEDULES = ("constant", "cosine")
 ENCODER_INITS = ("tied", "linear")
+KERNELS = ("xla", "pallas")
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -224,6 +225,10 @@ class TrainConfig(_JsonMixin):
       layer, uniform in +-1/sqrt(d_in), and the decoder a unit-normalised copy of it) or
       ``tied`` (decoder rows random unit directions, W_enc = W_dec^T: a unit encoder, which
       learns less per token; see experiments/benchmarks/quality_note.md).
+    kernels: how the sparse parts of the TopK step run: ``xla`` (the default: gathers and
+      scatter-adds) or ``pallas`` (Pallas kernels: Triton on GPU, Mosaic on TPU, interpreted
+      elsewhere; opt-in until measured faster on the hardware). Same results up to float32
+      summation order, so a restart may change it.
     optim: Adam and the learning-rate schedule (:class:`OptimConfig`).
     run: logging, evaluation and checkpoint cadence (:class:`RunConfig`).
   """
@@ -238,11 +243,12 @@ class TrainConfig(_JsonMixin):
   dead_tokens: int = 10_000_000
   geometric_median_iters: int = 50
   encoder_init: str = "linear"
+  kernels: str = "xla"
   optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
   run: RunConfig = dataclasses.field(default_factory=RunConfig)
 
   # Fields that do not change what is computed: a restart may change them freely.
-  RESTART_SAFE: ClassVar[tuple[str, ...]] = ("run",)
+  RESTART_SAFE: ClassVar[tuple[str, ...]] = ("run", "kernels")
   # Fields of the shared token stream: equal across the SAEs trained side by side on it.
   STREAM_FIELDS: ClassVar[tuple[str, ...]] = (
       "batch_size", "total_tokens", "seed", "shuffle_batches", "eval_tokens")
@@ -259,6 +265,7 @@ class TrainConfig(_JsonMixin):
     _check(self.eval_tokens >= 0, f"eval_tokens={self.eval_tokens} must be >= 0")
     _check(self.encoder_init in ENCODER_INITS,
            f"encoder_init={self.encoder_init!r}; allowed: {list(ENCODER_INITS)}")
+    _check(self.kernels in KERNELS, f"kernels={self.kernels!r}; allowed: {list(KERNELS)}")
     _check(isinstance(self.optim, OptimConfig), f"optim={self.optim!r} must be an OptimConfig")
     _check(isinstance(self.run, RunConfig), f"run={self.run!r} must be a RunConfig")
 

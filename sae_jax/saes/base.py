@@ -40,6 +40,7 @@ class ShardCtx:
   data_axis: str | None
   model_axis: str | None
   n_global: int
+  kernels: str = "xla"  # TrainConfig.kernels: the sparse kernels' implementation
 
   def psum_data(self, x):
     return x if self.data_axis is None else lax.psum(x, self.data_axis)

@@ -33,7 +33,7 @@ class TopK(Architecture):
   def sparse_codes(self, params, x, dead, cfg, ctx, k, k_aux):
     return topk_encode(x, params["W_enc"], params["b_enc"], params["b_dec"], k,
                        aux_mask=dead, k_aux=k_aux, axis_name=ctx.model_axis,
-                       compute_dtype=cfg.compute_dtype)
+                       compute_dtype=cfg.compute_dtype, kernels=ctx.kernels)
 
   def train_forward(self, params, buffers, x, dead, cfg, tcfg, ctx, k_aux):
     codes = self.sparse_codes(params, x, dead, cfg, ctx, cfg.k, k_aux)
@@ -41,8 +41,8 @@ class TopK(Architecture):
 
   def _decode(self, params, codes, values, ctx, k_aux, threshold):
     W_dec = params["W_dec"]
-    partial = sparse_decode(values, codes.indices, W_dec, ctx.model_axis)
-    aux = (sparse_decode(codes.aux_values, codes.aux_indices, W_dec, ctx.model_axis)
+    partial = sparse_decode(values, codes.indices, W_dec, ctx.model_axis, ctx.kernels)
+    aux = (sparse_decode(codes.aux_values, codes.aux_indices, W_dec, ctx.model_axis, ctx.kernels)
            if k_aux else None)
     m_local = W_dec.shape[0]
     fired = fired_counts(codes.indices, lax.stop_gradient(values), m_local, ctx.model_axis)

@@ -1,0 +1,131 @@
+"""The Pallas kernels (``kernels="pallas"``) against the XLA path and plain references.
+
+On a CPU the kernels run in Pallas interpret mode; where the default backend is a GPU (run with
+``JAX_PLATFORMS=cuda,cpu``) the unsharded tests run the compiled Triton kernels and the sharded
+ones run interpreted on the forced CPU devices. Shapes are tiny, odd and not multiples of the
+kernels' blocks.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from sae_jax.kernels import pallas_gpu, sparse_decode, sparse_ops, topk_encode
+
+RTOL, ATOL = 1e-5, 1e-5  # float32 sums in a different order
+ON_GPU = jax.default_backend() == "gpu"
+
+
+def _pairs(n, k, m, d, seed=0):
+  ks = jax.random.split(jax.random.key(seed), 4)
+  rows = jax.random.randint(ks[0], (n, k), 0, m)
+  rows = rows.at[0].set(m - 1).at[1, :2].set(3)  # the last row; a row twice in one token
+  return (rows, jax.random.normal(ks[1], (n, k)), jax.random.normal(ks[2], (m, d)),
+          jax.random.normal(ks[3], (n, d)))
+
+
+def test_gpu_kernels_match_numpy():
+  n, k, m, d = 37, 5, 29, 45
+  rows, w, table, g = _pairs(n, k, m, d)
+  r, wn, tn, gn = map(np.asarray, (rows, w, table, g))
+  interpret = not ON_GPU
+  out = pallas_gpu.gather_sum(rows, w, table, interpret=interpret)
+  np.testing.assert_allclose(out, np.einsum("nk,nkd->nd", wn, tn[r]), rtol=RTOL, atol=ATOL)
+  out = pallas_gpu.gather_dot(rows, g, table, interpret=interpret)
+  np.testing.assert_allclose(out, np.einsum("nd,nkd->nk", gn, tn[r]), rtol=RTOL, atol=ATOL)
+  ref = np.zeros((m, d), np.float32)
+  np.add.at(ref, r.reshape(-1), (wn[:, :, None] * gn[:, None, :]).reshape(-1, d))
+  out = pallas_gpu.scatter_rows(rows, w, g, m, interpret=interpret)
+  np.testing.assert_allclose(out, ref, rtol=RTOL, atol=ATOL * np.abs(ref).max())
+
+
+def _inputs(n, d, m, seed=0, ties=False):
+  ks = jax.random.split(jax.random.key(seed), 7)
+  W_enc = jax.random.normal(ks[1], (d, m)) / np.sqrt(d)
+  b_enc = 0.1 * jax.random.normal(ks[2], (m,))
+  if ties:  # groups of equal latents: equal pre-activations, so top-k must break ties
+    W_enc = W_enc.at[:, 1::3].set(W_enc[:, ::3][:, :m // 3])
+    b_enc = b_enc.at[1::3].set(b_enc[::3][:m // 3])
+  return dict(x=jax.random.normal(ks[0], (n, d)), W_enc=W_enc, b_enc=b_enc,
+              b_dec=0.1 * jax.random.normal(ks[3], (d,)),
+              W_dec=jax.random.normal(ks[4], (m, d)),
+              dead=jax.random.bernoulli(ks[5], 0.4, (m,)), g=jax.random.normal(ks[6], (n, d)))
+
+
+def _forward(kernels, k, k_aux, axis_name, x, W_enc, b_enc, b_dec, W_dec, dead):
+  codes = topk_encode(x, W_enc, b_enc, b_dec, k, aux_mask=dead, k_aux=k_aux,
+                      axis_name=axis_name, kernels=kernels)
+  x_hat = sparse_decode(codes.values, codes.indices, W_dec, axis_name, kernels)
+  e_hat = sparse_decode(codes.aux_values, codes.aux_indices, W_dec, axis_name, kernels)
+  return x_hat, e_hat
+
+
+def _loss(kernels, k, k_aux, g, *args):
+  x_hat, e_hat = _forward(kernels, k, k_aux, None, *args)
+  return jnp.sum(x_hat * g) + 0.5 * jnp.sum(x_hat ** 2) + jnp.sum(jnp.sin(e_hat))
+
+
+def _assert_close(a, b, name):
+  scale = float(jnp.max(jnp.abs(b)))
+  assert scale > 0, name
+  np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL * scale, err_msg=name)
+
+
+def test_pallas_values_and_gradients_match_xla_with_ties():
+  n, d, m, k, k_aux = 19, 13, 97, 5, 6
+  t = _inputs(n, d, m, seed=1, ties=True)
+  args = (t["x"], t["W_enc"], t["b_enc"], t["b_dec"], t["W_dec"], t["dead"])
+  results = {}
+  for kernels in ("xla", "pallas"):
+    f = jax.jit(jax.value_and_grad(functools.partial(_loss, kernels, k, k_aux, t["g"]),
+                                   argnums=(0, 1, 2, 3, 4)))
+    results[kernels] = f(*args)
+  (v1, g1), (v2, g2) = results["pallas"], results["xla"]
+  np.testing.assert_allclose(v1, v2, rtol=RTOL)
+  for name, a, b in zip(["x", "W_enc", "b_enc", "b_dec", "W_dec"], g1, g2):
+    _assert_close(a, b, name)
+
+
+def test_sharded_pallas_matches_single_device_xla():
+  """Latents over 4 CPU devices through shard_map (each shard: its own rows, global ids)."""
+  n, d, m, k, k_aux = 8, 12, 100, 5, 6
+  t = _inputs(n, d, m, seed=4)
+  mesh = Mesh(np.array(jax.devices("cpu")[:4]), ("model",))
+
+  def local(x, W_enc, b_enc, b_dec, W_dec, dead):
+    def fwd(W_enc, b_enc, b_dec, W_dec):
+      return _forward("pallas", k, k_aux, "model", x, W_enc, b_enc, b_dec, W_dec, dead)
+
+    (x_hat, e_hat), pullback = jax.vjp(fwd, W_enc, b_enc, b_dec, W_dec)
+    x_hat, e_hat = jax.lax.psum(x_hat, "model"), jax.lax.psum(e_hat, "model")
+    gW, gb, gbd, gWd = pullback((t["g"], jnp.cos(e_hat)))
+    val = jnp.sum(x_hat * t["g"]) + jnp.sum(jnp.sin(e_hat))
+    return val, gW, gb, jax.lax.psum(gbd, "model"), gWd
+
+  lat = P("model")
+  f = jax.jit(jax.shard_map(
+      local, mesh=mesh, check_vma=False,
+      in_specs=(P(), P(None, "model"), lat, P(), P("model", None), lat),
+      out_specs=(P(), P(None, "model"), lat, P(), P("model", None))))
+  args = [jax.device_put(t[name], NamedSharding(mesh, P()))
+          for name in ("x", "W_enc", "b_enc", "b_dec", "W_dec", "dead")]
+  val_s, *grads_s = f(*args)
+
+  def loss(W_enc, b_enc, b_dec, W_dec):
+    x_hat, e_hat = _forward("xla", k, k_aux, None, args[0], W_enc, b_enc, b_dec, W_dec, args[5])
+    return jnp.sum(x_hat * t["g"]) + jnp.sum(jnp.sin(e_hat))
+
+  val_1, grads_1 = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))(*args[1:5])
+  np.testing.assert_allclose(val_s, val_1, rtol=RTOL)
+  for name, a, b in zip(["W_enc", "b_enc", "b_dec", "W_dec"], grads_s, grads_1):
+    _assert_close(a, b, name)
+
+
+def test_unknown_kernels_is_one_line_error():
+  from sae_jax.errors import ConfigError
+  with pytest.raises(ConfigError, match="kernels='triton'"):
+    sparse_ops.check_kernels("triton")
