@@ -8,6 +8,7 @@ shape and reports our step's speed-up over each.
   python experiments/benchmarks/sae_step.py                       # d_in=512 d_sae=8192 k=32
   python experiments/benchmarks/sae_step.py --paper_shape         # (2048, 32768, 32), scaled
   python experiments/benchmarks/sae_step.py --peer_python=$HOME/peers-venv/bin/python
+  python experiments/benchmarks/sae_step.py --kernels=xla,pallas   # both sparse-kernel paths
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ flags.DEFINE_float("dead_fraction", 0.25,
                    "also time a step with this share of latents dead (AuxK active), as the "
                    "peer harness does; 0 to skip")
 flags.DEFINE_integer("steps", 10, "timed steps (after warm-up)")
+flags.DEFINE_list("kernels", ["xla"],
+                  "TrainConfig.kernels to time: xla, pallas or both (steps other than the "
+                  "default xla get a _pallas suffix)")
 flags.DEFINE_string("peer_python", None, "python of a venv with eai-sparsify and sae-lens")
 flags.DEFINE_string("peer_script", None,
                     "path of peer_sae_step.py (default: the one beside this file)")
@@ -57,7 +61,7 @@ def _emit(record: dict) -> None:
 
 
 def bench_shape(d: int, m: int, k: int, n: int, archs, dead_fraction: float, steps: int,
-                tag: str) -> dict[str, float]:
+                tag: str, kernels=("xla",)) -> dict[str, float]:
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -77,12 +81,13 @@ def bench_shape(d: int, m: int, k: int, n: int, archs, dead_fraction: float, ste
          "tokens_per_s": round(n / t_mm, 1)})
   results = {"encoder_matmul": n / t_mm}
   mesh = sj.make_mesh()
-  for arch in archs:
+  for arch, kn in [(a, kn) for a in archs for kn in kernels]:
     cfg = sj.SAEConfig(architecture=arch, d_in=d, d_sae=m, k=k)
-    tcfg = sj.TrainConfig(batch_size=n)
+    tcfg = sj.TrainConfig(batch_size=n, kernels=kn)
     variants = [("", 0.0)] + ([("_auxk", dead_fraction)] if dead_fraction > 0 and
                               cfg.architecture in ("topk", "batchtopk") else [])
     for suffix, dead in variants:
+      suffix = suffix + ("" if kn == "xla" else f"_{kn}")
       state = init_train_state(cfg, tcfg, mesh, x)
       step = make_train_step(cfg, tcfg, mesh)
       box = [state]
@@ -104,7 +109,7 @@ def bench_shape(d: int, m: int, k: int, n: int, archs, dead_fraction: float, ste
       t = _timeit(run, steps)
       name = f"sae_step_{arch}{suffix}"
       results[name] = n / t
-      _emit({"name": name, **common, "dead_fraction": dead, "step_s": round(t, 5),
+      _emit({"name": name, **common, "kernels": kn, "dead_fraction": dead, "step_s": round(t, 5),
              "tokens_per_s": round(n / t, 1), "ratio_to_encoder_matmul": round(t_mm / t, 3)})
   return results
 
@@ -131,12 +136,12 @@ def run_peers(d: int, m: int, k: int, n: int, ours: dict[str, float]) -> None:
 def main(argv):
   del argv
   ours = bench_shape(FLAGS.d_in, FLAGS.d_sae, FLAGS.k, FLAGS.batch, FLAGS.architectures,
-                     FLAGS.dead_fraction, FLAGS.steps, "default")
+                     FLAGS.dead_fraction, FLAGS.steps, "default", FLAGS.kernels)
   if FLAGS.peer_python:
     run_peers(FLAGS.d_in, FLAGS.d_sae, FLAGS.k, FLAGS.batch, ours)
   if FLAGS.paper_shape:
     bench_shape(2048, 32768, 32, FLAGS.paper_batch, ["topk"], 0.0, max(3, FLAGS.steps // 3),
-                "paper_scaled")
+                "paper_scaled", FLAGS.kernels)
 
 
 if __name__ == "__main__":
