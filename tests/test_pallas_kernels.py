@@ -2,11 +2,13 @@
 
 On a CPU the kernels run in Pallas interpret mode; where the default backend is a GPU (run with
 ``JAX_PLATFORMS=cuda,cpu``) the unsharded tests run the compiled Triton kernels and the sharded
-ones run interpreted on the forced CPU devices. Shapes are tiny, odd and not multiples of the
-kernels' blocks.
+one runs interpreted on the forced CPU devices. Shapes are tiny, odd and not multiples of the
+kernels' blocks. The TPU (Mosaic) kernels are also compiled ahead of time for a v5e:2x2 slice
+inside shard_map (libtpu gives the TPU target on a CPU host).
 """
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +16,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from sae_jax.kernels import pallas_gpu, sparse_decode, sparse_ops, topk_encode
+from sae_jax.kernels import pallas_gpu, pallas_tpu, sparse_decode, sparse_ops, topk_encode
 
 RTOL, ATOL = 1e-5, 1e-5  # float32 sums in a different order
 ON_GPU = jax.default_backend() == "gpu"
@@ -28,18 +30,19 @@ def _pairs(n, k, m, d, seed=0):
           jax.random.normal(ks[3], (n, d)))
 
 
-def test_gpu_kernels_match_numpy():
+@pytest.mark.parametrize("module", [pallas_gpu, pallas_tpu], ids=["triton", "mosaic"])
+def test_kernels_match_numpy(module):
   n, k, m, d = 37, 5, 29, 45
   rows, w, table, g = _pairs(n, k, m, d)
   r, wn, tn, gn = map(np.asarray, (rows, w, table, g))
-  interpret = not ON_GPU
-  out = pallas_gpu.gather_sum(rows, w, table, interpret=interpret)
+  interpret = not (ON_GPU and module is pallas_gpu)
+  out = module.gather_sum(rows, w, table, interpret=interpret)
   np.testing.assert_allclose(out, np.einsum("nk,nkd->nd", wn, tn[r]), rtol=RTOL, atol=ATOL)
-  out = pallas_gpu.gather_dot(rows, g, table, interpret=interpret)
+  out = module.gather_dot(rows, g, table, interpret=interpret)
   np.testing.assert_allclose(out, np.einsum("nd,nkd->nk", gn, tn[r]), rtol=RTOL, atol=ATOL)
   ref = np.zeros((m, d), np.float32)
   np.add.at(ref, r.reshape(-1), (wn[:, :, None] * gn[:, None, :]).reshape(-1, d))
-  out = pallas_gpu.scatter_rows(rows, w, g, m, interpret=interpret)
+  out = module.scatter_rows(rows, w, g, m, interpret=interpret)
   np.testing.assert_allclose(out, ref, rtol=RTOL, atol=ATOL * np.abs(ref).max())
 
 
@@ -90,8 +93,10 @@ def test_pallas_values_and_gradients_match_xla_with_ties():
     _assert_close(a, b, name)
 
 
-def test_sharded_pallas_matches_single_device_xla():
-  """Latents over 4 CPU devices through shard_map (each shard: its own rows, global ids)."""
+def test_sharded_pallas_matches_single_device_xla(monkeypatch):
+  """Latents over 4 CPU devices through shard_map (each shard: its own rows, global ids), with
+  the Mosaic kernels interpreted (the unsharded test above covers the Triton ones)."""
+  monkeypatch.setitem(sparse_ops.INTERPRETED, "module", pallas_tpu)
   n, d, m, k, k_aux = 8, 12, 100, 5, 6
   t = _inputs(n, d, m, seed=4)
   mesh = Mesh(np.array(jax.devices("cpu")[:4]), ("model",))
@@ -129,3 +134,45 @@ def test_unknown_kernels_is_one_line_error():
   from sae_jax.errors import ConfigError
   with pytest.raises(ConfigError, match="kernels='triton'"):
     sparse_ops.check_kernels("triton")
+
+
+def _tpu_mesh():
+  # Another process may hold libtpu (we only compile): let this one load it too.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  topologies = pytest.importorskip("jax.experimental.topologies")
+  try:
+    devices = topologies.get_topology_desc("v5e:2x2", "tpu").devices
+  except Exception as e:  # noqa: BLE001 (no libtpu: the `tpu` extra is not installed)
+    pytest.skip(f"no TPU compiler here: {str(e).splitlines()[0][:100]}")
+  return Mesh(np.array(devices).reshape(2, 2), ("data", "model"))
+
+
+def test_pallas_step_kernels_compile_for_tpu():
+  """The sparse forward and backward with kernels="pallas", sharded over a v5e:2x2 slice
+  (tokens over "data", latents over "model"), compile to Mosaic kernels ahead of time."""
+  mesh = _tpu_mesh()
+  n, d, m, k, k_aux = 64, 256, 1024, 32, 16
+
+  def local(x, W_enc, b_enc, b_dec, W_dec, dead, g):
+    def fwd(W_enc, b_enc, W_dec):
+      return _forward("pallas", k, k_aux, "model", x, W_enc, b_enc, b_dec, W_dec, dead)
+
+    (x_hat, e_hat), pullback = jax.vjp(fwd, W_enc, b_enc, W_dec)
+    x_hat = jax.lax.psum(x_hat, "model")
+    return pullback((g, jax.lax.psum(e_hat, "model")))
+
+  lat, tok = P("model"), P("data")
+  f = jax.shard_map(local, mesh=mesh, check_vma=False,
+                    in_specs=(tok, P(None, "model"), lat, P(), P("model", None), lat, tok),
+                    out_specs=(P(None, "model"), lat, P("model", None)))
+  specs = [((n, d), tok), ((d, m), P(None, "model")), ((m,), lat), ((d,), P()),
+           ((m, d), P("model", None)), ((m,), lat), ((n, d), tok)]
+  args = [jax.ShapeDtypeStruct(shape, bool if i == 5 else jnp.float32,
+                               sharding=NamedSharding(mesh, spec))
+          for i, (shape, spec) in enumerate(specs)]
+  compiled = jax.jit(f).lower(*args).compile()
+  text = compiled.as_text()
+  for name in ("sae_gather_sum_tpu", "sae_gather_dot_tpu", "sae_scatter_rows_tpu"):
+    assert name in text, name
+  mem = compiled.memory_analysis()
+  assert mem.temp_size_in_bytes < 64 << 20

@@ -28,14 +28,16 @@ def check_kernels(kernels: str) -> None:
     raise ConfigError(f"kernels={kernels!r}; allowed: {list(KERNELS)}")
 
 
+# The kernels other platforms (the CPU) run in interpret mode; the tests switch it to pallas_tpu.
+INTERPRETED = {"module": pallas_gpu}
+
+
 def _per_platform(name: str, *args, **static):
   """``name`` from the module of the platform this program is lowered for."""
   gpu = functools.partial(getattr(pallas_gpu, name), interpret=False, **static)
-  branches = dict(cuda=gpu, rocm=gpu)
-  if pallas_tpu.READY:
-    branches["tpu"] = functools.partial(getattr(pallas_tpu, name), interpret=False, **static)
-  interpreted = functools.partial(getattr(pallas_gpu, name), interpret=True, **static)
-  return lax.platform_dependent(*args, default=interpreted, **branches)
+  tpu = functools.partial(getattr(pallas_tpu, name), interpret=False, **static)
+  interpreted = functools.partial(getattr(INTERPRETED["module"], name), interpret=True, **static)
+  return lax.platform_dependent(*args, default=interpreted, cuda=gpu, rocm=gpu, tpu=tpu)
 
 
 def gather_sum(rows: jax.Array, weights: jax.Array, table: jax.Array) -> jax.Array:
