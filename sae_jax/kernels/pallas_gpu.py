@@ -1,9 +1,10 @@
 """Pallas GPU (Triton lowering) kernels for the sparse parts of the TopK SAE step.
 
 Axes: N tokens, D model width, M latent rows of the table (one shard's), K selected rows per
-token. Every kernel takes *local* row ids already clamped into [0, M) with the weight of a row a
-shard does not own set to zero (see ``sae_jax.kernels.sparse_ops``), so sharding is the caller's
-business and a kernel only ever touches its own table.
+token. The gathers take *local* row ids clamped into [0, M) with the weight of a row the shard
+does not own set to zero; the scatter takes row id M for such a pair and skips it (see
+``sae_jax.kernels.sparse_ops``). So sharding is the caller's business and a kernel only ever
+touches its own table.
 
 - :func:`gather_sum`: out[n] = sum_k w[n, k] * table[rows[n, k]] (the decode, an embedding bag).
 - :func:`gather_dot`: out[n, k] = <g[n], table[rows[n, k]]> (the decode's gradient to the values).
@@ -161,25 +162,36 @@ def gather_dot(rows: jax.Array, g: jax.Array, table: jax.Array, *,
 # Weight gradients: sparse-transpose-dense (S^T src) with sorted pairs and atomic row adds.
 
 
-def sorted_pairs(rows: jax.Array, weights: jax.Array, chunk: int, fill_row: int):
-  """Flatten [N, K] pairs, sort them by row and pad to a multiple of ``chunk``.
+def sorted_pairs(rows: jax.Array, weights: jax.Array, chunk: int, num_rows: int):
+  """Flatten [N, K] pairs (row ids in [0, num_rows]), sort them by row, pad to ``chunk``s.
 
-  Returns (rows, tokens, weights), each [P'] with P' = ceil(N*K / chunk) * chunk; padding pairs
-  carry ``fill_row`` (>= every row, so the order holds) and weight 0.
+  Returns (rows, tokens, weights) [P'] with P' = ceil(N*K / chunk) * chunk, and [1] the count
+  of pairs with a row < num_rows (they come first). Skipped and padding pairs carry row
+  num_rows - 1 (>= every row, so the order holds) and weight 0.
   """
   n, k = rows.shape
   flat_rows = rows.reshape(-1).astype(jnp.int32)
   pair_ids = lax.iota(jnp.int32, n * k)
   s_rows, s_ids = lax.sort((flat_rows, pair_ids), num_keys=1)
-  s_w = weights.reshape(-1).astype(F32)[s_ids]
+  valid = s_rows < num_rows
+  s_w = jnp.where(valid, weights.reshape(-1).astype(F32)[s_ids], 0.0)
+  s_rows = jnp.minimum(s_rows, num_rows - 1)
   s_tok = s_ids // k
-  return (_pad_to(s_rows, 0, chunk, fill_row), _pad_to(s_tok, 0, chunk),
-          _pad_to(s_w, 0, chunk))
+  n_valid = jnp.sum(valid, dtype=jnp.int32).reshape(1)
+  return (_pad_to(s_rows, 0, chunk, num_rows - 1), _pad_to(s_tok, 0, chunk),
+          _pad_to(s_w, 0, chunk), n_valid)
 
 
-def _scatter_kernel(rows_ref, tok_ref, w_ref, src_ref, zeros_ref, out_ref, *, bd):
+def _scatter_kernel(n_valid_ref, rows_ref, tok_ref, w_ref, src_ref, zeros_ref, out_ref, *, bd):
   del zeros_ref  # the same buffer as out_ref (aliased): the zero-initialised output
+  # Chunks holding only skipped pairs (other shards' rows, padding) have nothing to add.
+  # (program_id is read out here: interpret mode cannot evaluate it inside the branch.)
   cols = pl.ds(pl.program_id(1) * bd, bd)
+  pl.when(pl.program_id(0) * rows_ref.shape[0] < n_valid_ref[0])(
+      functools.partial(_scatter_chunk, rows_ref, tok_ref, w_ref, src_ref, out_ref, cols, bd))
+
+
+def _scatter_chunk(rows_ref, tok_ref, w_ref, src_ref, out_ref, cols, bd):
 
   def flush(row, acc):
     plgpu.atomic_add(out_ref, (row, cols), acc)
@@ -207,7 +219,8 @@ def scatter_rows(rows: jax.Array, weights: jax.Array, src: jax.Array, num_rows: 
   """S^T src: out[m] = sum_{rows[n, k] == m} weights[n, k] * src[n].
 
   Args:
-    rows: [N, K] int32 in [0, num_rows); weights: [N, K]; src: [N, D].
+    rows: [N, K] int32 in [0, num_rows]; a pair with row num_rows is skipped (another shard's).
+    weights: [N, K]; src: [N, D].
     num_rows: M, the output's rows.
 
   Returns:
@@ -216,7 +229,7 @@ def scatter_rows(rows: jax.Array, weights: jax.Array, src: jax.Array, num_rows: 
   n, k = rows.shape
   d = src.shape[1]
   bd = _col_block(d)
-  s_rows, s_tok, s_w = sorted_pairs(rows, weights, PAIR_CHUNK, num_rows - 1)
+  s_rows, s_tok, s_w, n_valid = sorted_pairs(rows, weights, PAIR_CHUNK, num_rows)
   src = _pad_to(src, 1, bd)
   d_pad = src.shape[1]
   grid = (s_rows.shape[0] // PAIR_CHUNK, d_pad // bd)
@@ -228,10 +241,11 @@ def scatter_rows(rows: jax.Array, weights: jax.Array, src: jax.Array, num_rows: 
       functools.partial(_scatter_kernel, bd=bd),
       out_shape=jax.ShapeDtypeStruct((num_rows, d_pad), F32),
       grid=grid,
-      in_specs=[pair_spec, pair_spec, pair_spec, pl.no_block_spec, pl.no_block_spec],
+      in_specs=[pl.no_block_spec, pair_spec, pair_spec, pair_spec, pl.no_block_spec,
+                pl.no_block_spec],
       out_specs=pl.no_block_spec,
-      input_output_aliases={4: 0},
+      input_output_aliases={5: 0},
       compiler_params=_params(), cost_estimate=cost, interpret=interpret,
       name="sae_scatter_rows",
-  )(s_rows, s_tok, s_w, src, jnp.zeros((num_rows, d_pad), F32))
+  )(n_valid, s_rows, s_tok, s_w, src, jnp.zeros((num_rows, d_pad), F32))
   return out[:, :d]

@@ -1,7 +1,7 @@
 """Pallas TPU (Mosaic) kernels for the sparse parts of the TopK SAE step.
 
-Same three operations and contract as :mod:`sae_jax.kernels.pallas_gpu` (local rows clamped into
-the table, zero weights for rows a shard does not own):
+Same three operations and contract as :mod:`sae_jax.kernels.pallas_gpu` (gathers: local rows
+clamped into the table, zero weights for rows a shard does not own; scatter: row id M skips):
 
 - :func:`gather_sum`: out[n] = sum_k w[n, k] * table[rows[n, k]] (the decode).
 - :func:`gather_dot`: out[n, k] = <g[n], table[rows[n, k]]> (the decode's gradient to the values).
@@ -172,33 +172,39 @@ def gather_dot(rows: jax.Array, g: jax.Array, table: jax.Array, *,
 def chunk_layout(rows: jax.Array, weights: jax.Array, num_rows: int):
   """Sort the [N, K] (row, token) pairs by row into chunks of C owned by blocks of BM rows.
 
+  Row ids are in [0, M]; pairs with row M (another shard's) are left out.
   Returns (chunk_block [T], first [T], tokens [T*C], local_rows [T, 1, C], weights [T, 1, C]) (a
   [1, C] block is whole in its last two dims, as Mosaic wants) with a
   static T = ceil(M / BM) + ceil(N*K / C): chunk t adds to output block chunk_block[t], starting
-  it from zero when first[t]; blocks are in increasing order and each has at least one chunk;
-  padding pairs have weight 0 (trailing chunks belong to the last block).
+  it from zero when first[t] == 1 (0: it adds to the block of chunk t-1; -1: an unused trailing
+  chunk, of the last block). Blocks come in increasing order, each with at least one chunk;
+  padding pairs have weight 0.
   """
   n, k = rows.shape
   pairs, nb = n * k, -(-num_rows // ROW_BLOCK)
   total = nb + -(-pairs // PAIR_CHUNK)
   s_rows, s_ids = lax.sort((rows.reshape(-1).astype(jnp.int32), lax.iota(jnp.int32, pairs)),
                            num_keys=1)
-  blk = s_rows // ROW_BLOCK
+  blk = jnp.where(s_rows < num_rows, s_rows // ROW_BLOCK, nb)
   starts = jnp.searchsorted(blk, jnp.arange(nb + 1, dtype=jnp.int32)).astype(jnp.int32)
   n_chunks = jnp.maximum(1, -(-(starts[1:] - starts[:-1]) // PAIR_CHUNK))
   first_chunk = jnp.cumsum(n_chunks) - n_chunks  # [nb]
-  pos = first_chunk[blk] * PAIR_CHUNK + lax.iota(jnp.int32, pairs) - starts[blk]
   slots = total * PAIR_CHUNK
+  safe_blk = jnp.minimum(blk, nb - 1)
+  pos = first_chunk[safe_blk] * PAIR_CHUNK + lax.iota(jnp.int32, pairs) - starts[safe_blk]
+  pos = jnp.where(blk < nb, pos, slots)  # left-out pairs: dropped below
 
   def place(values, dtype):
-    return jnp.zeros((slots,), dtype).at[pos].set(values.astype(dtype), unique_indices=True)
+    return jnp.zeros((slots,), dtype).at[pos].set(values.astype(dtype), mode="drop",
+                                                  unique_indices=True)
 
   tokens = place(s_ids // k, jnp.int32)
   local = place(s_rows - blk * ROW_BLOCK, jnp.int32).reshape(total, 1, PAIR_CHUNK)
   w = place(weights.reshape(-1)[s_ids], F32).reshape(total, 1, PAIR_CHUNK)
   t = jnp.arange(total, dtype=jnp.int32)
   chunk_block = jnp.clip(jnp.searchsorted(first_chunk, t, side="right") - 1, 0, nb - 1)
-  first = (first_chunk[chunk_block] == t).astype(jnp.int32)
+  first = jnp.where(t < jnp.sum(n_chunks), (first_chunk[chunk_block] == t).astype(jnp.int32),
+                    -1)
   return chunk_block.astype(jnp.int32), first, tokens, local, w
 
 
@@ -211,12 +217,14 @@ def _scatter_kernel(block_ref, first_ref, tok_ref, local_ref, w_ref, src_hbm, ou
   def _():
     out_ref[...] = jnp.zeros_like(out_ref)
 
-  _dma_rows(tok_ref, src_hbm, buf, sem)
-  bm, c = out_ref.shape[0], buf.shape[0]
-  onehot = jnp.where(lax.broadcasted_iota(jnp.int32, (bm, c), 0) == local_ref[...], w_ref[...],
-                     0.0)
-  out_ref[...] += jnp.dot(onehot, buf[...].astype(F32), precision=_HI,
-                          preferred_element_type=F32)
+  @pl.when(first_ref[j] >= 0)
+  def _():
+    _dma_rows(tok_ref, src_hbm, buf, sem)
+    bm, c = out_ref.shape[0], buf.shape[0]
+    onehot = jnp.where(lax.broadcasted_iota(jnp.int32, (bm, c), 0) == local_ref[...],
+                       w_ref[...], 0.0)
+    out_ref[...] += jnp.dot(onehot, buf[...].astype(F32), precision=_HI,
+                            preferred_element_type=F32)
 
 
 @functools.partial(jax.jit, static_argnames=("num_rows", "interpret"))
@@ -225,7 +233,8 @@ def scatter_rows(rows: jax.Array, weights: jax.Array, src: jax.Array, num_rows: 
   """S^T src: out[m] = sum_{rows[n, k] == m} weights[n, k] * src[n].
 
   Args:
-    rows: [N, K] int32 in [0, num_rows); weights: [N, K]; src: [N, D].
+    rows: [N, K] int32 in [0, num_rows]; a pair with row num_rows is skipped (another shard's).
+    weights: [N, K]; src: [N, D].
     num_rows: M, the output's rows.
 
   Returns:

@@ -215,7 +215,7 @@ def _encode_bwd(k, k_aux, axis_name, compute_dtype, kernels, res, g):
   if kernels == "xla":
     d_w_enc = _scatter_rows(rows, weights, xc, m_local, jnp.float32).T
   else:
-    d_w_enc = sparse_ops.scatter_rows(jnp.minimum(rows, m_local - 1), weights, xc, m_local).T
+    d_w_enc = sparse_ops.scatter_rows(rows, weights, xc, m_local).T
   d_b_enc = jnp.zeros((m_local,), jnp.float32).at[rows].add(weights, mode="drop")
   # dL/dxc[n] = sum_j weights[n, j] W_enc[:, idx[n, j]]. Its sum over n is W_enc @ d_b_enc, so
   # b_dec's gradient costs one mat-vec; dx (unused when training, removed by XLA) needs gathers.
@@ -287,7 +287,7 @@ def _decode_bwd(axis_name, kernels, res, g):
   safe_rows = jnp.minimum(rows, m_local - 1)
   if kernels != "xla":
     d_vals = jnp.where(owned, sparse_ops.gather_dot(safe_rows, g, W_dec), 0.0)
-    d_w = sparse_ops.scatter_rows(safe_rows, weights, g, m_local)
+    d_w = sparse_ops.scatter_rows(rows, weights, g, m_local)
     return d_vals, None, d_w.astype(W_dec.dtype)
 
   # Two scans (gather-dot, then scatter-add) run faster on CPU than one doing both (30 vs 42 ms).
