@@ -9,6 +9,7 @@ inside shard_map (libtpu gives the TPU target on a CPU host).
 
 import functools
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +17,10 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from sae_jax.train import init_train_state, make_train_step
+
+import sae_jax as sj
+from sae_jax.errors import ConfigError
 from sae_jax.kernels import pallas_gpu, pallas_tpu, sparse_decode, sparse_ops, topk_encode
 
 RTOL, ATOL = 1e-5, 1e-5  # float32 sums in a different order
@@ -135,9 +140,29 @@ def test_sharded_pallas_matches_single_device_xla(monkeypatch):
 
 
 def test_unknown_kernels_is_one_line_error():
-  from sae_jax.errors import ConfigError
   with pytest.raises(ConfigError, match="kernels='triton'"):
     sparse_ops.check_kernels("triton")
+  with pytest.raises(ConfigError, match="kernels='triton'"):
+    sj.TrainConfig(kernels="triton")
+
+
+def test_train_step_uses_the_kernels_it_is_configured_with():
+  """TrainConfig.kernels reaches every sparse op of the sharded step (with AuxK columns); the
+  default step has none of the Pallas kernels. Traced only: the numbers are the tests above."""
+  cfg = sj.SAEConfig(architecture="topk", d_in=16, d_sae=64, k=4)
+  mesh = sj.make_mesh(sj.MeshConfig(data=2, model=4), devices=jax.devices("cpu")[:8])
+  x = jax.random.normal(jax.random.key(0), (32, 16))
+  # The TPU branch of each op's per-platform choice (the Triton and interpreted ones are there
+  # too, under the names without _tpu).
+  names = ("sae_gather_sum_tpu", "sae_gather_dot_tpu", "sae_scatter_rows_tpu")
+  for kernels in ("xla", "pallas"):
+    tcfg = sj.TrainConfig(batch_size=32, aux_k=8, kernels=kernels)
+    state = init_train_state(cfg, tcfg, mesh, x)
+    text = str(make_train_step(cfg, tcfg, mesh).jitted(8).trace(state, x).jaxpr)
+    found = re.findall(r"name=(sae_\w+)", text)
+    counts = [found.count(n) for n in names]
+    # pallas: decode (main, AuxK) forward and backward, and the encoder's weight gradient.
+    assert counts == ([2, 2, 3] if kernels == "pallas" else [0, 0, 0]), (kernels, counts)
 
 
 def _tpu_mesh():
@@ -151,6 +176,7 @@ def _tpu_mesh():
   return Mesh(np.array(devices).reshape(2, 2), ("data", "model"))
 
 
+@pytest.mark.slow
 def test_pallas_step_kernels_compile_for_tpu():
   """The sparse forward and backward with kernels="pallas", sharded over a v5e:2x2 slice
   (tokens over "data", latents over "model"), compile to Mosaic kernels ahead of time."""
