@@ -115,20 +115,21 @@ def gather_sum(rows: jax.Array, weights: jax.Array, table: jax.Array, *,
 def _gather_dot_kernel(rows_ref, g_ref, table_ref, out_ref, *, bd):
   bn, kp = out_ref.shape
   tokens = pl.ds(pl.program_id(0) * bn, bn)
-  n_chunks = g_ref.shape[1] // bd
+  column = lax.broadcasted_iota(jnp.int32, (bn, kp), 1)
 
-  def per_k(k, carry):
-    r = rows_ref[:, k]
+  # Columns outermost: each [BN, BD] slice of g is loaded once and meets the K gathered slices;
+  # the K dot products land in a [BN, K] register tile.
+  def per_chunk(c, acc):
+    cols = pl.ds(c * bd, bd)
+    g = g_ref[tokens, cols].astype(F32)
 
-    def per_chunk(c, acc):
-      cols = pl.ds(c * bd, bd)
-      prod = g_ref[tokens, cols].astype(F32) * table_ref[r, cols].astype(F32)
-      return acc + jnp.sum(prod, axis=1)
+    def per_k(k, acc):
+      dots = jnp.sum(g * table_ref[rows_ref[:, k], cols].astype(F32), axis=1)
+      return acc + jnp.where(column == k, dots[:, None], 0.0)
 
-    out_ref[:, k] = lax.fori_loop(0, n_chunks, per_chunk, jnp.zeros((bn,), F32))
-    return carry
+    return lax.fori_loop(0, kp, per_k, acc)
 
-  lax.fori_loop(0, kp, per_k, 0)
+  out_ref[...] = lax.fori_loop(0, g_ref.shape[1] // bd, per_chunk, jnp.zeros((bn, kp), F32))
 
 
 @functools.partial(jax.jit, static_argnames=("interpret",))
