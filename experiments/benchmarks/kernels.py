@@ -123,20 +123,26 @@ def main(argv):
             "device": device.device_kind}
   t = _inputs(d, m, k, n)
   for op in FLAGS.ops:
-    if op == "train_step":
-      fns, first = _train_step_fns(d, m, k, n)
-      diff = _max_diff(first["pallas"], first["xla"])
-    else:
-      fns = _op_fns(op, t, m)
-      diff = _max_diff(fns["pallas"](), fns["xla"]())
-    secs = {kn: _timeit(fn, steps) for kn, fn in fns.items()}
-    print(json.dumps({
-        "name": op, **common, "xla_s": round(secs["xla"], 6), "pallas_s": round(secs["pallas"], 6),
-        "xla_tokens_per_s": round(n / secs["xla"], 1),
-        "pallas_tokens_per_s": round(n / secs["pallas"], 1),
-        "pallas_speedup": round(secs["xla"] / secs["pallas"], 3),
-        "max_abs_diff_to_xla": diff}), flush=True)
+    try:
+      record = _bench_op(op, t, d, m, k, n, steps)
+    except Exception as e:  # noqa: BLE001 (one op failing to compile must not hide the others)
+      record = {"name": op, "error": f"{type(e).__name__}: {str(e)[-1500:]}"}
+    print(json.dumps({**record, **common}), flush=True)
 
+
+def _bench_op(op: str, t: dict, d: int, m: int, k: int, n: int, steps: int) -> dict:
+  if op == "train_step":
+    fns, first = _train_step_fns(d, m, k, n)
+    diff = _max_diff(first["pallas"], first["xla"])
+  else:
+    fns = _op_fns(op, t, m)
+    diff = _max_diff(fns["pallas"](), fns["xla"]())
+  secs = {kn: _timeit(fn, steps) for kn, fn in fns.items()}
+  return {"name": op, "xla_s": round(secs["xla"], 6), "pallas_s": round(secs["pallas"], 6),
+          "xla_tokens_per_s": round(n / secs["xla"], 1),
+          "pallas_tokens_per_s": round(n / secs["pallas"], 1),
+          "pallas_speedup": round(secs["xla"] / secs["pallas"], 3),
+          "max_abs_diff_to_xla": diff}
 
 if __name__ == "__main__":
   app.run(main)
