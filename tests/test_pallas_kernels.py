@@ -177,7 +177,8 @@ def _tpu_mesh():
 
 
 @pytest.mark.slow
-def test_pallas_step_kernels_compile_for_tpu():
+@pytest.mark.parametrize("param_dtype", [jnp.float32, jnp.bfloat16])
+def test_pallas_step_kernels_compile_for_tpu(param_dtype):
   """The sparse forward and backward with kernels="pallas", sharded over a v5e:2x2 slice
   (tokens over "data", latents over "model"), compile to Mosaic kernels ahead of time."""
   mesh = _tpu_mesh()
@@ -197,9 +198,9 @@ def test_pallas_step_kernels_compile_for_tpu():
                     out_specs=(P(None, "model"), lat, P("model", None)))
   specs = [((n, d), tok), ((d, m), P(None, "model")), ((m,), lat), ((d,), P()),
            ((m, d), P("model", None)), ((m,), lat), ((n, d), tok)]
-  args = [jax.ShapeDtypeStruct(shape, bool if i == 5 else jnp.float32,
-                               sharding=NamedSharding(mesh, spec))
-          for i, (shape, spec) in enumerate(specs)]
+  dtypes = [jnp.float32, param_dtype, jnp.float32, jnp.float32, param_dtype, bool, jnp.float32]
+  args = [jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec))
+          for (shape, spec), dtype in zip(specs, dtypes)]
   compiled = jax.jit(f).lower(*args).compile()
   text = compiled.as_text()
   for name in ("sae_gather_sum_tpu", "sae_gather_dot_tpu", "sae_scatter_rows_tpu"):

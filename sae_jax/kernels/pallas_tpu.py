@@ -69,11 +69,20 @@ def _dma_rows(ids_ref, table_hbm, buf, sem):
   lax.fori_loop(0, count, wait, 0)
 
 
+def _as_rows_of_words(table: jax.Array) -> jax.Array:
+  """A table whose single rows Mosaic can DMA: 32-bit elements (a bfloat16 row is half a packed
+  sublane tile, which Mosaic cannot slice), padded to D' % 128 == 0. Narrow tables are widened
+  to float32, a copy per call: the paper's parameters are float32, for which this is free."""
+  if table.dtype.itemsize < 4:
+    table = table.astype(F32)
+  return _pad_to(table, 1, 128)
+
+
 def _prepare(rows, table):
-  """Pad rows to [N', K'] (N' % BN == 0, K' % 16 == 0) and the table to D' % 128 == 0."""
+  """Pad rows to [N', K'] (N' % BN == 0, K' % 16 == 0); the table as _as_rows_of_words."""
   k = rows.shape[1]
   rows = _pad_to(_pad_to(rows.astype(jnp.int32), 1, 16), 0, TOKEN_BLOCK)
-  return rows, _pad_to(table, 1, 128), rows.shape[1], k
+  return rows, _as_rows_of_words(table), rows.shape[1], k
 
 
 def _params(semantics: str):
@@ -241,7 +250,7 @@ def scatter_rows(rows: jax.Array, weights: jax.Array, src: jax.Array, num_rows: 
     [M, D] float32.
   """
   d = src.shape[1]
-  src = _pad_to(src, 1, 128)
+  src = _as_rows_of_words(src)
   d_pad = src.shape[1]
   chunk_block, first, tokens, local, w = chunk_layout(rows, weights, num_rows)
   total = first.shape[0]
