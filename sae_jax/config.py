@@ -18,6 +18,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 LR_SCHEDULES = ("constant", "cosine")
 ENCODER_INITS = ("tied", "linear")
 AUXK_IMPLS = ("auto", "sparse", "dense")
+KERNELS = ("xla", "pallas")
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -229,6 +230,10 @@ class TrainConfig(_JsonMixin):
       layer, uniform in +-1/sqrt(d_in), and the decoder a unit-normalised copy of it) or
       ``tied`` (decoder rows random unit directions, W_enc = W_dec^T: a unit encoder, which
       learns less per token; see experiments/benchmarks/quality_note.md).
+    kernels: how the sparse parts of the TopK step run: ``xla`` (the default: gathers and
+      scatter-adds) or ``pallas`` (Pallas kernels: Triton on GPU, Mosaic on TPU, interpreted
+      elsewhere; opt-in until measured faster on the hardware). Same results up to float32
+      summation order, so a restart may change it.
     optim: Adam and the learning-rate schedule (:class:`OptimConfig`).
     run: logging, evaluation and checkpoint cadence (:class:`RunConfig`).
   """
@@ -244,12 +249,13 @@ class TrainConfig(_JsonMixin):
   geometric_median_iters: int = 50
   auxk_impl: str = "auto"
   encoder_init: str = "linear"
+  kernels: str = "xla"
   optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
   run: RunConfig = dataclasses.field(default_factory=RunConfig)
 
-  # Fields that do not change what is computed (auxk_impl: only the order of float sums): a
-  # restart may change them freely.
-  RESTART_SAFE: ClassVar[tuple[str, ...]] = ("run", "auxk_impl")
+  # Fields that do not change what is computed (auxk_impl, kernels: only the order of float
+  # sums): a restart may change them freely.
+  RESTART_SAFE: ClassVar[tuple[str, ...]] = ("run", "auxk_impl", "kernels")
   # Fields of the shared token stream: equal across the SAEs trained side by side on it.
   STREAM_FIELDS: ClassVar[tuple[str, ...]] = (
       "batch_size", "total_tokens", "seed", "shuffle_batches", "eval_tokens")
@@ -268,6 +274,7 @@ class TrainConfig(_JsonMixin):
            f"auxk_impl={self.auxk_impl!r}; allowed: {list(AUXK_IMPLS)}")
     _check(self.encoder_init in ENCODER_INITS,
            f"encoder_init={self.encoder_init!r}; allowed: {list(ENCODER_INITS)}")
+    _check(self.kernels in KERNELS, f"kernels={self.kernels!r}; allowed: {list(KERNELS)}")
     _check(isinstance(self.optim, OptimConfig), f"optim={self.optim!r} must be an OptimConfig")
     _check(isinstance(self.run, RunConfig), f"run={self.run!r} must be a RunConfig")
 

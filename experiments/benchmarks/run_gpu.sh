@@ -3,6 +3,7 @@
 # Writes JSON lines under ${OUT:-gpu_results}/. Needs: jax with CUDA, torch with CUDA and
 # eai-sparsify in the same python (the peer runs in a subprocess of that python); wheels of
 # anything missing may be put in .whl/ (installed with --no-deps into /tmp/site).
+# Order: the headline (bfloat16, as sparsify's autocast runs) first, each part under a timeout.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-gpu_results}; mkdir -p "$OUT"
@@ -17,12 +18,15 @@ export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.45}
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
 $PY -c "import jax, torch; print('jax', jax.__version__, jax.devices(), 'torch', torch.__version__)"
 B=experiments/benchmarks/sae_step.py
-# float32 (TF32 matmuls, JAX's default precision) and bfloat16 compute, with the peer.
-$PY $B --peer_python=$PY --paper_shape --paper_batch=32768 --steps=20 | tee "$OUT/sae_step_f32.jsonl"
-$PY $B --peer_python=$PY --paper_shape --paper_batch=32768 --steps=20 --compute_dtype=bfloat16 \
-  | tee "$OUT/sae_step_bf16.jsonl"
-# How the encoder's chunk size moves the paper-shape step.
-for mb in 64 1024 4096; do
-  $PY $B --default_shape=false --paper_shape --paper_batch=32768 --dead_fraction=0 --steps=20 \
-    --compute_dtype=bfloat16 --accelerator_chunk_mb=$mb | tee -a "$OUT/sae_step_chunks.jsonl"
-done
+T=${PART_TIMEOUT:-170}
+# 1. The step, XLA and Pallas kernels, AuxK on a quarter of the latents, beside sparsify.
+timeout $T $PY $B --peer_python=$PY --paper_shape --paper_batch=32768 --steps=10 \
+  --compute_dtype=bfloat16 --kernels=xla,pallas | tee "$OUT/sae_step_bf16.jsonl"
+# 2. Each sparse op, XLA vs Pallas (decode, its backward, the encoder weight gradient).
+timeout $T $PY experiments/benchmarks/kernels.py | tee "$OUT/kernels.jsonl"
+# 3. The Pallas kernels compiled for the GPU against the XLA path (tests).
+JAX_PLATFORMS=cuda,cpu timeout $T $PY -m pytest -q -p no:cacheprovider \
+  tests/test_pallas_kernels.py 2>&1 | tail -15 | tee "$OUT/pallas_tests.txt"
+# 4. float32 inputs (TF32 matmuls), XLA kernels.
+timeout $T $PY $B --default_shape=false --paper_shape --paper_batch=32768 --steps=10 \
+  | tee "$OUT/sae_step_f32.jsonl"

@@ -8,6 +8,7 @@ shape and reports our step's speed-up over each.
   python experiments/benchmarks/sae_step.py                       # d_in=512 d_sae=8192 k=32
   python experiments/benchmarks/sae_step.py --paper_shape         # (2048, 32768, 32), scaled
   python experiments/benchmarks/sae_step.py --peer_python=$HOME/peers-venv/bin/python
+  python experiments/benchmarks/sae_step.py --kernels=xla,pallas   # both sparse-kernel paths
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ flags.DEFINE_float("dead_fraction", 0.25,
                    "also time a step with this share of latents dead (AuxK active), as the "
                    "peer harness does; 0 to skip")
 flags.DEFINE_integer("steps", 10, "timed steps (after warm-up)")
+flags.DEFINE_list("kernels", ["xla"],
+                  "TrainConfig.kernels to time: xla, pallas or both (steps other than the "
+                  "default xla get a _pallas suffix)")
 flags.DEFINE_string("peer_python", None, "python of a venv with eai-sparsify and sae-lens")
 flags.DEFINE_string("peer_script", None,
                     "path of the peer harness (default: peer_sae_step.py beside this file, or "
@@ -65,7 +69,7 @@ def _emit(record: dict) -> None:
 
 
 def bench_shape(d: int, m: int, k: int, n: int, archs, dead_fraction: float, steps: int,
-                tag: str) -> dict[str, float]:
+                tag: str, kernels=("xla",)) -> dict[str, float]:
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -92,12 +96,13 @@ def bench_shape(d: int, m: int, k: int, n: int, archs, dead_fraction: float, ste
          "tokens_per_s": round(n / t_mm, 1)})
   results = {"encoder_matmul": n / t_mm}
   mesh = sj.make_mesh()
-  for arch in archs:
+  for arch, kn in [(a, kn) for a in archs for kn in kernels]:
     cfg = sj.SAEConfig(architecture=arch, d_in=d, d_sae=m, k=k, compute_dtype=cdt.name)
-    tcfg = sj.TrainConfig(batch_size=n)
+    tcfg = sj.TrainConfig(batch_size=n, kernels=kn)
     variants = [("", 0.0)] + ([("_auxk", dead_fraction)] if dead_fraction > 0 and
                               cfg.architecture in ("topk", "batchtopk") else [])
     for suffix, dead in variants:
+      suffix = suffix + ("" if kn == "xla" else f"_{kn}")
       state = init_train_state(cfg, tcfg, mesh, x)
       step = make_train_step(cfg, tcfg, mesh)
       box = [state]
@@ -119,7 +124,11 @@ def bench_shape(d: int, m: int, k: int, n: int, archs, dead_fraction: float, ste
       t = _timeit(run, steps)
       name = f"sae_step_{arch}{suffix}"
       results[name] = n / t
-      _emit({"name": name, **common, "dead_fraction": dead, "step_s": round(t, 5),
+      # The plan of a marked state (after a step, random-init "dead" latents have fired).
+      plan = step.aux_plan(box[0].replace(tokens_since_fired=jnp.where(
+          dead_mask, tcfg.dead_tokens, box[0].tokens_since_fired))) if dead else (0, 0)
+      _emit({"name": name, **common, "kernels": kn, "dead_fraction": dead,
+             "aux_columns": plan[0], "dense_auxk_capacity": plan[1], "step_s": round(t, 5),
              "tokens_per_s": round(n / t, 1), "ratio_to_encoder_matmul": round(t_mm / t, 3)})
   return results
 
@@ -162,12 +171,12 @@ def main(argv):
     topk.ACCELERATOR_CHUNK_BYTES = FLAGS.accelerator_chunk_mb << 20
   if FLAGS.default_shape:
     ours = bench_shape(FLAGS.d_in, FLAGS.d_sae, FLAGS.k, FLAGS.batch, FLAGS.architectures,
-                       FLAGS.dead_fraction, FLAGS.steps, "default")
+                       FLAGS.dead_fraction, FLAGS.steps, "default", FLAGS.kernels)
     if FLAGS.peer_python:
       run_peers(FLAGS.d_in, FLAGS.d_sae, FLAGS.k, FLAGS.batch, ours)
   if FLAGS.paper_shape:
     paper = bench_shape(2048, 32768, 32, FLAGS.paper_batch, ["topk"], FLAGS.dead_fraction,
-                        max(3, FLAGS.steps // 3), "paper_scaled")
+                        max(3, FLAGS.steps // 3), "paper_scaled", FLAGS.kernels)
     if FLAGS.peer_python:
       run_peers(2048, 32768, 32, FLAGS.paper_batch, paper)
 

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from sae_jax.kernels import cpu_topk
+from sae_jax.kernels import cpu_topk, sparse_ops
 from sae_jax.kernels import rows as row_ops
 
 
@@ -171,7 +171,9 @@ def _merge_shards(vals, idx, k, m_local, axis_name):
   return top, jnp.take_along_axis(idx, pos, axis=1)
 
 
-def _encode_fwd(x, W_enc, b_enc, b_dec, aux_mask, k, k_aux, axis_name, compute_dtype):
+def _encode_fwd(x, W_enc, b_enc, b_dec, aux_mask, k, k_aux, axis_name, compute_dtype,
+                kernels="xla"):
+  del kernels  # the encoder matmul and top-k are XLA's either way
   xc = x.astype(jnp.float32) - b_dec.astype(jnp.float32)
   m_local = W_enc.shape[1]
   sel = _encode_select(xc, W_enc, b_enc, aux_mask, k, k_aux, compute_dtype)
@@ -188,7 +190,7 @@ def _encode_fwd(x, W_enc, b_enc, b_dec, aux_mask, k, k_aux, axis_name, compute_d
   return codes, (xc, W_enc, idx, aidx, values > 0, aux_values > 0)
 
 
-def _encode_bwd(k, k_aux, axis_name, compute_dtype, res, g):
+def _encode_bwd(k, k_aux, axis_name, compute_dtype, kernels, res, g):
   del k, k_aux, compute_dtype
   xc, W_enc, idx, aidx, live, aux_live = res
   weights = jnp.concatenate([jnp.where(live, g.values, 0.0),
@@ -198,7 +200,10 @@ def _encode_bwd(k, k_aux, axis_name, compute_dtype, res, g):
   rows, owned = owned_rows(indices, m_local, axis_name)
   weights = jnp.where(owned, weights, 0.0).astype(jnp.float32)
   # dL/dW_enc[:, m] = sum over (n, j) selecting m of weights[n, j] * xc[n]: rows of W_enc^T.
-  d_w_enc = row_ops.scatter_rows(rows, weights, xc, m_local, jnp.float32).T
+  if kernels == "xla":
+    d_w_enc = row_ops.scatter_rows(rows, weights, xc, m_local, jnp.float32).T
+  else:
+    d_w_enc = sparse_ops.scatter_rows(rows, weights, xc, m_local).T
   d_b_enc = jnp.zeros((m_local,), jnp.float32).at[rows].add(weights, mode="drop")
   # dL/dxc[n] = sum_j weights[n, j] W_enc[:, idx[n, j]]. Its sum over n is W_enc @ d_b_enc, so
   # b_dec's gradient costs one mat-vec; dx (unused when training, removed by XLA) needs gathers.
@@ -208,8 +213,8 @@ def _encode_bwd(k, k_aux, axis_name, compute_dtype, res, g):
           d_b_dec.astype(W_enc.dtype), None)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
-def _topk_encode(x, W_enc, b_enc, b_dec, aux_mask, k, k_aux, axis_name, compute_dtype):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
+def _topk_encode(x, W_enc, b_enc, b_dec, aux_mask, k, k_aux, axis_name, compute_dtype, kernels):
   return _encode_fwd(x, W_enc, b_enc, b_dec, aux_mask, k, k_aux, axis_name, compute_dtype)[0]
 
 
@@ -218,7 +223,8 @@ _topk_encode.defvjp(_encode_fwd, _encode_bwd)
 
 def topk_encode(x: jax.Array, W_enc: jax.Array, b_enc: jax.Array, b_dec: jax.Array, k: int, *,
                 aux_mask: jax.Array | None = None, k_aux: int = 0,
-                axis_name: str | None = None, compute_dtype: str = "float32") -> TopKCodes:
+                axis_name: str | None = None, compute_dtype: str = "float32",
+                kernels: str = "xla") -> TopKCodes:
   """TopK encode: ReLU(top_k((x - b_dec) @ W_enc + b_enc)), with a sparse backward.
 
   Args:
@@ -229,6 +235,8 @@ def topk_encode(x: jax.Array, W_enc: jax.Array, b_enc: jax.Array, b_dec: jax.Arr
     k_aux: AuxK latents per token, picked among ``aux_mask`` from the same pre-activations.
     axis_name: mesh axis the latents are sharded over (inside ``shard_map``), or None.
     compute_dtype: dtype of the matmul inputs (accumulation in float32).
+    kernels: ``xla`` or ``pallas`` (the encoder weight gradient as a Pallas kernel; see
+      :mod:`sae_jax.kernels.sparse_ops`).
 
   Returns:
     TopKCodes: values/indices [N, k], aux_values/aux_indices [N, k_aux]; indices are global.
@@ -237,28 +245,38 @@ def topk_encode(x: jax.Array, W_enc: jax.Array, b_enc: jax.Array, b_dec: jax.Arr
   """
   if k_aux and aux_mask is None:
     raise ValueError("topk_encode: k_aux > 0 needs aux_mask")
+  sparse_ops.check_kernels(kernels)
   if aux_mask is None:
     aux_mask = jnp.zeros((W_enc.shape[1],), bool)
-  return _topk_encode(x, W_enc, b_enc, b_dec, aux_mask, k, k_aux, axis_name, compute_dtype)
+  return _topk_encode(x, W_enc, b_enc, b_dec, aux_mask, k, k_aux, axis_name, compute_dtype,
+                      kernels)
 
 
 # --------------------------------------------------------------------------------------------
 # Sparse decode.
 
 
-def _decode_fwd(values, indices, W_dec, axis_name):
+def _decode_fwd(values, indices, W_dec, axis_name, kernels):
   m_local = W_dec.shape[0]
   rows_idx, owned = owned_rows(indices, m_local, axis_name)
   weights = jnp.where(owned, values, 0.0).astype(jnp.float32)
-  out = row_ops.gather_dot(rows_idx, weights, W_dec)
+  if kernels == "xla":
+    out = row_ops.gather_dot(rows_idx, weights, W_dec)
+  else:
+    out = sparse_ops.gather_sum(jnp.minimum(rows_idx, m_local - 1), weights, W_dec)
   return out, (weights, rows_idx, owned, W_dec)
 
 
-def _decode_bwd(axis_name, res, g):
+def _decode_bwd(axis_name, kernels, res, g):
   del axis_name
   weights, rows_idx, owned, W_dec = res
   m_local = W_dec.shape[0]
   g = g.astype(jnp.float32)
+  if kernels != "xla":
+    safe_rows = jnp.minimum(rows_idx, m_local - 1)
+    d_vals = jnp.where(owned, sparse_ops.gather_dot(safe_rows, g, W_dec), 0.0)
+    d_w = sparse_ops.scatter_rows(rows_idx, weights, g, m_local)
+    return d_vals, None, d_w.astype(W_dec.dtype)
 
   d_vals = row_ops.row_dots(rows_idx, g, W_dec)
   d_w = row_ops.scatter_rows(rows_idx, weights, g, m_local, jnp.float32)
@@ -266,16 +284,16 @@ def _decode_bwd(axis_name, res, g):
   return d_vals, None, d_w.astype(W_dec.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _sparse_decode(values, indices, W_dec, axis_name):
-  return _decode_fwd(values, indices, W_dec, axis_name)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _sparse_decode(values, indices, W_dec, axis_name, kernels):
+  return _decode_fwd(values, indices, W_dec, axis_name, kernels)[0]
 
 
 _sparse_decode.defvjp(_decode_fwd, _decode_bwd)
 
 
 def sparse_decode(values: jax.Array, indices: jax.Array, W_dec: jax.Array,
-                  axis_name: str | None = None) -> jax.Array:
+                  axis_name: str | None = None, kernels: str = "xla") -> jax.Array:
   """sum_j values[n, j] * W_dec[indices[n, j]] (no bias), with a sparse backward.
 
   Args:
@@ -283,12 +301,14 @@ def sparse_decode(values: jax.Array, indices: jax.Array, W_dec: jax.Array,
     W_dec: [M_l, D] this shard's decoder rows.
     axis_name: mesh axis the latents are sharded over; each shard adds only the rows it owns,
       so the caller sums the [N, D] result over that axis.
+    kernels: ``xla`` or ``pallas`` (see :mod:`sae_jax.kernels.sparse_ops`).
 
   Returns:
     [N, D] float32 (partial, when sharded). Gradients go to ``values`` (owned entries) and
     ``W_dec`` (only the selected rows).
   """
-  return _sparse_decode(values, indices, W_dec, axis_name)
+  sparse_ops.check_kernels(kernels)
+  return _sparse_decode(values, indices, W_dec, axis_name, kernels)
 
 
 # --------------------------------------------------------------------------------------------

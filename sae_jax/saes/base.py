@@ -42,6 +42,7 @@ class ShardCtx:
   n_global: int
   # > 0: compute AuxK densely over this many dead-latent columns (kernels/auxk.py); 0: sparse.
   aux_capacity: int = 0
+  kernels: str = "xla"  # TrainConfig.kernels: the sparse kernels' implementation
 
   def psum_data(self, x):
     return x if self.data_axis is None else lax.psum(x, self.data_axis)

@@ -35,7 +35,8 @@ class TopK(Architecture):
     """Top-k codes, with the AuxK ones unless AuxK runs densely (ctx.aux_capacity)."""
     return topk_encode(x, params["W_enc"], params["b_enc"], params["b_dec"], k,
                        aux_mask=dead, k_aux=0 if ctx.aux_capacity else k_aux,
-                       axis_name=ctx.model_axis, compute_dtype=cfg.compute_dtype)
+                       axis_name=ctx.model_axis, compute_dtype=cfg.compute_dtype,
+                       kernels=ctx.kernels)
 
   def train_forward(self, params, buffers, x, dead, cfg, tcfg, ctx, k_aux):
     codes = self.sparse_codes(params, x, dead, cfg, ctx, cfg.k, k_aux)
@@ -44,14 +45,14 @@ class TopK(Architecture):
 
   def _decode(self, params, codes, values, ctx, k_aux, threshold, x, dead, cfg):
     W_dec = params["W_dec"]
-    partial = sparse_decode(values, codes.indices, W_dec, ctx.model_axis)
+    partial = sparse_decode(values, codes.indices, W_dec, ctx.model_axis, ctx.kernels)
     if not k_aux:
       aux = None
     elif ctx.aux_capacity:
       aux = dense_auxk_decode(x, params["W_enc"], params["b_enc"], params["b_dec"], W_dec, dead,
                               k_aux, ctx.aux_capacity, cfg.compute_dtype)
     else:
-      aux = sparse_decode(codes.aux_values, codes.aux_indices, W_dec, ctx.model_axis)
+      aux = sparse_decode(codes.aux_values, codes.aux_indices, W_dec, ctx.model_axis, ctx.kernels)
     m_local = W_dec.shape[0]
     fired = fired_counts(codes.indices, lax.stop_gradient(values), m_local, ctx.model_axis)
     return (TrainForward(partial, jnp.zeros((), jnp.float32), aux),

@@ -35,7 +35,7 @@ def _shard_body(params, buffers, tsf, x_raw, *, sae_cfg: SAEConfig, tcfg: TrainC
   """One shard's loss, gradients and statistics. Shapes are local: x_raw [n, D], W_enc [D, M_l]."""
   arch = registry.get(sae_cfg.architecture)
   ctx = ShardCtx(data_axis="data", model_axis="model", n_global=n_global,
-                 aux_capacity=aux_capacity)
+                 aux_capacity=aux_capacity, kernels=tcfg.kernels)
   x, _ = normalize_inputs(x_raw, sae_cfg.normalize, buffers["norm_scale"])
 
   mean = ctx.psum_data(x.sum(0)) / n_global
