@@ -3,7 +3,7 @@
 TPU topologies come from libtpu (``jax.experimental.topologies``): device descriptions of a
 slice, enough to compile for it on a plain CPU host. GPUs are only estimated (nothing is
 compiled for them here): their figures come from the table and from a TPU proxy of the same
-device count (see :mod:`sae_jax.planning.plan`).
+device count (see :mod:`sae_jax.planning.planner`).
 """
 
 from __future__ import annotations
