@@ -10,9 +10,10 @@ body's heavy ops (dots, gathers, scatters, reductions; elementwise ops are taken
 them) times the trips XLA did not count.
 
 Per chip: a ``shard_map`` body runs on every device at its local shapes; outside one, an op's
-work is divided by how many shards its output has, propagated from the inputs' shardings (a dot
-or gather of shards over different mesh axes is split over both, an elementwise op is split as
-its same-shaped operands are). That is an estimate of how GSPMD partitions the program.
+work is divided by how many shards it is split into, propagated from the inputs' shardings (a dot
+or gather of operands split over different mesh axes is split over both, any other op as its
+most split operand). That is how GSPMD partitions the program at best: where it replicates
+work instead, XLA's own count of a loop-free function (reported beside) is the higher one.
 """
 
 from __future__ import annotations
@@ -113,14 +114,15 @@ def _spec_shards(spec, mesh) -> int:
   return n
 
 
-def _out_shards(eqn, ins: list[int], n: int) -> int:
+def _shards_of(eqn, ins: list[int], n: int) -> tuple[int, int]:
+  """(shards the op's work is split into, shards of its output): the product of the operands'
+  for a dot or gather, else the most split operand's; an output has no more shards than
+  elements (a reduction to a scalar is replicated)."""
   if not ins:
-    return 1
-  if eqn.primitive.name in _PRODUCT_SHARDED:
-    return min(n, int(np.prod(ins)))
-  out_shape = getattr(eqn.outvars[0].aval, "shape", None) if eqn.outvars else None
-  same = [s for v, s in zip(eqn.invars, ins) if getattr(v.aval, "shape", None) == out_shape]
-  return max(same or ins)
+    return 1, 1
+  work = min(n, int(np.prod(ins))) if eqn.primitive.name in _PRODUCT_SHARDED else max(ins)
+  out = min(work, max(1, _size(eqn.outvars[0].aval))) if eqn.outvars else 1
+  return work, out
 
 
 def _sub_jaxprs(params) -> list:
@@ -167,10 +169,9 @@ def _walk(jaxpr, shards_in, n: int, local: bool, mult: float, acc: Costs) -> lis
       outs = _walk(sub, ins if len(ins) == len(sub.invars) else [max(ins or [1])] *
                    len(sub.invars), n, local, mult, acc)
     else:
-      shards = 1 if local else _out_shards(eqn, ins, n)
-      div = max(1, min(n, shards))
-      acc.flops += mult * eqn_flops(eqn) / div
-      acc.extra_loop_bytes += (mult - 1) * eqn_bytes(eqn) / div
+      work, shards = (1, 1) if local else _shards_of(eqn, ins, n)
+      acc.flops += mult * eqn_flops(eqn) / work
+      acc.extra_loop_bytes += (mult - 1) * eqn_bytes(eqn) / work
       outs = [shards] * len(eqn.outvars)
     env.update(zip(eqn.outvars, list(outs) + [1] * (len(eqn.outvars) - len(outs))))
   return [get(v) for v in jaxpr.outvars]
