@@ -62,9 +62,9 @@ def test_tiny_toy_trace_compiles_for_v5e_and_reports_every_field(tiny, reports):
   least = 2 * n * d_in * d_sae / 4
   assert least <= step["flops_per_chip"] <= 2 * least
   assert step["tokens_per_step"] == n
-  # Data parallel over 4 chips: every chip holds the whole SAE (W_enc, W_dec and two Adam
-  # moments, float32), and the gradients are summed across chips.
-  assert step["argument_bytes_per_chip"] >= 4 * 2 * d_in * d_sae * 4
+  # Data parallel over 4 chips: every chip holds the whole SAE (W_enc and W_dec with their two
+  # Adam moments, float32), and the gradients are summed across chips.
+  assert step["argument_bytes_per_chip"] >= 3 * 2 * d_in * d_sae * 4
   assert step["collectives"]["all-reduce"]["bytes"] >= 2 * d_in * d_sae * 4
   assert fwd["tokens_per_step"] == tiny.data.batch_size * (tiny.data.ctx_len - 1)
   # The evaluation runs the whole model (2 blocks and the unembedding) with the SAE spliced in;
