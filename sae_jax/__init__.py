@@ -5,6 +5,7 @@ from sae_jax.config import (DataConfig, MeshConfig, OptimConfig, RunConfig, SAEC
                             TrainConfig)
 from sae_jax.formats import load_sae
 from sae_jax.models import load_model
+from sae_jax.planning import plan
 from sae_jax.saes.sae import SAE
 from sae_jax.sharding import make_mesh
 from sae_jax.trace import trace
@@ -15,4 +16,4 @@ from sae_jax.version import __version__
 __all__ = ["SAE", "DataConfig", "ExtractConfig", "MeshConfig", "OptimConfig", "OutputConfig",
            "RunConfig", "SAEConfig", "SAEJob", "TraceConfig", "TrainConfig", "__version__",
            "analysis", "data", "distributed", "errors", "kernels", "load_model", "load_sae",
-           "make_mesh", "saes", "sharding", "store", "trace", "train_sae", "train_saes"]
+           "make_mesh", "plan", "saes", "sharding", "store", "trace", "train_sae", "train_saes"]

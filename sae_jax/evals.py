@@ -70,7 +70,7 @@ def next_token_nll(logits, ids, mask):
 
 
 @dataclasses.dataclass(frozen=True)
-class _SpliceReconstruct:
+class SpliceReconstruct:
   """A model splice: [B, T, D] -> the SAE's reconstruction of it. Hashable by the SAE config
   alone (the weights come in ``args``), so SAEs of one config share one compiled forward."""
 
@@ -93,7 +93,7 @@ def spliced_metrics(model, sae: SAE, hook: str, batches, max_batches: int | None
   if isinstance(sae, SAE):
     # The weights go in as splice arguments, not in a closure: the compiled forward is then
     # shared by every SAE of one config and keeps none of them alive.
-    recon, state = _SpliceReconstruct(sae.cfg), {"params": sae.params, "buffers": sae.buffers}
+    recon, state = SpliceReconstruct(sae.cfg), {"params": sae.params, "buffers": sae.buffers}
   else:  # anything with reconstruct([N, D]) (a baseline, a peer's SAE): spliced as a closure
     recon = lambda x, args: sae.reconstruct(x.reshape(-1, x.shape[-1])).reshape(x.shape)
     state = {}
