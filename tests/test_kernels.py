@@ -203,11 +203,11 @@ def test_accelerator_chunking_selects_the_same(monkeypatch):
   """The GPU/TPU chunk policy (a few large chunks) selects what the CPU policy selects."""
   inp = _inputs(301, 16, 512, seed=3)  # 301 rows: padded last chunk under both policies
   xc = inp["x"] - inp["b_dec"]
-  monkeypatch.setattr(topk, "ACCELERATOR_CHUNK_BYTES", 128 * 512 * 4)  # 128-row chunks
+  monkeypatch.setitem(topk.CHUNK_BYTES, "gpu", 128 * 512 * 4)  # 128-row chunks
   args = (xc, inp["W_enc"], inp["b_enc"], inp["dead"], 6, 9, "float32")
-  cpu = topk._encode_select(*args, accelerator=False)
-  acc = topk._encode_select(*args, accelerator=True)
-  assert topk._row_chunk(301, 512, True) == 128 and topk._row_chunk(301, 512, False) == 301
+  cpu = topk._encode_select(*args, platform="cpu")
+  acc = topk._encode_select(*args, platform="gpu")
+  assert topk._row_chunk(301, 512, "gpu") == 128 and topk._row_chunk(301, 512, "cpu") == 301
   for a, b in zip(cpu, acc):
     np.testing.assert_array_equal(a, b)
 
@@ -215,15 +215,15 @@ def test_accelerator_chunking_selects_the_same(monkeypatch):
 @pytest.mark.parametrize("group_bytes", [1, 3 * 37 * 13 * 4, 1 << 30])  # 1, 3 (padded), all
 def test_accelerator_row_ops_equal_the_cpu_form(monkeypatch, group_bytes):
   """The grouped GPU/TPU forms of the row gathers and scatters equal the CPU's column scans."""
-  monkeypatch.setattr(rows, "ACCELERATOR_GROUP_BYTES", group_bytes)
+  monkeypatch.setitem(rows.GROUP_BYTES, "gpu", group_bytes)
   n, d, m, j = 37, 13, 50, 8
   ks = jax.random.split(jax.random.key(7), 4)
   ids = jax.random.randint(ks[0], (n, j), 0, m + 1)  # m: "not owned"
   w = jax.random.normal(ks[1], (n, j)) * (ids < m)
   src, table = jax.random.normal(ks[2], (n, d)), jax.random.normal(ks[3], (m, d))
-  for accel in (False, True):
-    got = (rows._scatter_rows(ids, w, src, m, jnp.float32, accel),
-           rows._gather_dot(ids, w, table, accel), rows._row_dots(ids, src, table, accel))
+  for platform in ("cpu", "gpu"):
+    got = (rows._scatter_rows(ids, w, src, m, jnp.float32, platform),
+           rows._gather_dot(ids, w, table, platform), rows._row_dots(ids, src, table, platform))
     safe = jnp.minimum(ids, m - 1)
     want = (jnp.zeros((m + 1, d)).at[ids].add(w[..., None] * src[:, None])[:m],
             jnp.einsum("nj,njd->nd", w, table[safe]), jnp.einsum("nd,njd->nj", src, table[safe]))

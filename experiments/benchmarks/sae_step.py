@@ -29,7 +29,7 @@ flags.DEFINE_bool("paper_shape", False, "also time the paper's shape (2048, 3276
 flags.DEFINE_bool("default_shape", True, "time the --d_in/--d_sae/--k/--batch shape")
 flags.DEFINE_integer("accelerator_chunk_mb", None,
                      "on GPU/TPU, pre-activation MB per encoder chunk (default: the library's "
-                     "kernels.topk.ACCELERATOR_CHUNK_BYTES)")
+                     "kernels.topk.CHUNK_BYTES)")
 flags.DEFINE_integer("paper_batch", 4096,
                      "tokens per step at the paper's shape (the paper used 32768; scaled to "
                      "what a small machine holds)")
@@ -83,7 +83,7 @@ def bench_shape(d: int, m: int, k: int, n: int, archs, dead_fraction: float, ste
             "device": device.device_kind, "n_devices": jax.device_count(),
             "jax": jax.__version__}
   if device.platform != "cpu":
-    common["accelerator_chunk_mb"] = topk.ACCELERATOR_CHUNK_BYTES >> 20
+    common["accelerator_chunk_mb"] = topk.CHUNK_BYTES.get(device.platform, 0) >> 20
   key = jax.random.key(0)
   x = jax.random.normal(key, (n, d), jnp.float32)
   w = jax.random.normal(jax.random.key(1), (d, m), jnp.float32) / np.sqrt(d)
@@ -168,7 +168,8 @@ def main(argv):
   del argv
   if FLAGS.accelerator_chunk_mb:
     from sae_jax.kernels import topk
-    topk.ACCELERATOR_CHUNK_BYTES = FLAGS.accelerator_chunk_mb << 20
+    topk.CHUNK_BYTES.update(gpu=FLAGS.accelerator_chunk_mb << 20,
+                            tpu=FLAGS.accelerator_chunk_mb << 20)
   if FLAGS.default_shape:
     ours = bench_shape(FLAGS.d_in, FLAGS.d_sae, FLAGS.k, FLAGS.batch, FLAGS.architectures,
                        FLAGS.dead_fraction, FLAGS.steps, "default", FLAGS.kernels)

@@ -105,31 +105,33 @@ def owned_rows(indices: jax.Array, m_local: int, axis_name: str | None):
 # Fused encode.
 
 
-# Pre-activation bytes one encoder chunk may hold on an accelerator (GPU/TPU): big enough that
-# each chunk's matmul fills the chip, small enough that the full [N, M] array is never formed
-# (the paper's step: 32,768 x 32,768 float32 pre-activations would be 4 GiB). A benchmark knob.
-ACCELERATOR_CHUNK_BYTES = 256 << 20
+# Pre-activation bytes one encoder chunk may hold on an accelerator: big enough that each
+# chunk's matmul fills the chip, small enough that the full [N, M] array is never formed (the
+# paper's step: 32,768 x 32,768 float32 pre-activations would be 4 GiB). On an H200 the step
+# took the same time with 256 MB to 4 GB chunks and 6 % longer with 64 MB; a TPU chip keeps
+# its temp memory below half its share of the pre-activations. A benchmark knob.
+CHUNK_BYTES = {"gpu": 256 << 20, "tpu": 32 << 20}
 
 
-def _row_chunk(n: int, m_local: int, accelerator: bool = False) -> int:
+def _row_chunk(n: int, m_local: int, platform: str = "cpu") -> int:
   """Rows per encoder chunk (a power of two, at most n).
 
   CPU: keep the [rows, M_l] pre-activations near 8 MB (cache-sized): selecting from a chunk
   while it is still in cache made encode + top-k 1.5x faster (N=4096, M=8192: 121 ms vs
-  186 ms). Accelerators: chunks of about ACCELERATOR_CHUNK_BYTES, so the loop has few trips.
+  186 ms). GPU/TPU: chunks of about CHUNK_BYTES[platform], so the loop has few trips.
   """
-  if accelerator:
-    target = max(64, ACCELERATOR_CHUNK_BYTES // 4 // max(m_local, 1))
-  else:
+  if platform == "cpu":
     target = max(64, min(1024, (2 << 20) // max(m_local, 1)))
+  else:
+    target = max(64, CHUNK_BYTES[platform] // 4 // max(m_local, 1))
   chunk = 1 << (target.bit_length() - 1)
   return min(chunk, max(n, 1))
 
 
-def _encode_select(xc, W_enc, b_enc, aux_mask, k, k_aux, compute_dtype, accelerator=None):
+def _encode_select(xc, W_enc, b_enc, aux_mask, k, k_aux, compute_dtype, platform=None):
   """Local top-k (and AuxK top-k among aux_mask) of (xc @ W_enc + b_enc), chunk by chunk.
 
-  ``accelerator`` picks the chunk policy (None: by the platform the function is lowered for).
+  ``platform`` picks the chunk policy (None: that of the platform it is lowered for).
   """
   n, d = xc.shape
   m_local = W_enc.shape[1]
@@ -145,17 +147,18 @@ def _encode_select(xc, W_enc, b_enc, aux_mask, k, k_aux, compute_dtype, accelera
       out = out + tuple(_local_top_k(masked, min(k_aux, m_local)))
     return out
 
-  def chunked(xc, accelerator):
-    chunk = _row_chunk(n, m_local, accelerator)
+  def chunked(xc, platform):
+    chunk = _row_chunk(n, m_local, platform)
     n_pad = -n % chunk
     xs = jnp.pad(xc, ((0, n_pad), (0, 0))).reshape(-1, chunk, d)
     outs = lax.map(one_chunk, xs)
     return tuple(o.reshape(n + n_pad, -1)[:n] for o in outs)
 
-  if accelerator is not None:
-    return list(chunked(xc, accelerator))
-  return list(lax.platform_dependent(xc, cpu=lambda xc: chunked(xc, False),
-                                     default=lambda xc: chunked(xc, True)))
+  if platform is not None:
+    return list(chunked(xc, platform))
+  return list(lax.platform_dependent(xc, cpu=lambda xc: chunked(xc, "cpu"),
+                                     tpu=lambda xc: chunked(xc, "tpu"),
+                                     default=lambda xc: chunked(xc, "gpu")))
 
 
 def _merge_shards(vals, idx, k, m_local, axis_name):
