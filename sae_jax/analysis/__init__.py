@@ -10,7 +10,7 @@ of those results: tables, plots, report. analyze ties them together over a workd
 
 from sae_jax.analysis.analyze import analyze
 from sae_jax.analysis.codes import feature_stats, feature_stats_many
-from sae_jax.analysis.config import AnalysisConfig
+from sae_jax.analysis.config import AnalysisConfig, MatchConfig
 from sae_jax.analysis.describe import SAEFeatures, describe_sae
 from sae_jax.analysis.evalset import EvalSet, build_eval_set
 from sae_jax.analysis.examples import Example, FeatureExamples, read_examples
@@ -27,7 +27,7 @@ from sae_jax.analysis.stats import (FeatureStats, StatsAccumulator, collect_stat
 
 __all__ = ["AnalysisConfig", "Comparison", "EvalSet", "Example", "ExampleLabels",
            "FeatureExamples", "FeatureLabels", "FeatureStats", "GranularityConfig", "LabelConfig",
-           "Lexicon", "Lineage", "Matching", "OverlapResult", "SAEFeatures", "StatsAccumulator",
+           "Lexicon", "Lineage", "MatchConfig", "Matching", "OverlapResult", "SAEFeatures", "StatsAccumulator",
            "analyze", "analyze_overlap", "assign_one_to_one", "build_eval_set", "collect_stats",
            "collect_stats_many", "describe_sae", "feature_stats", "feature_stats_many",
            "granularity_labels", "label_examples", "label_features", "language_labels",
