@@ -91,9 +91,9 @@ def match_activations(codes_a, codes_b, d_sae_a: int | None = None, d_sae_b: int
   n = va.shape[0]
   ma = d_sae_a or int(ia.max(initial=-1)) + 1
   mb = d_sae_b or int(ib.max(initial=-1)) + 1
-  a, b = _sparse(va, ia, ma), _sparse(vb, ib, mb)
   if min_firings > 1:
-    a, b = _drop_rare(a, min_firings), _drop_rare(b, min_firings)
+    va, vb = _drop_rare(va, ia, ma, min_firings), _drop_rare(vb, ib, mb, min_firings)
+  a, b = _sparse(va, ia, ma), _sparse(vb, ib, mb)
   mean_a, std_a = _moments(a, n)
   mean_b, std_b = _moments(b, n)
   at = a.T.tocsr()
@@ -101,13 +101,11 @@ def match_activations(codes_a, codes_b, d_sae_a: int | None = None, d_sae_b: int
                        std_b, n_candidates, block, log_fn, "activation matching")
 
 
-def _drop_rare(x, min_firings: int):
-  """The sparse activations ``x`` [N, M] without the features firing < min_firings times."""
-  keep = np.diff(x.tocsc().indptr) >= min_firings
-  x = x.tocoo()
-  ok = keep[x.col]
-  import scipy.sparse as sp
-  return sp.csr_matrix((x.data[ok], (x.row[ok], x.col[ok])), shape=x.shape)
+def _drop_rare(values: np.ndarray, indices: np.ndarray, m: int, min_firings: int
+               ) -> np.ndarray:
+  """``values`` with the firings of the features firing < min_firings times set to 0."""
+  count = np.bincount(indices[values > 0], minlength=m)
+  return np.where(count[indices] >= min_firings, values, 0).astype(np.float32)
 
 
 def _moments(x, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -177,9 +175,9 @@ def token_profile_match(codes_a, codes_b, tokens: np.ndarray, d_sae_a: int, d_sa
   p = occ / n
 
   def profile(v, i, m):  # ([V, M] mean activation of each feature on each token, std [M])
-    x = _sparse(v, i, m)
     if min_firings > 1:
-      x = _drop_rare(x, min_firings)
+      v = _drop_rare(v, i, m, min_firings)
+    x = _sparse(v, i, m)
     _, std = _moments(x, n)
     x = x.tocoo()
     prof = sp.csr_matrix((x.data, (inv[x.row], x.col)), shape=(vocab.size, m))

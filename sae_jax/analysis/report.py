@@ -22,7 +22,7 @@ from sae_jax.analysis.granularity import GRANULARITIES
 from sae_jax.analysis.labels import GRANULARITY_LABELS, LANGUAGE_LABELS
 from sae_jax.analysis.lexicon import clean_token
 from sae_jax.analysis.lineage import BY_LANGUAGE, Codes, Link
-from sae_jax.analysis.tables import EVAL_FIELDS
+from sae_jax.analysis.tables import EVAL_FIELDS, merge_counts
 from sae_jax.store import SAERecord
 
 SUMMARY_COLUMNS = (["checkpoint", "hook", "seed", "n_live", "n_dead"] +
@@ -81,7 +81,6 @@ def _card_link(checkpoint: str, hook: str, features: str) -> str:
 
 def merges_html(merges, checkpoints: list[str]) -> str:
   """Merges and splits: counts per checkpoint pair, then the list with links to the cards."""
-  from sae_jax.analysis.tables import merge_counts
   if merges is None:
     return ""
   h = ("<h3>Merges and splits between consecutive checkpoints</h3><p>A merge: several "
