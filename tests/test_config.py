@@ -148,7 +148,8 @@ def test_legacy_trace_json_loads_as_todays_config():
   assert "lr" in old["train"] and "activations" in old  # really the flat layout
   want = _shipped("toy", "tiny").replace(model="TOY")
   want = want.replace(data=want.data.replace(path="TOY"),
-                      train=want.train.replace(encoder_init="tied"))  # the init it ran with
+                      train=want.train.replace(encoder_init="tied"),  # the init it ran with
+                      seed_baseline=("final",))  # the old one seed baseline it ran with
   assert sj.TraceConfig.from_dict(old) == want
 
 

@@ -110,7 +110,8 @@ def analyze_overlap(records: list[SAERecord], saes: dict, codes_of: Callable[[SA
                     _share(next(m for r2, v2, m, _ in h.seed if (r2.key, v2.key) ==
                                 (r.key, v.key)), h.eligible[r.key], t))
         for r, v, s in h.null_scores]
-    result.comparisons += _comparisons(h, labels, t)
+    t_decoder = t if source == "fixed" else DEFAULT_THRESHOLD
+    result.comparisons += _comparisons(h, labels, t, t_decoder)
     result.nulls += _nulls(h, t, result.comparisons)
     lineages = _lineages(h, labels, t, cfg.lineage_gap, links)
     result.lineages += lineages
@@ -174,13 +175,15 @@ def _seed_overlaps(h: _Hook, t: float) -> dict[str, float]:
   return {c: float(np.mean(v)) for c, v in by.items()}
 
 
-def _comparisons(h: _Hook, labels, t: float) -> list[Comparison]:
-  """The seed rows, then each checkpoint against the next and the final one."""
+def _comparisons(h: _Hook, labels, t: float, t_decoder: float = DEFAULT_THRESHOLD
+                 ) -> list[Comparison]:
+  """The seed rows, then each checkpoint against the next and the final one. Decoder cosines
+  are thresholded at ``t_decoder`` (the calibration is one of activation correlations)."""
   out = []
   for r, v, m, md in h.seed:
     ok = h.eligible[r.key]
     out.append(Comparison(r.hook, "seed", r.checkpoint, v.key, r.step, _share(m, ok, t),
-                          _share(md, ok, t), _mean_best(m, ok)))
+                          _share(md, ok, t_decoder), _mean_best(m, ok)))
   baseline = _seed_overlaps(h, t)
   final = h.base[-1]
   for i, r in enumerate(h.base[:-1]):
@@ -192,7 +195,7 @@ def _comparisons(h: _Hook, labels, t: float) -> list[Comparison]:
       seed = baseline.get(r.checkpoint)
       out.append(Comparison(
           r.hook, kind, r.checkpoint, other.checkpoint, r.step, overlap,
-          _share(dec, ok, t) if dec is not None else None, _mean_best(m, ok),
+          _share(dec, ok, t_decoder) if dec is not None else None, _mean_best(m, ok),
           {x: _share(m, ok & (lab.language == x), t) for x in BY_LANGUAGE},
           {x: _share(m, ok & (lab.granularity == x), t) for x in BY_GRANULARITY},
           seed, overlap / seed if seed else None))

@@ -126,7 +126,8 @@ def overlap_html(overlap, lineage, threshold: float, result=None, tables: dict |
     h += ("<p>Per seed pair (the threshold it alone gives; its overlap at the threshold in "
           "use):</p>" + table_html(cal, list(cal.columns)))
   h += ("<p>seed_baseline: the overlap of the two seeds at the compared checkpoint "
-        "(<i>a</i>); overlap_vs_seed: the overlap as a share of it.</p>" +
+        "(<i>a</i>); overlap_vs_seed: the overlap as a share of it; overlap_decoder: by "
+        "decoder cosine (&ge; 0.5 unless the threshold is fixed).</p>" +
         table_html(overlap, OVERLAP_COLUMNS))
   nulls = tables.get("nulls")
   if nulls is not None and len(nulls):
