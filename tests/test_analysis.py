@@ -339,7 +339,8 @@ def _check_report_in_chromium(out, feats_final, tmp_path):
   assert f"top tokens: {html.escape(first_token, quote=False)} (" in dom.stdout
   assert 'class="ctx"' in dom.stdout and 'class="tok max"' in dom.stdout
   shot = tmp_path / "report.png"
-  r = _chromium("--user-data-dir=" + str(tmp_path / "chrome2"), "--window-size=1300,4000",
+  # Tall enough for the browser below the overlap section's tables.
+  r = _chromium("--user-data-dir=" + str(tmp_path / "chrome2"), "--window-size=1300,6000",
                 f"--screenshot={shot}", url)
   assert r.returncode == 0, r.stderr[-2000:]
   from PIL import Image

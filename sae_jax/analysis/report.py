@@ -99,10 +99,11 @@ def merges_html(merges, checkpoints: list[str]) -> str:
         f"{_card_link(r.checkpoint_to, r.hook, r.feature_to)} ({_fmt(r.language_to)})</td>"
         f"<td>{_fmt(r.score)}</td><td>{_fmt(r.best_single)}</td></tr>"
         for r in listed.itertuples())
-    h += (f"<p>{len(merges)} in all (merges.csv); the {len(listed)} strongest of each kind "
-          "first:</p><table class=\"tbl\"><thead><tr><th>hook</th><th>kind</th><th>from</th>"
+    h += (f"<details><summary>{len(merges)} in all (merges.csv): the list, {len(listed)} "
+          "shown, the strongest of each kind first, linked to the feature cards</summary>"
+          "<table class=\"tbl\"><thead><tr><th>hook</th><th>kind</th><th>from</th>"
           "<th>to</th><th>score (R)</th><th>best single</th></tr></thead><tbody>"
-          f"{rows}</tbody></table>")
+          f"{rows}</tbody></table></details>")
   return h
 
 
@@ -123,8 +124,9 @@ def overlap_html(overlap, lineage, threshold: float, result=None, tables: dict |
     h += f"<p>Threshold {threshold:.3f}: {how[result.threshold_source]}.</p>"
   cal = tables.get("calibration")
   if cal is not None and len(cal):
-    h += ("<p>Per seed pair (the threshold it alone gives; its overlap at the threshold in "
-          "use):</p>" + table_html(cal, list(cal.columns)))
+    h += ("<details><summary>Per seed pair: the threshold it alone gives, its overlap at the "
+          f"threshold in use ({len(cal)} pairs)</summary>" + table_html(cal, list(cal.columns)) +
+          "</details>")
   h += ("<p>seed_baseline: the overlap of the two seeds at the compared checkpoint "
         "(<i>a</i>); overlap_vs_seed: the overlap as a share of it; overlap_decoder: by "
         "decoder cosine (&ge; 0.5 unless the threshold is fixed).</p>" +
