@@ -106,7 +106,7 @@ def add_study_settings(c, analysis_eval_tokens: int, exports=("sae_lens",),
   """
   c.missing_revision = "stop"
   c.warm_start = False  # True: init each SAE from the previous checkpoint's (SAE-Track)
-  c.seed_baseline = ("final",)  # a second init seed there: the overlap baseline
+  c.seed_baseline = ("final",)  # a second init seed there ("every": at every checkpoint)
   c.baseline_seeds = 1
   c.extract = dict(
       dtype=dtype,  # the model's compute dtype
@@ -117,5 +117,9 @@ def add_study_settings(c, analysis_eval_tokens: int, exports=("sae_lens",),
       eval_batches=eval_batches,  # forward batches of the spliced CE-loss evaluation
       analyze=True,  # features, labels, overlap, report.html at the end
       analysis_eval_tokens=analysis_eval_tokens,
-      lexicon="")  # TSV form/concept/category for granularity labels
+      lexicon="",  # TSV form/concept/category for granularity labels
+      match_threshold=0.0,  # 0: calibrated on the seed baselines at false_match_rate
+      false_match_rate=0.05,
+      min_firings=5,  # features firing less are not matched
+      lineage_gap=1)  # weak links a lineage may bridge (one checkpoint each, flagged)
   return c

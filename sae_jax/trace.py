@@ -23,7 +23,7 @@ from absl import logging
 
 from sae_jax import data as sj_data
 from sae_jax import distributed, evals, formats, store
-from sae_jax.analysis import AnalysisConfig, analyze
+from sae_jax.analysis import AnalysisConfig, MatchConfig, analyze
 from sae_jax.config import SAEConfig, TrainConfig
 from sae_jax.trace_config import TraceConfig
 from sae_jax.data.cache import CacheReader, MultiCacheReader, write_cache
@@ -119,9 +119,11 @@ def _check_workdir(st: store.Store, cfg: TraceConfig, overwrite: bool) -> None:
 
 
 def _seed_revisions(cfg: TraceConfig, revisions: list[str]) -> set[str]:
-  """The revisions that get seed-baseline SAEs ("final": the last one)."""
-  if not cfg.baseline_seeds:
+  """The revisions that get seed-baseline SAEs ("final": the last one; "every": all)."""
+  if not cfg.baseline_seeds or cfg.seed_baseline in ((), ("none",)):
     return set()
+  if cfg.seed_baseline == ("every",):
+    return set(revisions)
   chosen = {revisions[-1] if r == "final" else r for r in cfg.seed_baseline}
   unknown = chosen - set(revisions)
   if unknown:
@@ -196,10 +198,18 @@ def _finish(cfg: TraceConfig, st: store.Store, rows: list[dict], log_fn) -> None
     store.atomic_write_text(st.summary, _csv(rows))
   log_fn("\n" + _table(rows))
   if cfg.outputs.analyze and distributed.is_primary():
-    analyze(st.path, AnalysisConfig(eval_tokens=cfg.outputs.analysis_eval_tokens,
-                                    lexicon=cfg.outputs.lexicon), log_fn=log_fn,
-            if_changed=True)
+    analyze(st.path, analysis_config(cfg.outputs), log_fn=log_fn, if_changed=True)
   distributed.barrier("trace: analysed")
+
+
+def analysis_config(outputs, **overrides) -> AnalysisConfig:
+  """The analysis a trace's ``outputs`` ask for (``overrides``: AnalysisConfig fields)."""
+  o = outputs
+  return AnalysisConfig(**{
+      "eval_tokens": o.analysis_eval_tokens, "lexicon": o.lexicon,
+      "matching": MatchConfig(threshold=o.match_threshold, false_match_rate=o.false_match_rate,
+                              min_firings=o.min_firings, lineage_gap=o.lineage_gap),
+      **overrides})
 
 
 def _trace_checkpoint(cfg: TraceConfig, st: store.Store, rev: str, todo: list[_Planned],

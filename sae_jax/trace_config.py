@@ -11,6 +11,7 @@ from sae_jax.config import (DTYPES, DataConfig, SAEConfig, TrainConfig, _as_tupl
                             _JsonMixin, _nest, _split_legacy_options)
 
 MISSING_REVISION = ("stop", "skip")
+SEED_BASELINE_WORDS = ("every", "final", "none")  # besides revision labels
 ACTIVATION_MODES = ("stream", "cache")
 CACHE_DTYPES = ("float32", "bfloat16")
 TOY_SIZES = ("default", "tiny")
@@ -47,6 +48,12 @@ class OutputConfig(_JsonMixin):
   Attributes:
     exports: file formats written next to each SAE (``sae_lens``, ``sparsify``, ``llm_jp_sae``;
       checked against ``sj.formats.FORMATS`` when the trace starts).
+    match_threshold: activation correlation at which two features are the same one; 0: the
+      threshold calibrated on the seed baselines (``false_match_rate`` against shuffled
+      pairings; 0.5 where there is no seed baseline).
+    false_match_rate: the calibration's false-match rate.
+    min_firings: a feature firing on fewer evaluation tokens is not matched at all.
+    lineage_gap: weak links a lineage may bridge (each skips one checkpoint; flagged).
     eval_batches: forward batches for the spliced LM-loss evaluation.
     analyze: run ``sj.analysis.analyze`` on the workdir when the trace is done.
     analysis_eval_tokens: evaluation-set size of that analysis.
@@ -58,9 +65,19 @@ class OutputConfig(_JsonMixin):
   analyze: bool = True
   analysis_eval_tokens: int = 20_000
   lexicon: str = ""
+  match_threshold: float = 0.0
+  false_match_rate: float = 0.05
+  min_firings: int = 5
+  lineage_gap: int = 1
 
   def __post_init__(self):
     object.__setattr__(self, "exports", _as_tuple(self.exports))
+    _check(0 <= self.match_threshold <= 1,
+           f"match_threshold={self.match_threshold} must be in [0, 1] (0: calibrated)")
+    _check(0 < self.false_match_rate < 1,
+           f"false_match_rate={self.false_match_rate} must be in (0, 1)")
+    _check(self.min_firings >= 1 and self.lineage_gap >= 0,
+           f"min_firings={self.min_firings} must be >= 1, lineage_gap={self.lineage_gap} >= 0")
     _check(all(isinstance(f, str) and f for f in self.exports),
            f"exports={self.exports!r} must be format names")
     _check(self.eval_batches >= 0, f"eval_batches={self.eval_batches} must be >= 0")
@@ -82,10 +99,11 @@ class TraceConfig(_JsonMixin):
     toy_size: ``default`` (<= 5 min on 2 cores) or ``tiny`` (seconds).
     expansion: latents per model dimension: ``d_sae`` = ``expansion`` * d_in (0: keep
       ``sae.d_sae``); ``sae.d_in`` is always taken from the model.
-    seed_baseline, baseline_seeds: at these revisions (labels, or ``final``) also train
-      ``baseline_seeds`` SAEs that differ only in their init seed, into
-      ``<checkpoint>/<hook>@seed<n>/``: how much two runs on the same activations share sets
-      the scale for overlap across checkpoints.
+    seed_baseline, baseline_seeds: at these revisions also train ``baseline_seeds`` SAEs that
+      differ only in their init seed, into ``<checkpoint>/<hook>@seed<n>/``: how much two runs
+      on the same activations share sets the scale for overlap across checkpoints (and
+      calibrates the match threshold). ``seed_baseline`` is ``every`` (every revision),
+      ``final`` (the last one), ``none``, or revision labels (``final`` may be among them).
     warm_start: initialise each checkpoint's SAE from the previous checkpoint's (same hook),
       as SAE-Track does; off by default (the paper trains each from scratch). Decoder matching
       across checkpoints is meaningful with it.
@@ -113,7 +131,8 @@ class TraceConfig(_JsonMixin):
   # Fields a rerun may change: they change what is added or analysed, not what exists.
   RERUN_SAFE: ClassVar[tuple[str, ...]] = (
       "missing_revision", "seed_baseline", "baseline_seeds", "outputs.analyze",
-      "outputs.analysis_eval_tokens", "outputs.lexicon")
+      "outputs.analysis_eval_tokens", "outputs.lexicon", "outputs.match_threshold",
+      "outputs.false_match_rate", "outputs.min_firings", "outputs.lineage_gap")
 
   def __post_init__(self):
     for name in ("revisions", "hooks", "seed_baseline"):
@@ -121,6 +140,8 @@ class TraceConfig(_JsonMixin):
     _check(bool(self.model), "trace model is empty; set a model directory or hub id")
     _check(len(self.hooks) >= 1, "trace hooks is empty; name at least one hook")
     _check(self.baseline_seeds >= 0, f"baseline_seeds={self.baseline_seeds} must be >= 0")
+    _check(not ({"every", "none"} & set(self.seed_baseline)) or len(self.seed_baseline) == 1,
+           f"seed_baseline={self.seed_baseline!r}: 'every' and 'none' stand alone")
     _check(self.expansion >= 0, f"expansion={self.expansion} must be >= 0")
     _check(self.toy_size in TOY_SIZES, f"toy_size={self.toy_size!r}; allowed: {list(TOY_SIZES)}")
     _check(self.missing_revision in MISSING_REVISION,

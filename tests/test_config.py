@@ -109,7 +109,7 @@ def test_toy_and_pythia_configs_hold_their_settings():
   assert toy.data.path == "/w/toy_model" and toy.hooks == ("resid_post.0",)
   assert toy.train.optim.lr == 2e-3 and toy.train.optim.warmup_steps == 20
   assert toy.train.run.log_every == 40 and toy.outputs.eval_batches == 2
-  assert toy.seed_baseline == ("final",) and toy.extract.activations == "stream"
+  assert toy.seed_baseline == ("every",) and toy.extract.activations == "stream"
   pythia = _shipped("pythia")
   assert pythia.train.optim.lr is None and pythia.sae.normalize == "expected_norm"
   assert pythia.outputs.exports == ("sae_lens", "sparsify")
@@ -148,7 +148,8 @@ def test_legacy_trace_json_loads_as_todays_config():
   assert "lr" in old["train"] and "activations" in old  # really the flat layout
   want = _shipped("toy", "tiny").replace(model="TOY")
   want = want.replace(data=want.data.replace(path="TOY"),
-                      train=want.train.replace(encoder_init="tied"))  # the init it ran with
+                      train=want.train.replace(encoder_init="tied"),  # the init it ran with
+                      seed_baseline=("final",))  # the old one seed baseline it ran with
   assert sj.TraceConfig.from_dict(old) == want
 
 

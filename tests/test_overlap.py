@@ -187,8 +187,15 @@ def test_lineage_follows_planted_permutations():
     assert by_f[f].birth == "A" and by_f[f].birth_step == 1
   # The links shown on the cards: each C feature names its B predecessor and back.
   f = 0
-  assert [tuple(x[:2]) for x in res.links["C/h"][f]] == [("B/h", int(inv2[f]))]
+  assert [tuple(x[:2]) for x in res.links["C/h"][f] if x.kind == "match"] == [
+      ("B/h", int(inv2[f]))]
   assert ("C/h", f) in [tuple(x[:2]) for x in res.links["B/h"][int(inv2[f])]]
+  # C's feature 0 took over the firings of the feature that became the new one's slot: a
+  # merge of two B features, found as one (and nothing else is).
+  merged = tuple(sorted(int(inv2[f]) for f in (0, 5)))
+  assert [(x.kind, x.checkpoint_from, x.features_from, x.features_to) for x in res.merges] == [
+      ("merge", "B", merged, (0,))]
+  assert res.threshold_source == "default" and res.threshold == 0.5
   ov = overlap_table(res)
   assert list(zip(ov.kind, ov.a, ov.b)) == [("next", "A", "B"), ("final", "A", "C"),
                                             ("next", "B", "C"), ("final", "B", "C")]

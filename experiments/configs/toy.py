@@ -21,5 +21,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                  run=dict(log_every=40, checkpoint_every=100))
   c.data = dict(source="toy", path="toy_model", max_docs=2500 if tiny else 12000, ctx_len=40,
                 batch_size=64, buffer_batches=16)
-  return add_study_settings(c, analysis_eval_tokens=5_000 if tiny else 20_000,
-                            exports=("sae_lens", "llm_jp_sae"), eval_batches=2 if tiny else 4)
+  add_study_settings(c, analysis_eval_tokens=5_000 if tiny else 20_000,
+                     exports=("sae_lens", "llm_jp_sae"), eval_batches=2 if tiny else 4)
+  # A second init seed at every checkpoint: the overlap at checkpoint t is read against the
+  # seed-to-seed overlap at t, and the match threshold is calibrated on those pairs.
+  c.seed_baseline = ("every",)
+  return c

@@ -9,6 +9,8 @@ model checkpoints it names; writes ``<workdir>/analysis/`` (layout: outputs.py):
     eval.parquet / eval.csv           one row per SAE: its training-time evaluation
     codes/<checkpoint>/<hook>.npz     top-k codes over the evaluation set (overlap analysis)
     overlap.*, lineage.*              feature matching over training (lineage.py)
+    merges.*, nulls.*                 merges and splits; the random-model and token nulls
+    thresholds.*, calibration.*       the threshold sweep; the seed pairs' calibration
     plots/*.png, report.html          figures and the offline feature browser
 
 The steps: statistics per checkpoint (codes.py, one model forward per batch for all its SAEs),
@@ -81,7 +83,8 @@ def analyze(workdir: str | Path, cfg: AnalysisConfig = AnalysisConfig(),
   overlap = None
   if cfg.overlap:
     overlap = analyze_overlap(records, saes, functools.partial(outputs.load_codes, out),
-                              {d.record.key: d.labels for d in described}, log_fn=log_fn)
+                              {d.record.key: d.labels for d in described}, log_fn=log_fn,
+                              cfg=cfg.matching, tokens=evalset.ids[evalset.mask])
   written = _present(out, Path(workdir).name, described, overlap, evalset, cfg,
                      lexicon is not None and lexicon.ground_truth)
   store.atomic_write_json(done, {"fingerprint": fingerprint,
@@ -176,15 +179,20 @@ def _present(out: Path, title: str, described: list[SAEFeatures], overlap: Overl
             "summary": tables.summary_table(described, cfg, ground_truth),
             "eval": tables.eval_table(records, evals),
             "paper": tables.paper_labels_table(described)}
+  threshold = overlap.threshold if overlap is not None else THRESHOLD
   if overlap is not None:
     frames["overlap"] = tables.overlap_table(overlap)
     frames["lineage"] = tables.lineage_table(overlap)
+    frames["merges"] = tables.merges_table(overlap)
+    frames["nulls"] = tables.nulls_table(overlap)
+    frames["thresholds"] = tables.thresholds_table(overlap)
+    frames["calibration"] = tables.calibration_table(overlap)
   written = outputs.write_tables(out, frames)
-  figures = plots.write_plots(frames, out / outputs.PLOTS, THRESHOLD,
+  figures = plots.write_plots(frames, out / outputs.PLOTS, threshold,
                               overlap.checkpoints if overlap is not None else None)
   written.update({f"{outputs.PLOTS}/{name}.png": path for name, path in figures.items()})
   written[outputs.REPORT] = report.write_report(
       out / outputs.REPORT, title, frames, list(figures), described, evalset, cfg,
       functools.partial(outputs.load_codes, out),
-      overlap.links if overlap is not None else {}, THRESHOLD)
+      overlap.links if overlap is not None else {}, threshold, overlap)
   return written

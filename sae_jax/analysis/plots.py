@@ -97,26 +97,54 @@ def eval_metrics(ev, path: Path) -> Path:
   return save(fig, path)
 
 
-def overlap_curves(overlap, threshold: float, path: Path) -> Path:
-  """Overlap with the next and the final checkpoint, the seed baselines as gray lines."""
+def overlap_curves(overlap, threshold: float, path: Path, nulls=None) -> Path:
+  """Left: the overlap with the next and the final checkpoint, the seed baseline at each
+  checkpoint and the nulls (the final SAE against the random model's; what token identity
+  predicts for the overlap with the final one). Right: the overlap as a share of the
+  checkpoint's seed baseline."""
   plt = pyplot()
-  fig, ax = plt.subplots(figsize=(7, 3.8))
+  fig, axes = plt.subplots(1, 2, figsize=(12, 3.9))
+  raw, rel = axes
   for hook in dict.fromkeys(overlap.hook):
     d = overlap[overlap.hook == hook]
+    ckpts = list(dict.fromkeys(d[d.kind != "seed"].a)) + [
+        c for c in dict.fromkeys(d[d.kind == "seed"].a) if c not in set(d[d.kind != "seed"].a)]
+    pos = {c: i for i, c in enumerate(ckpts)}
     for kind, style in (("next", "-o"), ("final", "--s")):
       k = d[d.kind == kind]
       if len(k):
-        ax.plot(list(k.a), k.overlap, style, label=f"{hook} vs {kind}")
-    seed = d[d.kind == "seed"]
-    for _, r in seed.iterrows():
-      ax.axhline(r.overlap, color="gray", ls=":", lw=1)
-      ax.text(0, r.overlap, f" seed baseline ({r.a})", fontsize=7, va="bottom", color="gray")
-  ax.set_ylim(0, 1.05)
-  ax.set_ylabel(f"share matched (corr >= {threshold})")
-  ax.set_title("Feature overlap over training", fontsize=10)
-  ax.tick_params(axis="x", rotation=45, labelsize=8)
-  if ax.get_legend_handles_labels()[0]:
-    ax.legend(fontsize=7)
+        raw.plot([pos[c] for c in k.a], k.overlap, style, label=f"{hook} vs {kind}")
+        if "overlap_vs_seed" in k and k.overlap_vs_seed.notna().any():
+          rel.plot([pos[c] for c in k.a], k.overlap_vs_seed, style, label=f"{hook} vs {kind}")
+    seed = d[d.kind == "seed"].groupby("a", sort=False).overlap.mean()
+    if len(seed) > 1:
+      raw.plot([pos[c] for c in seed.index], seed.to_numpy(), ":", color="gray", marker=".",
+               label=f"{hook} seed baseline")
+    elif len(seed) == 1:
+      raw.axhline(seed.iloc[0], color="gray", ls=":", lw=1)
+      raw.text(0, seed.iloc[0], f" seed baseline ({seed.index[0]})", fontsize=7,
+               va="bottom", color="gray")
+    if nulls is not None and len(nulls):
+      n = nulls[nulls.hook == hook]
+      rm = n[n.null == "random_model"]
+      if len(rm):
+        raw.plot([pos.get(c, np.nan) for c in rm.checkpoint], rm.overlap, "-.", color="#aa3377",
+                 lw=1, label=f"{hook} vs random model ({rm.compared_to.iloc[0]})")
+      ti = n[(n.null == "token_identity") & (n.kind == "final")]
+      if len(ti):
+        raw.plot([pos.get(c, np.nan) for c in ti.checkpoint], ti.overlap, "-.", color="#228833",
+                 lw=1, label=f"{hook} token-identity null (vs final)")
+    for ax in axes:
+      ax.set_xticks(range(len(ckpts)), ckpts, rotation=45, ha="right", fontsize=8)
+  raw.set_ylim(0, 1.05)
+  raw.set_ylabel(f"share matched (corr >= {threshold:.3f})")
+  raw.set_title("Feature overlap over training", fontsize=10)
+  rel.axhline(1, color="gray", ls=":", lw=1)
+  rel.set_ylabel("overlap / seed baseline at the checkpoint")
+  rel.set_title("Overlap as a share of the seed baseline", fontsize=10)
+  for ax in axes:
+    if ax.get_legend_handles_labels()[0]:
+      ax.legend(fontsize=6)
   fig.tight_layout()
   return save(fig, path)
 
@@ -155,7 +183,8 @@ def write_plots(tables: dict, plots_dir: Path, threshold: float | None = None,
       "eval_metrics": eval_metrics(tables["eval"], plots_dir / "eval_metrics.png")}
   overlap, lineage_df = tables.get("overlap"), tables.get("lineage")
   if overlap is not None and not overlap.empty:
-    out["overlap"] = overlap_curves(overlap, threshold, plots_dir / "overlap.png")
+    out["overlap"] = overlap_curves(overlap, threshold, plots_dir / "overlap.png",
+                                    tables.get("nulls"))
     if not lineage_df.empty:
       out["lineage"] = lineage(lineage_df, checkpoints, plots_dir / "lineage.png")
   return out

@@ -22,7 +22,7 @@ from sae_jax.analysis.granularity import GRANULARITIES
 from sae_jax.analysis.labels import GRANULARITY_LABELS, LANGUAGE_LABELS
 from sae_jax.analysis.lexicon import clean_token
 from sae_jax.analysis.lineage import BY_LANGUAGE, Codes, Link
-from sae_jax.analysis.tables import EVAL_FIELDS
+from sae_jax.analysis.tables import EVAL_FIELDS, merge_counts
 from sae_jax.store import SAERecord
 
 SUMMARY_COLUMNS = (["checkpoint", "hook", "seed", "n_live", "n_dead"] +
@@ -30,8 +30,9 @@ SUMMARY_COLUMNS = (["checkpoint", "hook", "seed", "n_live", "n_dead"] +
                    [f"share_gran_{x}" for x in GRANULARITY_LABELS if x != "dead"] +
                    ["agreement_language", "agreement_language_script",
                     "agreement_granularity"])
-OVERLAP_COLUMNS = ["hook", "kind", "a", "b", "overlap", "overlap_decoder", "mean_best"] + [
-    f"overlap_lang_{x}" for x in BY_LANGUAGE]
+OVERLAP_COLUMNS = ["hook", "kind", "a", "b", "overlap", "seed_baseline", "overlap_vs_seed",
+                   "overlap_decoder", "mean_best"] + [f"overlap_lang_{x}" for x in BY_LANGUAGE]
+MERGES_LISTED = 300  # merge / split rows listed in the report (all are in merges.csv)
 
 
 def _fmt(v) -> str:
@@ -72,21 +73,97 @@ def paper_html(paper) -> str:
           f'<table class="tbl"><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>')
 
 
-def overlap_html(overlap, lineage, threshold: float) -> str:
-  """The overlap section: the comparisons, births of the final features, bilingual ancestry."""
+def _card_link(checkpoint: str, hook: str, features: str) -> str:
+  """Links to the feature cards of ``features`` ('3;7') of one SAE."""
+  return ", ".join(f'<a href="#{html.escape(checkpoint)}/{html.escape(hook)}:{f}">#{f}</a>'
+                   for f in str(features).split(";") if f)
+
+
+def merges_html(merges, checkpoints: list[str]) -> str:
+  """Merges and splits: counts per checkpoint pair, then the list with links to the cards."""
+  if merges is None:
+    return ""
+  h = ("<h3>Merges and splits between consecutive checkpoints</h3><p>A merge: several "
+       "features of the older SAE whose positive combination explains one feature of the "
+       "newer (multiple correlation &ge; the threshold, each part adding &ge; the configured "
+       "R&sup2;); a split is the reverse. Counts per checkpoint pair (en+ja &rarr; bilingual: "
+       "a merge whose parts include an en and a ja feature into a bilingual one):</p>")
+  counts = merge_counts(merges, checkpoints)
+  h += table_html(counts, list(counts.columns)) if len(counts) else "<p>None found.</p>"
+  if len(merges):
+    listed = merges.sort_values(["kind", "score"], ascending=[True, False]).head(MERGES_LISTED)
+    rows = "".join(
+        f"<tr><td>{_fmt(r.hook)}</td><td>{_fmt(r.kind)}</td><td>{_fmt(r.checkpoint_from)}: "
+        f"{_card_link(r.checkpoint_from, r.hook, r.features_from)} "
+        f"({_fmt(r.languages_from)})</td><td>{_fmt(r.checkpoint_to)}: "
+        f"{_card_link(r.checkpoint_to, r.hook, r.feature_to)} ({_fmt(r.language_to)})</td>"
+        f"<td>{_fmt(r.score)}</td><td>{_fmt(r.best_single)}</td></tr>"
+        for r in listed.itertuples())
+    h += (f"<details><summary>{len(merges)} in all (merges.csv): the list, {len(listed)} "
+          "shown, the strongest of each kind first, linked to the feature cards</summary>"
+          "<table class=\"tbl\"><thead><tr><th>hook</th><th>kind</th><th>from</th>"
+          "<th>to</th><th>score (R)</th><th>best single</th></tr></thead><tbody>"
+          f"{rows}</tbody></table></details>")
+  return h
+
+
+def overlap_html(overlap, lineage, threshold: float, result=None, tables: dict | None = None
+                 ) -> str:
+  """The overlap section: the threshold and its calibration, the comparisons beside the seed
+  baseline, the nulls, the threshold sweep, merges and splits, births of the final features,
+  bilingual ancestry beside its null."""
   if overlap is None or overlap.empty:
     return ""
-  h = (f"<h2>Feature overlap (activation correlation &ge; {threshold})</h2>" +
-       table_html(overlap, OVERLAP_COLUMNS))
+  tables = tables or {}
+  h = f"<h2>Feature overlap (activation correlation &ge; {threshold:.3f})</h2>"
+  if result is not None:
+    how = {"calibrated": f"calibrated on the seed pairs: the correlation that at most "
+                         f"{result.false_match_rate:.0%} of their features reach against "
+                         "shuffled pairings (the seed variant's codes rolled over the tokens)",
+           "fixed": "as configured", "default": "the default (no seed pair to calibrate on)"}
+    h += f"<p>Threshold {threshold:.3f}: {how[result.threshold_source]}.</p>"
+  cal = tables.get("calibration")
+  if cal is not None and len(cal):
+    h += ("<details><summary>Per seed pair: the threshold it alone gives, its overlap at the "
+          f"threshold in use ({len(cal)} pairs)</summary>" + table_html(cal, list(cal.columns)) +
+          "</details>")
+  h += ("<p>seed_baseline: the overlap of the two seeds at the compared checkpoint "
+        "(<i>a</i>); overlap_vs_seed: the overlap as a share of it; overlap_decoder: by "
+        "decoder cosine (&ge; 0.5 unless the threshold is fixed).</p>" +
+        table_html(overlap, OVERLAP_COLUMNS))
+  nulls = tables.get("nulls")
+  if nulls is not None and len(nulls):
+    h += ("<h3>Nulls</h3><p>random_model: each checkpoint's SAE matched against the SAE of the "
+          "randomly initialised model (observed: the same checkpoint against the final one; "
+          "for the final one, its seed baseline). token_identity: the overlap that each "
+          "feature's token distribution alone predicts (every activation replaced by the "
+          "feature's mean on that token), beside the observed overlap of the same pair.</p>" +
+          table_html(nulls, list(nulls.columns)))
+  sweep = tables.get("thresholds")
+  if sweep is not None and len(sweep):
+    h += ("<h3>Sensitivity to the threshold</h3><p>The headline numbers at each threshold "
+          "(in_use: the one above). overlap_next: mean overlap with the next checkpoint; "
+          "born_first: share of the final features whose lineage reaches the first "
+          "checkpoint; ancestor_*: the bilingual final features' share with a "
+          "language-specific predecessor, and the share expected from the label mix.</p>" +
+          table_html(sweep, list(sweep.columns)))
+  h += merges_html(tables.get("merges"), result.checkpoints if result is not None else
+                   list(dict.fromkeys(overlap[overlap.kind != "seed"].a)))
   if not lineage.empty:
     births = (lineage.groupby(["hook", "birth", "birth_step"], dropna=False).size()
               .reset_index(name="features").sort_values(["hook", "birth_step"]))
     h += "<h3>Births of the final features</h3>" + table_html(births, list(births.columns))
+    if "gaps" in lineage:
+      h += (f"<p>{int((lineage.gaps > 0).sum())} of {len(lineage)} lineages bridge a weak "
+            "link (one checkpoint without a match above the threshold; marked ? in the "
+            "chain).</p>")
     bil = lineage[lineage.language == "bilingual"]
     if len(bil):
       share = bil.language_specific_ancestor.mean()
+      expected = (f"; the label mix of their predecessors' checkpoints alone predicts "
+                  f"{bil.ancestor_expected.mean():.1%}" if "ancestor_expected" in bil else "")
       h += (f"<p>{len(bil)} final bilingual features; {share:.1%} have a language-specific "
-            "predecessor in their lineage.</p>")
+            f"predecessor in their lineage{expected}.</p>")
   return h
 
 
@@ -116,14 +193,17 @@ def _contexts(stats, evalset: EvalSet, feature: int, codes: Codes, row_of: np.nd
   return out
 
 
-def _browsed(features, record: SAERecord, n: int):
-  """The SAE's rows of the features table shown as cards: the sample, then the most frequent."""
+def _browsed(features, record: SAERecord, n: int, extra=()):
+  """The SAE's rows of the features table shown as cards: the sample, then the most frequent;
+  and the ``extra`` features (those in a merge or split) whatever their rank."""
   import pandas as pd  # deferred: importing sae_jax does not load pandas
   rows = features[(features.checkpoint == record.checkpoint) & (features.hook == record.hook) &
                   (features.seed == record.seed)]
   chosen = rows[rows.in_sample]
   rest = rows[~rows.in_sample].sort_values("frequency", ascending=False)
-  return pd.concat([chosen, rest.head(max(n - len(chosen), 0))])
+  picked = pd.concat([chosen, rest.head(max(n - len(chosen), 0))])
+  more = rows[rows.feature.isin(list(extra)) & ~rows.feature.isin(picked.feature)]
+  return pd.concat([picked, more])
 
 
 def _cards(features, saes: list[SAEFeatures], evalset: EvalSet, cfg: AnalysisConfig,
@@ -144,7 +224,10 @@ def _cards(features, saes: list[SAEFeatures], evalset: EvalSet, cfg: AnalysisCon
               "sample": bool(x.in_sample), "top": d.top_tokens[int(x.feature)],
               "ctx": _contexts(d.stats, evalset, x.feature, codes, row_of, cfg),
               "links": links.get(r.key, {}).get(int(x.feature), [])}
-             for x in _browsed(features, r, cfg.browser_features).itertuples()]
+             for x in _browsed(features, r, cfg.browser_features,
+                               [f for f, v in links.get(r.key, {}).items()
+                                if any(len(l) > 3 and l[3] in ("merge", "split")
+                                       for l in v)]).itertuples()]
     cards[r.key] = {"checkpoint": r.checkpoint, "hook": r.hook, "seed": r.seed, "items": items}
   return cards
 
@@ -156,7 +239,7 @@ def _options(labels) -> str:
 
 def write_report(path: Path, title: str, tables: dict, plots: list[str], saes: list[SAEFeatures],
                  evalset: EvalSet, cfg: AnalysisConfig, codes_of: Callable[[SAERecord], Codes],
-                 links: dict | None = None, threshold: float = 0.5) -> Path:
+                 links: dict | None = None, threshold: float = 0.5, overlap=None) -> Path:
   """Write report.html: ``tables`` ({name: DataFrame}: summary, eval, features[, overlap,
   lineage]), the figures ``plots`` (names of plots/<name>.png), one card set per SAE."""
   cards = _cards(tables["features"], saes, evalset, cfg, codes_of, links or {})
@@ -165,7 +248,8 @@ def write_report(path: Path, title: str, tables: dict, plots: list[str], saes: l
                                                                  SUMMARY_COLUMNS),
       "__PAPER__": paper_html(tables.get("paper")),
       "__EVAL__": table_html(tables["eval"], ["checkpoint", "hook", "seed"] + list(EVAL_FIELDS)),
-      "__OVERLAP__": overlap_html(tables.get("overlap"), tables.get("lineage"), threshold),
+      "__OVERLAP__": overlap_html(tables.get("overlap"), tables.get("lineage"), threshold,
+                                  overlap, tables),
       "__PLOTS__": "".join(f'<figure><img src="plots/{n}.png" alt="{n}"><figcaption>'
                            f'{n.replace("_", " ")}</figcaption></figure>' for n in plots),
       "__LANG_OPTIONS__": _options(LANGUAGE_LABELS),
@@ -246,7 +330,7 @@ function showCard(it) {
   h += '<p>top tokens: ' + it.top.map(t => esc(t[0]) + ' (' + t[1] + ')').join(', ') + '</p>';
   if (it.links.length) h += '<p>matched: ' + it.links.map(l => '<a href="#" class="link" ' +
     'data-sae="' + esc(l[0]) + '" data-f="' + l[1] + '">' + esc(l[0]) + ' #' + l[1] + '</a> (' +
-    l[2] + ')').join(', ') + '</p>';
+    (l[3] && l[3] !== 'match' ? esc(l[3]) + ' ' : '') + l[2] + ')').join(', ') + '</p>';
   h += '<h4>top contexts</h4>';
   for (const c of it.ctx) { h += '<div class="ctx">';
     for (const t of c.tokens) { const a = c.max > 0 ? Math.min(t[1] / c.max, 1) : 0;

@@ -7,8 +7,13 @@
     paper      one row per SAE: the paper's language rule beside the script variant, the
                paper's four granularity classes with Wilson 95 % intervals
     eval       one row per SAE: its training-time evaluation (eval.json)
-    overlap    one row per comparison of two SAEs (lineage.Comparison)
-    lineage    one row per live feature of each hook's final SAE (lineage.Lineage)
+    overlap    one row per comparison of two SAEs (lineage.Comparison), with the seed baseline
+               of the compared checkpoint and the overlap as a share of it
+    lineage    one row per eligible feature of each hook's final SAE (lineage.Lineage)
+    merges     one row per merge or split between consecutive checkpoints (lineage.MergeRow)
+    nulls      one row per null overlap: random_model, token_identity (lineage.NullRow)
+    thresholds the headline numbers at each threshold of the sweep (the one in use flagged)
+    calibration  the threshold each seed pair gives at the false-match rate
 """
 
 from __future__ import annotations
@@ -189,17 +194,84 @@ def overlap_table(result: OverlapResult) -> pd.DataFrame:
       row["mean_best"] = c.mean_best
       if c.overlap_decoder is not None:
         row["overlap_decoder"] = c.overlap_decoder
+    if c.kind != "seed":
+      row.update(seed_baseline=_nan(c.seed_baseline), overlap_vs_seed=_nan(c.overlap_vs_seed))
     row.update({f"overlap_lang_{k}": v for k, v in c.overlap_language.items()})
     row.update({f"overlap_gran_{k}": v for k, v in c.overlap_granularity.items()})
     rows.append(row)
   return _frame(rows)
 
 
+def _nan(v) -> float:
+  return float("nan") if v is None else float(v)
+
+
+def _ids(x) -> str:
+  return ";".join(map(str, x))
+
+
+def merges_table(result: OverlapResult):
+  """One row per merge or split; several features are joined by ';' (``features_from`` of a
+  merge, ``feature_to`` of a split), their languages in the same order."""
+  cols = ["hook", "checkpoint_from", "checkpoint_to", "kind", "feature_to", "features_from",
+          "languages_from", "language_to", "score", "best_single"]
+  rows = [{"hook": x.hook, "checkpoint_from": x.checkpoint_from,
+           "checkpoint_to": x.checkpoint_to, "kind": x.kind, "feature_to": _ids(x.features_to),
+           "features_from": _ids(x.features_from), "languages_from": _ids(x.languages_from),
+           "language_to": _ids(x.languages_to), "score": x.score, "best_single": x.best_single}
+          for x in result.merges]
+  import pandas as pd  # deferred: importing sae_jax does not load pandas
+  return pd.DataFrame(rows, columns=cols)
+
+
+def merge_counts(merges, checkpoints: list[str]):
+  """Per hook and consecutive checkpoint pair: merges, splits, and the merges of features of
+  both languages (en and ja among the parts) into a bilingual one."""
+  import pandas as pd
+  rows = []
+  for hook in dict.fromkeys(merges.hook) if len(merges) else []:
+    d = merges[merges.hook == hook]
+    for a, b in zip(checkpoints[:-1], checkpoints[1:]):
+      x = d[(d.checkpoint_from == a) & (d.checkpoint_to == b)]
+      mg = x[x.kind == "merge"]
+      parts = mg.languages_from.str.split(";")
+      bil = mg[(mg.language_to == "bilingual").to_numpy() &
+               parts.map(lambda p: "en" in p and "ja" in p).to_numpy()]
+      rows.append({"hook": hook, "checkpoint_from": a, "checkpoint_to": b, "merges": len(mg),
+                   "splits": int((x.kind == "split").sum()), "merges_en_ja_to_bilingual": len(bil),
+                   "merges_to_bilingual": int((mg.language_to == "bilingual").sum())})
+  return pd.DataFrame(rows, columns=["hook", "checkpoint_from", "checkpoint_to", "merges",
+                                     "splits", "merges_en_ja_to_bilingual",
+                                     "merges_to_bilingual"])
+
+
+def nulls_table(result: OverlapResult):
+  """One row per null overlap, beside the overlap observed for the same comparison."""
+  import pandas as pd
+  cols = ["null", "hook", "kind", "checkpoint", "compared_to", "overlap", "observed"]
+  return pd.DataFrame([{"null": x.null, "hook": x.hook, "kind": x.kind,
+                        "checkpoint": x.checkpoint, "compared_to": x.compared_to,
+                        "overlap": x.overlap, "observed": _nan(x.observed)}
+                       for x in result.nulls], columns=cols)
+
+
+def thresholds_table(result: OverlapResult):
+  """The headline numbers at each threshold of the sweep (lineage._headline)."""
+  return _frame(result.sweep)
+
+
+def calibration_table(result: OverlapResult):
+  """Per seed pair: the threshold it alone gives at the false-match rate, and its overlap at
+  the threshold in use."""
+  return _frame([dataclasses.asdict(x) for x in result.calibration])
+
+
 def lineage_table(result: OverlapResult) -> pd.DataFrame:
   """One row per live feature of each hook's final SAE: its birth and its chain back."""
   return _frame([{"hook": x.hook, "feature": x.feature, "birth": x.birth,
-                        "birth_step": x.birth_step, "chain_length": len(x.chain),
-                        "chain": " <- ".join(map(str, x.chain)), "language": x.language,
-                        "granularity": x.granularity,
-                        "language_specific_ancestor": x.language_specific_ancestor}
-                       for x in result.lineages])
+                  "birth_step": x.birth_step, "chain_length": len(x.chain),
+                  "chain": " <- ".join("?" if c < 0 else str(c) for c in x.chain),
+                  "gaps": x.gaps, "language": x.language, "granularity": x.granularity,
+                  "language_specific_ancestor": x.language_specific_ancestor,
+                  "ancestor_expected": x.ancestor_expected}
+                 for x in result.lineages])
