@@ -33,6 +33,7 @@ from jax.experimental.pallas import triton as plgpu
 TOKEN_BLOCK = 16     # tokens per program (gather kernels)
 COL_BLOCK = 256      # columns of D per program / per inner step
 PAIR_CHUNK = 64      # sorted (row, token) pairs per program (scatter kernel)
+K_BLOCK = 32         # selected rows per program (gather-dot)
 F32 = jnp.float32
 
 
@@ -143,16 +144,17 @@ def gather_dot(rows: jax.Array, g: jax.Array, table: jax.Array, *,
   g = _pad_to(_pad_to(g.astype(F32), 1, bd), 0, TOKEN_BLOCK)
   table = _pad_to(table, 1, bd)
   n_pad, kp = rows.shape
+  kb = min(kp, K_BLOCK)  # bounds the [BN, KB] register tile (AuxK's K may be d_in / 2)
   item = table.dtype.itemsize
   cost = pl.CostEstimate(flops=2 * n * k * d, transcendentals=0,
-                         bytes_accessed=n * k * (d * item + 8) + n * d * 4)
+                         bytes_accessed=n * k * (d * item + 8) + n * d * 4 * (kp // kb))
   out = pl.pallas_call(
       functools.partial(_gather_dot_kernel, bd=bd),
       out_shape=jax.ShapeDtypeStruct((n_pad, kp), F32),
-      grid=(n_pad // TOKEN_BLOCK,),
-      in_specs=[pl.BlockSpec((TOKEN_BLOCK, kp), lambda i: (i, 0)),
+      grid=(n_pad // TOKEN_BLOCK, kp // kb),
+      in_specs=[pl.BlockSpec((TOKEN_BLOCK, kb), lambda i, j: (i, j)),
                 pl.no_block_spec, pl.no_block_spec],
-      out_specs=pl.BlockSpec((TOKEN_BLOCK, kp), lambda i: (i, 0)),
+      out_specs=pl.BlockSpec((TOKEN_BLOCK, kb), lambda i, j: (i, j)),
       compiler_params=_params(), cost_estimate=cost, interpret=interpret,
       name="sae_gather_dot",
   )(rows, g, table)
