@@ -86,7 +86,7 @@ def gather_sum(rows: jax.Array, weights: jax.Array, table: jax.Array, *,
                interpret: bool = False) -> jax.Array:
   """sum_k weights[n, k] * table[rows[n, k]]: [N, K], [N, K], [M, D] -> [N, D] float32."""
   n, k = rows.shape
-  m, d = table.shape
+  d = table.shape[1]
   bd = _col_block(d)
   rows, weights = _pad_pairs(rows, weights, TOKEN_BLOCK)
   table = _pad_to(table, 1, bd)
@@ -138,7 +138,7 @@ def gather_dot(rows: jax.Array, g: jax.Array, table: jax.Array, *,
                interpret: bool = False) -> jax.Array:
   """<g[n], table[rows[n, k]]>: [N, K], [N, D], [M, D] -> [N, K] float32."""
   n, k = rows.shape
-  m, d = table.shape
+  d = table.shape[1]
   bd = _col_block(d)
   rows, _ = _pad_pairs(rows, jnp.zeros(rows.shape, F32), TOKEN_BLOCK)
   g = _pad_to(_pad_to(g.astype(F32), 1, bd), 0, TOKEN_BLOCK)
