@@ -33,6 +33,7 @@ from jax.experimental.pallas import triton as plgpu
 TOKEN_BLOCK = 16     # tokens per program (gather kernels)
 COL_BLOCK = 256      # columns of D per program / per inner step
 PAIR_CHUNK = 64      # sorted (row, token) pairs per program (scatter kernel)
+K_BLOCK = 32         # selected rows per program (gather-dot)
 F32 = jnp.float32
 
 
@@ -85,7 +86,7 @@ def gather_sum(rows: jax.Array, weights: jax.Array, table: jax.Array, *,
                interpret: bool = False) -> jax.Array:
   """sum_k weights[n, k] * table[rows[n, k]]: [N, K], [N, K], [M, D] -> [N, D] float32."""
   n, k = rows.shape
-  m, d = table.shape
+  d = table.shape[1]
   bd = _col_block(d)
   rows, weights = _pad_pairs(rows, weights, TOKEN_BLOCK)
   table = _pad_to(table, 1, bd)
@@ -137,22 +138,23 @@ def gather_dot(rows: jax.Array, g: jax.Array, table: jax.Array, *,
                interpret: bool = False) -> jax.Array:
   """<g[n], table[rows[n, k]]>: [N, K], [N, D], [M, D] -> [N, K] float32."""
   n, k = rows.shape
-  m, d = table.shape
+  d = table.shape[1]
   bd = _col_block(d)
   rows, _ = _pad_pairs(rows, jnp.zeros(rows.shape, F32), TOKEN_BLOCK)
   g = _pad_to(_pad_to(g.astype(F32), 1, bd), 0, TOKEN_BLOCK)
   table = _pad_to(table, 1, bd)
   n_pad, kp = rows.shape
+  kb = min(kp, K_BLOCK)  # bounds the [BN, KB] register tile (AuxK's K may be d_in / 2)
   item = table.dtype.itemsize
   cost = pl.CostEstimate(flops=2 * n * k * d, transcendentals=0,
-                         bytes_accessed=n * k * (d * item + 8) + n * d * 4)
+                         bytes_accessed=n * k * (d * item + 8) + n * d * 4 * (kp // kb))
   out = pl.pallas_call(
       functools.partial(_gather_dot_kernel, bd=bd),
       out_shape=jax.ShapeDtypeStruct((n_pad, kp), F32),
-      grid=(n_pad // TOKEN_BLOCK,),
-      in_specs=[pl.BlockSpec((TOKEN_BLOCK, kp), lambda i: (i, 0)),
+      grid=(n_pad // TOKEN_BLOCK, kp // kb),
+      in_specs=[pl.BlockSpec((TOKEN_BLOCK, kb), lambda i, j: (i, j)),
                 pl.no_block_spec, pl.no_block_spec],
-      out_specs=pl.BlockSpec((TOKEN_BLOCK, kp), lambda i: (i, 0)),
+      out_specs=pl.BlockSpec((TOKEN_BLOCK, kb), lambda i, j: (i, j)),
       compiler_params=_params(), cost_estimate=cost, interpret=interpret,
       name="sae_gather_dot",
   )(rows, g, table)

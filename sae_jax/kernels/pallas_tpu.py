@@ -39,6 +39,7 @@ from jax.experimental.pallas import tpu as pltpu
 TOKEN_BLOCK = 8     # BN: tokens per grid step (gather kernels)
 ROW_BLOCK = 8       # BM: output rows per block (scatter kernel)
 PAIR_CHUNK = 128    # C: sorted pairs per grid step (scatter kernel)
+K_CHUNK = 32        # KC: a token's rows per grid step when K > 32 (gather kernels)
 F32 = jnp.float32
 SMEM = pltpu.MemorySpace.SMEM
 _HI = lax.Precision.HIGHEST
@@ -79,14 +80,31 @@ def _as_rows_of_words(table: jax.Array) -> jax.Array:
 
 
 def _prepare(rows, table):
-  """Pad rows to [N', K'] (N' % BN == 0, K' % 16 == 0); the table as _as_rows_of_words."""
+  """Rows padded to [N', K'] (N' % BN == 0; K' % 16 == 0 up to 32, else K' % 32 == 0) and
+  reordered to (token block, K chunk, token, k); the table as :func:`_as_rows_of_words`.
+
+  Returns (flat rows, table, K', K chunk). A grid step gathers BN*KC rows (at most 256: a
+  [256, D] VMEM buffer), however large K is (AuxK's k_aux may be d_in / 2)."""
   k = rows.shape[1]
-  rows = _pad_to(_pad_to(rows.astype(jnp.int32), 1, 16), 0, TOKEN_BLOCK)
-  return rows, _as_rows_of_words(table), rows.shape[1], k
+  kc = -(-k // 16) * 16 if k <= 32 else K_CHUNK
+  rows = _pad_to(_pad_to(rows.astype(jnp.int32), 1, kc), 0, TOKEN_BLOCK)
+  return _by_chunks(rows, kc).reshape(-1), _as_rows_of_words(table), rows.shape[1], kc
 
 
-def _params(semantics: str):
-  return pltpu.CompilerParams(dimension_semantics=(semantics,))
+def _by_chunks(a: jax.Array, kc: int) -> jax.Array:
+  """[N', K'] -> [N'/BN, K'/KC, BN, KC]."""
+  n, k = a.shape
+  return a.reshape(n // TOKEN_BLOCK, TOKEN_BLOCK, k // kc, kc).transpose(0, 2, 1, 3)
+
+
+def _params(*semantics: str):
+  return pltpu.CompilerParams(dimension_semantics=semantics)
+
+
+def _gather_specs(kc: int, nc: int, second):
+  """Row ids of grid step (i, c) from SMEM; ``second`` the block spec of the next input."""
+  ids = pl.BlockSpec((TOKEN_BLOCK * kc,), lambda i, c: (i * nc + c,), memory_space=SMEM)
+  return [ids, second, pl.BlockSpec(memory_space=pl.ANY)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -94,17 +112,21 @@ def _params(semantics: str):
 
 
 def _gather_sum_kernel(rows_ref, wbd_ref, table_hbm, out_ref, buf, sem):
+  @pl.when(pl.program_id(1) == 0)
+  def _():
+    out_ref[...] = jnp.zeros_like(out_ref)
+
   _dma_rows(rows_ref, table_hbm, buf, sem)
-  out_ref[...] = jnp.dot(wbd_ref[...], buf[...].astype(F32), precision=_HI,
-                         preferred_element_type=F32)
+  out_ref[...] += jnp.dot(wbd_ref[...], buf[...].astype(F32), precision=_HI,
+                          preferred_element_type=F32)
 
 
-def _block_diagonal(weights: jax.Array) -> jax.Array:
-  """[N', K'] -> [N', BN*K']: token n's weights in column group n % BN, zeros elsewhere."""
-  n, k = weights.shape
-  w = weights.reshape(n // TOKEN_BLOCK, TOKEN_BLOCK, 1, k)
-  eye = jnp.eye(TOKEN_BLOCK, dtype=F32)[None, :, :, None]
-  return (w * eye).reshape(n, TOKEN_BLOCK * k)
+def _block_diagonal(weights: jax.Array, kc: int) -> jax.Array:
+  """[N', K'] -> [N'*K'/KC, BN*KC]: per (token block, K chunk) a [BN, BN*KC] matrix holding
+  token n's KC weights in column group n, zeros elsewhere."""
+  w = _by_chunks(weights, kc)[:, :, :, None, :]
+  eye = jnp.eye(TOKEN_BLOCK, dtype=F32)[None, None, :, :, None]
+  return (w * eye).reshape(-1, TOKEN_BLOCK * TOKEN_BLOCK * kc).reshape(-1, TOKEN_BLOCK * kc)
 
 
 @functools.partial(jax.jit, static_argnames=("interpret",))
@@ -112,25 +134,24 @@ def gather_sum(rows: jax.Array, weights: jax.Array, table: jax.Array, *,
                interpret: bool = False) -> jax.Array:
   """sum_k weights[n, k] * table[rows[n, k]]: [N, K], [N, K], [M, D] -> [N, D] float32."""
   n, d = rows.shape[0], table.shape[1]
-  rows_p, table, kp, k = _prepare(rows, table)
+  flat, table, kp, kc = _prepare(rows, table)
   weights = _pad_to(_pad_to(weights.astype(F32), 1, kp), 0, TOKEN_BLOCK)
-  n_pad, d_pad = rows_p.shape[0], table.shape[1]
-  wide = TOKEN_BLOCK * kp
-  cost = pl.CostEstimate(flops=2 * n_pad * wide * d_pad, transcendentals=0,
-                         bytes_accessed=n_pad * kp * d_pad * table.dtype.itemsize
-                         + n_pad * (wide * 4 + kp * 4 + d_pad * 4))
+  n_pad, d_pad, nc = weights.shape[0], table.shape[1], kp // kc
+  wide = TOKEN_BLOCK * kc
+  cost = pl.CostEstimate(flops=2 * n_pad * nc * wide * d_pad, transcendentals=0,
+                         bytes_accessed=n_pad * kp * (d_pad * table.dtype.itemsize + 4)
+                         + n_pad * nc * wide * 4 + n_pad * d_pad * 4)
   out = pl.pallas_call(
       _gather_sum_kernel,
       out_shape=jax.ShapeDtypeStruct((n_pad, d_pad), F32),
-      grid=(n_pad // TOKEN_BLOCK,),
-      in_specs=[pl.BlockSpec((wide,), lambda i: (i,), memory_space=SMEM),
-                pl.BlockSpec((TOKEN_BLOCK, wide), lambda i: (i, 0)),
-                pl.BlockSpec(memory_space=pl.ANY)],
-      out_specs=pl.BlockSpec((TOKEN_BLOCK, d_pad), lambda i: (i, 0)),
+      grid=(n_pad // TOKEN_BLOCK, nc),
+      in_specs=_gather_specs(kc, nc, pl.BlockSpec((TOKEN_BLOCK, wide),
+                                                  lambda i, c: (i * nc + c, 0))),
+      out_specs=pl.BlockSpec((TOKEN_BLOCK, d_pad), lambda i, c: (i, 0)),
       scratch_shapes=[pltpu.VMEM((wide, d_pad), table.dtype), pltpu.SemaphoreType.DMA],
-      compiler_params=_params("parallel"), cost_estimate=cost, interpret=interpret,
-      name="sae_gather_sum_tpu",
-  )(rows_p.reshape(-1), _block_diagonal(weights), table)
+      compiler_params=_params("parallel", "arbitrary"), cost_estimate=cost,
+      interpret=interpret, name="sae_gather_sum_tpu",
+  )(flat, _block_diagonal(weights, kc), table)
   return out[:n, :d]
 
 
@@ -139,10 +160,10 @@ def _gather_dot_kernel(rows_ref, g_ref, table_hbm, out_ref, buf, sem):
   full = lax.dot_general(g_ref[...].astype(F32), buf[...].astype(F32),
                          (((1,), (1,)), ((), ())), precision=_HI, preferred_element_type=F32)
   bn, wide = full.shape
-  kp = wide // bn
+  kc = wide // bn
   col = lax.broadcasted_iota(jnp.int32, full.shape, 1)
   row = lax.broadcasted_iota(jnp.int32, full.shape, 0)
-  own = (col >= row * kp) & (col < (row + 1) * kp)
+  own = (col >= row * kc) & (col < (row + 1) * kc)
   out_ref[...] = jnp.where(own, full, 0.0)
 
 
@@ -150,28 +171,27 @@ def _gather_dot_kernel(rows_ref, g_ref, table_hbm, out_ref, buf, sem):
 def gather_dot(rows: jax.Array, g: jax.Array, table: jax.Array, *,
                interpret: bool = False) -> jax.Array:
   """<g[n], table[rows[n, k]]>: [N, K], [N, D], [M, D] -> [N, K] float32."""
-  n = rows.shape[0]
-  rows_p, table, kp, k = _prepare(rows, table)
-  n_pad, d_pad = rows_p.shape[0], table.shape[1]
+  n, k = rows.shape
+  flat, table, kp, kc = _prepare(rows, table)
   g = _pad_to(_pad_to(g.astype(F32), 1, 128), 0, TOKEN_BLOCK)
-  wide = TOKEN_BLOCK * kp
-  cost = pl.CostEstimate(flops=2 * n_pad * wide * d_pad, transcendentals=0,
-                         bytes_accessed=n_pad * kp * d_pad * table.dtype.itemsize
-                         + n_pad * (kp * 4 + d_pad * 4 + wide * 4))
+  n_pad, d_pad, nc = g.shape[0], table.shape[1], kp // kc
+  wide = TOKEN_BLOCK * kc
+  cost = pl.CostEstimate(flops=2 * n_pad * nc * wide * d_pad, transcendentals=0,
+                         bytes_accessed=n_pad * kp * (d_pad * table.dtype.itemsize + 4)
+                         + n_pad * nc * (d_pad * 4 + wide * 4))
   out = pl.pallas_call(
       _gather_dot_kernel,
-      out_shape=jax.ShapeDtypeStruct((n_pad, wide), F32),
-      grid=(n_pad // TOKEN_BLOCK,),
-      in_specs=[pl.BlockSpec((wide,), lambda i: (i,), memory_space=SMEM),
-                pl.BlockSpec((TOKEN_BLOCK, d_pad), lambda i: (i, 0)),
-                pl.BlockSpec(memory_space=pl.ANY)],
-      out_specs=pl.BlockSpec((TOKEN_BLOCK, wide), lambda i: (i, 0)),
+      out_shape=jax.ShapeDtypeStruct((n_pad * nc, wide), F32),
+      grid=(n_pad // TOKEN_BLOCK, nc),
+      in_specs=_gather_specs(kc, nc, pl.BlockSpec((TOKEN_BLOCK, d_pad), lambda i, c: (i, 0))),
+      out_specs=pl.BlockSpec((TOKEN_BLOCK, wide), lambda i, c: (i * nc + c, 0)),
       scratch_shapes=[pltpu.VMEM((wide, d_pad), table.dtype), pltpu.SemaphoreType.DMA],
-      compiler_params=_params("parallel"), cost_estimate=cost, interpret=interpret,
-      name="sae_gather_dot_tpu",
-  )(rows_p.reshape(-1), g, table)
+      compiler_params=_params("parallel", "parallel"), cost_estimate=cost,
+      interpret=interpret, name="sae_gather_dot_tpu",
+  )(flat, g, table)
   # Only token n's own column group survived the mask: summing the groups reads it out.
-  return out.reshape(n_pad, TOKEN_BLOCK, kp).sum(1)[:n, :k]
+  out = out.reshape(n_pad // TOKEN_BLOCK, nc, TOKEN_BLOCK, TOKEN_BLOCK, kc).sum(3)
+  return out.transpose(0, 2, 1, 3).reshape(n_pad, kp)[:n, :k]
 
 
 # --------------------------------------------------------------------------------------------
