@@ -152,10 +152,8 @@ def _walk(jaxpr, shards_in, n: int, local: bool, mult: float, acc: Costs) -> lis
       outs = _walk(body, ins, n, local, mult * eqn.params["length"], acc)
     elif name == "while":
       acc.unbounded_loops += 1
-      body = eqn.params["body_jaxpr"].jaxpr
-      nc = eqn.params["body_nconsts"] + eqn.params["cond_nconsts"]
+      body = eqn.params["body_jaxpr"].jaxpr  # operands: cond consts, body consts, carry
       outs = _walk(body, ins[eqn.params["cond_nconsts"]:], n, local, mult, acc)
-      del nc
     elif name == "cond":  # the costliest branch (platform_dependent: the non-CPU one)
       best, outs = Costs(), [max(ins[1:] or [1])] * len(eqn.outvars)
       for branch in eqn.params["branches"]:
