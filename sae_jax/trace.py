@@ -22,7 +22,7 @@ import numpy as np
 from absl import logging
 
 from sae_jax import data as sj_data
-from sae_jax import distributed, evals, formats, store
+from sae_jax import distributed, evals, formats, paths, store
 from sae_jax.analysis import AnalysisConfig, analyze
 from sae_jax.config import SAEConfig, TrainConfig
 from sae_jax.trace_config import TraceConfig
@@ -51,7 +51,7 @@ def validate(cfg: TraceConfig) -> None:
   # Every hook names a site; for a toy model not trained yet, one its depth will have (a bad
   # hook is said now, not after minutes of training the toy model).
   toy_layers = None
-  if cfg.toy and not (Path(cfg.model) / "world.json").exists():
+  if cfg.toy and not (paths.as_path(cfg.model) / "world.json").exists():
     toy_layers = (TINY_LM if cfg.toy_size == "tiny" else LMConfig()).n_layers
   for hook in cfg.hooks:
     parse_hook(hook, toy_layers)
@@ -73,7 +73,7 @@ def sae_metadata(cfg: TraceConfig, sae_cfg: SAEConfig, revision: str | None, hoo
 
 def prepare_toy(cfg: TraceConfig, log_fn) -> None:
   """Train the toy world's model into ``cfg.model`` if it is not there yet (process 0)."""
-  if not (Path(cfg.model) / "world.json").exists() and distributed.is_primary():
+  if not (paths.as_path(cfg.model) / "world.json").exists() and distributed.is_primary():
     log_fn(f"training the toy world's model into {cfg.model} (first use)")
     world, lm = (TINY_WORLD, TINY_LM) if cfg.toy_size == "tiny" else (WorldConfig(), LMConfig())
     train_toy_lm(cfg.model, world, lm, log_fn=log_fn)
@@ -84,7 +84,7 @@ def revisions_of(cfg: TraceConfig) -> list[str]:
   """The checkpoint labels to trace: the configured ones, or every local revision."""
   if cfg.revisions:
     return list(cfg.revisions)
-  if not Path(cfg.model).is_dir():
+  if not paths.as_path(cfg.model).is_dir():
     raise ConfigError(f"revisions is empty and {cfg.model!r} is not a local directory; list "
                       "the revisions to trace")
   return store.local_revisions(cfg.model)
@@ -213,8 +213,8 @@ def _trace_checkpoint(cfg: TraceConfig, st: store.Store, rev: str, todo: list[_P
   registry.check(sae_cfg)  # k against the real d_sae, before any extraction
   hooks = list(dict.fromkeys(p.hook for p in todo))
   if cfg.extract.activations == "cache":
-    paths = write_caches(cfg, model, rev, hooks, st, log_fn)
-    rows = MultiCacheReader({h: CacheReader(p, seed=cfg.data.seed) for h, p in paths.items()})
+    caches = write_caches(cfg, model, rev, hooks, st, log_fn)
+    rows = MultiCacheReader({h: CacheReader(p, seed=cfg.data.seed) for h, p in caches.items()})
   else:
     rows = sj_data.multi_hook_rows(model, cfg.data, hooks)
   warm = _warm_params(cfg, st, previous, hooks, log_fn)
@@ -272,13 +272,13 @@ def write_caches(cfg: TraceConfig, model, rev: str, hooks, st: store.Store, log_
   process is done.
   """
   batches = sj_data.token_batches(model, cfg.data)
-  paths = {h: st.cache(rev, h) for h in hooks}
-  for hook, path in paths.items():
+  where = {h: st.cache(rev, h) for h in hooks}
+  for hook, path in where.items():
     log_fn(f"{rev} {hook}: caching activations into {path}")
     write_cache(path, model, batches, hook, cfg.extract.cache_dtype, jax.process_index(),
                 jax.process_count(), log_fn=log_fn)
   distributed.barrier(f"cache {rev} written")
-  return paths
+  return where
 
 
 def _summary_row(st: store.Store, rev: str, p: _Planned) -> dict:

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from sae_jax import distributed, evals, store
+from sae_jax import distributed, evals, paths, store
 from sae_jax.config import SAEConfig, TrainConfig
 from sae_jax.errors import DataError, Preempted
 from sae_jax.saes.sae import SAE
@@ -66,7 +66,7 @@ class MetricLog:
       kept = [line for line in run.metrics.read_text().splitlines()
               if line.strip() and json.loads(line).get("step", 0) <= resume_step]
       store.atomic_write_text(run.metrics, "".join(line + "\n" for line in kept))
-    self._jsonl = open(run.metrics, "a")
+    self._jsonl = paths.AppendFile(run.metrics)  # on a bucket: rewritten whole on flush
     self._tb = EventWriter(run.tensorboard)
 
   def write(self, step: int, split: str, values: dict) -> None:

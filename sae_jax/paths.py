@@ -1,0 +1,203 @@
+"""Where files live: local paths and object stores (``gs://``, any fsspec scheme) behind one API.
+
+A local path is a ``pathlib.Path`` (local behaviour is exactly what it always was: temporary
+file, fsync, ``os.replace``); a URI is an ``etils.epath.Path``, which reaches ``gs://`` through
+fsspec + gcsfs (no TensorFlow). Both have the pathlib methods the package uses (``/``,
+``exists``, ``is_dir``, ``iterdir``, ``glob``, ``open``, ``read_text``, ``mkdir``, ``unlink``).
+
+Object stores have no rename: a single object upload is atomic (a reader sees the old object or
+the new one), and a directory is complete only once its marker (``COMPLETE``, a manifest) is
+written, last. Tensorstore reaches the same bucket through its ``gcs`` driver
+(:func:`ts_kvstore`) and Orbax through epath.
+
+An emulator (``STORAGE_EMULATOR_HOST=http://host:port``, which gcsfs reads) is passed on to
+tensorstore (``TENSORSTORE_GCS_HTTP_URL``, a test token) by :func:`use_emulator_if_set`.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import importlib.util
+import os
+import pathlib
+import shutil
+import tempfile
+from typing import Iterator, Union
+
+from sae_jax.errors import ConfigError
+
+PathLike = Union[str, os.PathLike]
+GCS_EXTRA = "pip install 'sae_jax[gcs]' (or: pip install gcsfs)"
+
+
+def is_remote(path: PathLike) -> bool:
+  """Whether ``path`` is a URI (``gs://bucket/...``) rather than a local path."""
+  return "://" in os.fspath(path)
+
+
+def as_path(path: PathLike):
+  """A ``pathlib.Path`` for a local path, an ``etils.epath.Path`` for a URI."""
+  if isinstance(path, pathlib.Path) or not is_remote(path):
+    return pathlib.Path(path)
+  use_emulator_if_set()
+  from etils import epath
+  return epath.Path(os.fspath(path))
+
+
+def use_emulator_if_set() -> None:
+  """With ``STORAGE_EMULATOR_HOST`` set (gcsfs's switch), point tensorstore at the same
+  endpoint, without credentials, and keep gcsfs off the storage-control API (an emulator has
+  none). Settings the user made are kept."""
+  host = os.environ.get("STORAGE_EMULATOR_HOST")
+  if not host:
+    return
+  url = host if "://" in host else f"http://{host}"
+  os.environ.setdefault("TENSORSTORE_GCS_HTTP_URL", url)
+  os.environ.setdefault("GOOGLE_AUTH_TOKEN_FOR_TESTING", "emulator")
+  os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+
+
+def ts_kvstore(path: PathLike) -> dict:
+  """Tensorstore kvstore spec of a directory: ``file`` locally, ``gcs`` for ``gs://``."""
+  s = os.fspath(path)
+  if not is_remote(s):
+    return {"driver": "file", "path": s}
+  scheme, rest = s.split("://", 1)
+  if scheme not in ("gs", "gcs"):
+    raise ConfigError(f"{s}: tensorstore caches support local paths and gs:// only")
+  use_emulator_if_set()
+  bucket, _, key = rest.partition("/")
+  return {"driver": "gcs", "bucket": bucket, "path": key.rstrip("/") + "/"}
+
+
+def mtime_ns(path: PathLike) -> int:
+  """A file's modification time in ns (an object's: its upload time, to the second)."""
+  p = as_path(path)
+  return p.stat().st_mtime_ns if isinstance(p, pathlib.Path) else int(p.stat().mtime) * 10**9
+
+
+def rmtree(path: PathLike) -> None:
+  """Delete a directory tree if it exists (a prefix's objects on an object store)."""
+  if not is_remote(path):
+    shutil.rmtree(path, ignore_errors=True)
+    return
+  p = as_path(path)
+  if p.exists():
+    p.rmtree()
+
+
+@contextlib.contextmanager
+def local_file(path: PathLike) -> Iterator[str]:
+  """A local file name holding ``path``'s bytes (for readers that insist on a file name)."""
+  if not is_remote(path):
+    yield os.fspath(path)
+    return
+  with tempfile.TemporaryDirectory(prefix="sae_jax_") as tmp:
+    local = os.path.join(tmp, as_path(path).name)
+    with as_path(path).open("rb") as src, open(local, "wb") as dst:
+      shutil.copyfileobj(src, dst, 1 << 20)
+    yield local
+
+
+_COPIES: dict[str, str] = {}
+
+
+def local_dir(path: PathLike) -> pathlib.Path:
+  """A local directory with the files of ``path`` (itself when local; a bucket's directory is
+  downloaded once per process into a temporary directory removed at exit)."""
+  if not is_remote(path):
+    return pathlib.Path(path)
+  key = os.fspath(path)
+  if key not in _COPIES:
+    tmp = tempfile.mkdtemp(prefix="sae_jax_model_")
+    atexit.register(shutil.rmtree, tmp, True)
+    src = as_path(key)
+    for f in src.iterdir():
+      if not f.is_dir():
+        with f.open("rb") as a, open(os.path.join(tmp, f.name), "wb") as b:
+          shutil.copyfileobj(a, b, 1 << 20)
+    _COPIES[key] = tmp
+  return pathlib.Path(_COPIES[key])
+
+
+def upload_tree(local_dir: PathLike, dest) -> None:
+  """Copy a local directory's files under the remote directory ``dest`` (one object each)."""
+  for root, _, files in os.walk(local_dir):
+    rel = os.path.relpath(root, local_dir)
+    target = dest if rel == "." else dest / rel
+    for name in sorted(files):
+      with open(os.path.join(root, name), "rb") as src, (target / name).open("wb") as dst:
+        shutil.copyfileobj(src, dst, 1 << 20)
+
+
+class AppendFile:
+  """A text or binary file opened for appending. Locally a real append-mode file; on an object
+  store (no appends) the content is held in memory and the whole object rewritten on flush."""
+
+  def __init__(self, path: PathLike, binary: bool = False):
+    self.path, self._binary = as_path(path), binary
+    self._remote = is_remote(path)
+    if not self._remote:
+      self._f = open(self.path, "ab" if binary else "a", **({} if binary else
+                                                             {"encoding": "utf-8"}))
+      return
+    self._parts = []
+    if self.path.exists():
+      self._parts.append(self.path.read_bytes() if binary else self.path.read_text())
+    self._dirty = True
+
+  def write(self, data) -> None:
+    if self._remote:
+      self._parts.append(data)
+      self._dirty = True
+    else:
+      self._f.write(data)
+
+  def flush(self) -> None:
+    if not self._remote:
+      self._f.flush()
+    elif self._dirty:
+      joined = (b"" if self._binary else "").join(self._parts)
+      self._parts = [joined]
+      with self.path.open("wb" if self._binary else "w") as f:
+        f.write(joined)
+      self._dirty = False
+
+  def close(self) -> None:
+    self.flush()
+    if not self._remote:
+      self._f.close()
+
+
+def check_location(path: PathLike, what: str = "workdir") -> None:
+  """Fail fast (ConfigError, one line) when ``path`` cannot be used: a URI whose filesystem is
+  not installed, a bucket that does not answer or does not exist, missing credentials."""
+  if not is_remote(path):
+    return
+  s = os.fspath(path)
+  scheme = s.split("://", 1)[0]
+  if scheme in ("gs", "gcs") and importlib.util.find_spec("gcsfs") is None:
+    raise ConfigError(f"{what} {s}: gs:// needs the optional dependency gcsfs; {GCS_EXTRA}")
+  p = as_path(s)
+  bucket = s.split("://", 1)[1].split("/", 1)[0]
+  try:
+    p.exists()
+    if not as_path(f"{scheme}://{bucket}").exists():
+      raise FileNotFoundError(f"bucket {bucket!r} does not exist")
+  except ConfigError:
+    raise
+  except Exception as e:  # network, auth and not-found errors all come in many types
+    raise ConfigError(f"{what} {s}: {_why(e)}") from None
+
+
+def _why(e: BaseException) -> str:
+  """One line on why a bucket cannot be used."""
+  text = " ".join(str(e).split()) or type(e).__name__
+  low = text.lower()
+  if "credential" in low or "unauthenticated" in low or "401" in low or "403" in low:
+    return (f"no usable credentials ({text[:160]}); run `gcloud auth application-default "
+            "login` or set GOOGLE_APPLICATION_CREDENTIALS")
+  if isinstance(e, FileNotFoundError):
+    return text[:200]
+  return f"the bucket cannot be reached ({type(e).__name__}: {text[:160]})"
