@@ -1,46 +1,8 @@
-r"""Analyse a finished (or partly finished) trace: feature statistics, language and granularity
-labels, overlap and lineage over checkpoints, tables, plots and the HTML feature browser.
+"""Analyse a finished (or partly finished) trace: feature statistics, language and granularity
 
-  python experiments/analyze.py --workdir=runs/toy
-  python experiments/analyze.py --workdir=runs/llmjp --eval_tokens=1000000 --lexicon=lex.tsv
+A thin wrapper of ``sae-jax analyze`` (sae_jax/commands/analyze.py): same flags."""
 
-Writes <workdir>/analysis/ (see README "Outputs"); rerunning rewrites it.
-"""
-
-from absl import app, flags
-
-from sae_jax.cli import parse_flags_or_exit, run_main
-
-flags.DEFINE_string("workdir", None, "the trace's output directory", required=True)
-flags.DEFINE_integer("eval_tokens", None, "evaluation-set tokens (same for every checkpoint); "
-                     "default: the trace's outputs.analysis_eval_tokens")
-flags.DEFINE_string("lexicon", None, "TSV form<TAB>concept<TAB>category[<TAB>language]; empty: "
-                    "the toy world's own lexicon when the model is a toy model; default: the "
-                    "trace's outputs.lexicon")
-flags.DEFINE_integer("sample_size", 100, "random sample of live features summarised per SAE")
-flags.DEFINE_integer("sample_seed", 0, "seed of that sample and of the example draws")
-flags.DEFINE_integer("browser_features", 300, "feature cards per SAE in report.html")
-flags.DEFINE_bool("overlap", True, "also match features across checkpoints (lineage)")
-FLAGS = flags.FLAGS
-
-
-def main(argv):
-  del argv
-  from sae_jax import store
-  from sae_jax.analysis import AnalysisConfig, analyze
-  from sae_jax.trace_config import TraceConfig
-  st = store.Store(FLAGS.workdir)
-  # Unset flags take the trace's own settings: rerunning the analysis alone redoes the same one.
-  traced = (TraceConfig.from_dict(store.read_json(st.trace_config)).outputs
-            if st.trace_config.exists() else None)
-  eval_tokens = FLAGS.eval_tokens or (traced.analysis_eval_tokens if traced else 20_000)
-  lexicon = FLAGS.lexicon if FLAGS.lexicon is not None else (traced.lexicon if traced else "")
-  cfg = AnalysisConfig(eval_tokens=eval_tokens, lexicon=lexicon,
-                       sample_size=FLAGS.sample_size, sample_seed=FLAGS.sample_seed,
-                       browser_features=FLAGS.browser_features, overlap=FLAGS.overlap)
-  written = analyze(FLAGS.workdir, cfg, log_fn=lambda s: print(s, flush=True))
-  print(f"report: {written['report.html']}", flush=True)
-
+from sae_jax.commands.analyze import run
 
 if __name__ == "__main__":
-  app.run(run_main(main), flags_parser=parse_flags_or_exit)
+  run()

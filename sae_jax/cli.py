@@ -60,10 +60,24 @@ def _exit(code: int):
   sys.exit(code)
 
 
+PACKAGED_CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+
+
+def packaged_config(argv: list[str]) -> list[str]:
+  """``--config=toy:tiny`` (a shipped config's name, no ``.py``) -> that file in the package."""
+  out = []
+  for a in argv:
+    m = re.fullmatch(r"--config=([A-Za-z_]\w*)(:.*)?", a)
+    if m and os.path.exists(os.path.join(PACKAGED_CONFIGS, m.group(1) + ".py")):
+      a = f"--config={os.path.join(PACKAGED_CONFIGS, m.group(1) + '.py')}{m.group(2) or ''}"
+    out.append(a)
+  return out
+
+
 def parse_flags_or_exit(argv):
   """absl flag parsing whose errors (unknown config, bad override type) are one line, exit 2."""
   try:
-    return flags.FLAGS(argv)
+    return flags.FLAGS(packaged_config(argv))
   except (flags.Error, ValueError, TypeError, AttributeError, KeyError, FileNotFoundError,
           SyntaxError) as e:
     missing = re.fullmatch(r"""["']*'([\w.]+)'["']*""", str(e).strip())

@@ -22,6 +22,7 @@ import importlib.util
 import os
 import pathlib
 import shutil
+import socket
 import tempfile
 from typing import Iterator, Union
 
@@ -172,23 +173,57 @@ class AppendFile:
 
 def check_location(path: PathLike, what: str = "workdir") -> None:
   """Fail fast (ConfigError, one line) when ``path`` cannot be used: a URI whose filesystem is
-  not installed, a bucket that does not answer or does not exist, missing credentials."""
+  not installed, missing credentials, an endpoint that does not answer, a missing bucket.
+  Local paths pass (their errors are the filesystem's own, and immediate)."""
   if not is_remote(path):
     return
   s = os.fspath(path)
-  scheme = s.split("://", 1)[0]
-  if scheme in ("gs", "gcs") and importlib.util.find_spec("gcsfs") is None:
+  scheme, rest = s.split("://", 1)
+  if scheme not in ("gs", "gcs"):
+    if importlib.util.find_spec("fsspec") is None:
+      raise ConfigError(f"{what} {s}: {scheme}:// needs fsspec and its {scheme} backend")
+    return
+  if importlib.util.find_spec("gcsfs") is None:
     raise ConfigError(f"{what} {s}: gs:// needs the optional dependency gcsfs; {GCS_EXTRA}")
-  p = as_path(s)
-  bucket = s.split("://", 1)[1].split("/", 1)[0]
+  use_emulator_if_set()
+  emulator = os.environ.get("STORAGE_EMULATOR_HOST")
+  if not emulator:
+    _check_credentials(what, s)
+  _check_reachable(what, s, emulator or "https://storage.googleapis.com")
+  bucket = rest.split("/", 1)[0]
   try:
-    p.exists()
-    if not as_path(f"{scheme}://{bucket}").exists():
-      raise FileNotFoundError(f"bucket {bucket!r} does not exist")
-  except ConfigError:
-    raise
-  except Exception as e:  # network, auth and not-found errors all come in many types
+    found = as_path(f"gs://{bucket}").exists()
+  except Exception as e:  # auth and transport errors come in many types
     raise ConfigError(f"{what} {s}: {_why(e)}") from None
+  if not found:
+    raise ConfigError(f"{what} {s}: bucket {bucket!r} does not exist (or is not visible to "
+                      "these credentials); create it first")
+
+
+def _check_credentials(what: str, s: str) -> None:
+  import google.auth
+  from google.auth.exceptions import DefaultCredentialsError
+  try:
+    google.auth.default()
+  except DefaultCredentialsError as e:
+    first = " ".join(str(e).split())[:120]
+    raise ConfigError(f"{what} {s}: no Google Cloud credentials ({first}); run `gcloud auth "
+                      "application-default login` or set GOOGLE_APPLICATION_CREDENTIALS"
+                      ) from None
+
+
+def _check_reachable(what: str, s: str, endpoint: str, timeout_s: float = 5.0) -> None:
+  """One TCP connection to the storage endpoint (gcsfs would retry for a minute)."""
+  url = endpoint if "://" in endpoint else f"http://{endpoint}"
+  secure = url.startswith("https")
+  hostport = url.split("://", 1)[1].split("/", 1)[0]
+  host, _, port = hostport.rpartition(":") if ":" in hostport else (hostport, "", "")
+  port = int(port) if port else (443 if secure else 80)
+  try:
+    socket.create_connection((host, port), timeout=timeout_s).close()
+  except OSError as e:
+    raise ConfigError(f"{what} {s}: the storage endpoint {host}:{port} cannot be reached "
+                      f"({e.strerror or type(e).__name__})") from None
 
 
 def _why(e: BaseException) -> str:
@@ -198,6 +233,4 @@ def _why(e: BaseException) -> str:
   if "credential" in low or "unauthenticated" in low or "401" in low or "403" in low:
     return (f"no usable credentials ({text[:160]}); run `gcloud auth application-default "
             "login` or set GOOGLE_APPLICATION_CREDENTIALS")
-  if isinstance(e, FileNotFoundError):
-    return text[:200]
-  return f"the bucket cannot be reached ({type(e).__name__}: {text[:160]})"
+  return f"the bucket cannot be used ({type(e).__name__}: {text[:160]})"

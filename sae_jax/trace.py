@@ -142,6 +142,8 @@ class _Planned:
 def trace(cfg: TraceConfig, workdir: str | Path, overwrite: bool = False,
           log_fn: Callable[[str], None] = logging.info) -> list[dict]:
   """Run (or finish) the trace into ``workdir``; returns the summary rows."""
+  paths.check_location(workdir)  # a bucket that cannot be used is said before any work
+  paths.check_location(cfg.model, "model")
   validate(cfg)
   st = store.Store(workdir, cfg.model)
   _check_workdir(st, cfg, overwrite)

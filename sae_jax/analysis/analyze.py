@@ -54,6 +54,7 @@ def analyze(workdir: str | Path, cfg: AnalysisConfig = AnalysisConfig(),
   ``if_changed``: do nothing when ``analysis/DONE.json`` records the same SAEs and settings
   (a rerun of a finished trace does no work); the report is then returned as it is.
   """
+  paths.check_location(workdir)
   run_store = store.Store(workdir)
   if not run_store.trace_config.exists():
     raise ConfigError(f"{workdir} holds no trace (trace.json missing); run the trace first")
