@@ -183,9 +183,12 @@ def check_location(path: PathLike, what: str = "workdir") -> None:
     if importlib.util.find_spec("fsspec") is None:
       raise ConfigError(f"{what} {s}: {scheme}:// needs fsspec and its {scheme} backend")
     return
-  if importlib.util.find_spec("gcsfs") is None:
-    raise ConfigError(f"{what} {s}: gs:// needs the optional dependency gcsfs; {GCS_EXTRA}")
-  use_emulator_if_set()
+  use_emulator_if_set()  # before gcsfs is imported: it reads its switches then
+  try:
+    import gcsfs  # noqa: F401  (fsspec's gs:// backend, which etils.epath uses)
+  except ImportError:
+    raise ConfigError(f"{what} {s}: gs:// needs the optional dependency gcsfs; {GCS_EXTRA}"
+                      ) from None
   emulator = os.environ.get("STORAGE_EMULATOR_HOST")
   if not emulator:
     _check_credentials(what, s)

@@ -3,6 +3,7 @@
 ```
 <workdir>/trace.json                      the full config of a trace
 <workdir>/summary.csv                     one row per (checkpoint, hook) SAE of the trace
+<workdir>/trace.log                       the trace's console lines (progress too), appended
 <workdir>/analysis/                       what ``sj.analysis.analyze`` writes (reserved name)
 <workdir>/activations/<checkpoint>/<hook>/ activation caches (reserved name)
 <workdir>/<checkpoint>/<hook>[@seed<n>]/  one SAE: a RunDir (``@seed<n>``: seed-baseline SAE)
@@ -270,6 +271,7 @@ class Store:
 
   trace_config = property(lambda self: self.path / "trace.json")
   summary = property(lambda self: self.path / "summary.csv")
+  log = property(lambda self: self.path / "trace.log")
   analysis = property(lambda self: self.path / "analysis")
 
   def run(self, checkpoint: str, hook: str, seed: int = 0) -> RunDir:

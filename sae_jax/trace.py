@@ -22,7 +22,7 @@ import numpy as np
 from absl import logging
 
 from sae_jax import data as sj_data
-from sae_jax import distributed, evals, formats, paths, store
+from sae_jax import console, distributed, evals, formats, paths, store
 from sae_jax.analysis import AnalysisConfig, analyze
 from sae_jax.config import SAEConfig, TrainConfig
 from sae_jax.trace_config import TraceConfig
@@ -147,12 +147,24 @@ def trace(cfg: TraceConfig, workdir: str | Path, overwrite: bool = False,
   validate(cfg)
   st = store.Store(workdir, cfg.model)
   _check_workdir(st, cfg, overwrite)
-  if cfg.toy:
-    prepare_toy(cfg, log_fn)
-    st = store.Store(workdir, cfg.model)  # the model directory exists now
   st.path.mkdir(parents=True, exist_ok=True)
   if distributed.is_primary():
-    store.atomic_write_json(st.trace_config, cfg.to_dict())
+    log_fn = console.Tee(log_fn, st.log)  # the console's lines, progress too, in trace.log
+  try:
+    if cfg.toy:
+      prepare_toy(cfg, log_fn)
+      st = store.Store(workdir, cfg.model)  # the model directory exists now
+    if distributed.is_primary():
+      store.atomic_write_json(st.trace_config, cfg.to_dict())
+    rows = _trace_revisions(cfg, st, overwrite, log_fn)
+  finally:
+    if isinstance(log_fn, console.Tee):
+      log_fn.close()
+  return rows
+
+
+def _trace_revisions(cfg: TraceConfig, st: store.Store, overwrite: bool, log_fn) -> list[dict]:
+  """Every revision in training order: train what is unfinished, one line per SAE."""
   revisions = revisions_of(cfg)
   seeded = _seed_revisions(cfg, revisions)
   rows, t0 = [], time.perf_counter()
@@ -169,12 +181,14 @@ def trace(cfg: TraceConfig, workdir: str | Path, overwrite: bool = False,
       _trace_checkpoint(cfg, st, rev, todo, done_revs[-1] if done_revs else None, overwrite,
                         log_fn)
     done_revs.append(rev)
-    for p in planned[:len(cfg.hooks)]:
-      rows.append(_summary_row(st, rev, p))
-      log_fn(f"[{n + 1}/{len(revisions)}] {rev} {p.hook}: "
-             + ("done already; " if not todo else "")
-             + f"fvu {rows[-1]['fvu']:.4f} CE recovered {rows[-1]['ce_loss_recovered']:.4f} "
-             f"({time.perf_counter() - t0:.0f}s)")
+    for p in planned:
+      row = _summary_row(st, rev, p)
+      if not p.seed:
+        rows.append(row)
+      log_fn(f"[{n + 1}/{len(revisions)}] {rev} {p.run.path.name}: "
+             + ("done already; " if p not in todo else "")
+             + f"fvu {row['fvu']:.4f} dead {row['dead_fraction']:.3f} L0 {row['l0']:.1f} "
+             f"CE recovered {row['ce_loss_recovered']:.4f} ({time.perf_counter() - t0:.0f}s)")
   _finish(cfg, st, rows, log_fn)
   return rows
 
@@ -299,9 +313,10 @@ def _csv(rows: list[dict]) -> str:
 
 
 def _table(rows: list[dict]) -> str:
+  """The summary table over checkpoints (what summary.csv holds, to read at a glance)."""
   cols = ("checkpoint", "hook", "fvu", "l0", "dead_fraction", "ce_loss_recovered",
           "delta_lm_loss")
   fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)
-  lines = [" ".join(f"{c:>17}" for c in cols)]
-  lines += [" ".join(f"{fmt(r[c]):>17}" for c in cols) for r in rows]
-  return "\n".join(lines)
+  cells = [list(cols)] + [[fmt(r[c]) for c in cols] for r in rows]
+  widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
+  return "\n".join("  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells)

@@ -136,7 +136,60 @@ def test_a_trace_in_a_bucket_resumes_and_matches_a_local_one(tiny_toy, gcs_emula
   for name in ("report.html", "features.parquet", "summary.csv", "DONE.json"):
     assert f"{BUCKET}/run/analysis/{name}" in objects, name
   assert "report.html" in written
-  assert "step30/resid_post.0" in paths.as_path(f"{run}/summary.csv").read_text()
+  assert "\nstep30,30,resid_post.0," in paths.as_path(f"{run}/summary.csv").read_text()
   # Nothing of the bucket's run landed on local disk ("gs:" taken as a relative directory).
   assert not list(tmp_path.glob("gs*")) and not Path("gs:").exists()
   assert sorted(p.name for p in tmp_path.iterdir()) == ["cfg.json", "killed.log", "local"]
+
+
+_CLI = ("import sys; from sae_jax.commands import main; sys.exit(main(['sae-jax'] + "
+        "sys.argv[1:]))")
+_NO_GCSFS = ("import sys, importlib.abc\n"
+             "class Block(importlib.abc.MetaPathFinder):\n"
+             "  def find_spec(self, name, path=None, target=None):\n"
+             "    if name == 'gcsfs': raise ModuleNotFoundError(\"No module named 'gcsfs'\")\n"
+             "sys.meta_path.insert(0, Block())\n" + _CLI.replace("; ", "\n"))
+
+
+def _bad_input_env(case: str, port: int) -> tuple[str, dict]:
+  blank = {"STORAGE_EMULATOR_HOST": "", "TENSORSTORE_GCS_HTTP_URL": "",
+           "GOOGLE_AUTH_TOKEN_FOR_TESTING": ""}
+  if case == "no gcsfs":
+    return _NO_GCSFS, {**blank, "STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{port}"}
+  if case == "unreachable":
+    return _CLI, {**blank, "STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{port}"}
+  return _CLI, {**blank, "GOOGLE_APPLICATION_CREDENTIALS": "/nonexistent/key.json"}
+
+
+@needs_gcs
+@pytest.mark.parametrize("case, fragment", [
+    ("no gcsfs", "needs the optional dependency gcsfs; pip install 'sae_jax[gcs]'"),
+    ("unreachable", "the storage endpoint 127.0.0.1:"),
+    ("no credentials", "no Google Cloud credentials (File /nonexistent/key.json"),
+])
+def test_a_bucket_that_cannot_be_used_is_one_line_and_status_2_before_any_work(
+    case, fragment, tmp_path):
+  code, env = _bad_input_env(case, _free_port())  # nothing listens on a fresh free port
+  env = {k: v for k, v in env.items() if v}
+  blank = [k for k in ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL",
+                       "GOOGLE_AUTH_TOKEN_FOR_TESTING") if k not in env]
+  full = {k: v for k, v in os.environ.items() if k not in blank} | env
+  t = time.monotonic()
+  proc = subprocess.run([sys.executable, "-c", code, "trace", "--config=toy:tiny",
+                         "--workdir=gs://no-such-bucket/run"], capture_output=True, text=True,
+                        env=full, cwd=tmp_path, timeout=300)
+  elapsed = time.monotonic() - t
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: workdir gs://no-such-bucket/run: ")
+  assert fragment in lines[0]
+  assert not list(tmp_path.iterdir())  # nothing written (no toy model, no "gs:" directory)
+  assert elapsed < 60  # checked before JAX: no model trained, no minute of retries
+
+
+@needs_gcs
+def test_a_missing_bucket_is_one_line_and_nothing_is_written(gcs_emulator):
+  with pytest.raises(ConfigError, match=r"^workdir gs://no-such-bucket/run: bucket "
+                     r"'no-such-bucket' does not exist"):
+    trace(_cfg(Path("/nonexistent-model")), "gs://no-such-bucket/run")
+  assert not paths.as_path("gs://no-such-bucket").exists()  # not created by a mkdir

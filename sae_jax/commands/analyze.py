@@ -10,6 +10,7 @@ Writes <workdir>/analysis/ (see README "Outputs"); rerunning rewrites it.
 from absl import app, flags
 
 from sae_jax import paths
+from sae_jax.console import Console
 from sae_jax.cli import parse_flags_or_exit, run_main
 
 flags.DEFINE_string("workdir", None, "the trace's output directory", required=True)
@@ -40,7 +41,7 @@ def main(argv):
   cfg = AnalysisConfig(eval_tokens=eval_tokens, lexicon=lexicon,
                        sample_size=FLAGS.sample_size, sample_seed=FLAGS.sample_seed,
                        browser_features=FLAGS.browser_features, overlap=FLAGS.overlap)
-  written = analyze(FLAGS.workdir, cfg, log_fn=lambda s: print(s, flush=True))
+  written = analyze(FLAGS.workdir, cfg, log_fn=Console())
   print(f"report: {written['report.html']}", flush=True)
 
 

@@ -13,6 +13,7 @@ import os
 from absl import app, flags
 
 from sae_jax import paths
+from sae_jax.console import Console
 from sae_jax.cli import load_flag_config, parse_flags_or_exit, run_main, trace_config_from
 from ml_collections import config_flags
 
@@ -43,8 +44,8 @@ def main(argv):
     model = load_model(cfg.model, revision=rev, dtype=cfg.extract.dtype)
     for hook in cfg.hooks:
       parse_hook(hook, model.cfg.n_layers)
-    paths = write_caches(cfg, model, rev, cfg.hooks, st, log_fn=lambda s: print(s, flush=True))
-    print(f"[{n + 1}/{len(revisions)}] {rev}: " + ", ".join(str(p) for p in paths.values()),
+    caches = write_caches(cfg, model, rev, cfg.hooks, st, log_fn=Console())
+    print(f"[{n + 1}/{len(revisions)}] {rev}: " + ", ".join(str(p) for p in caches.values()),
           flush=True)
 
 

@@ -16,6 +16,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from sae_jax import paths
+from sae_jax.console import Console
 from sae_jax.cli import load_flag_config, parse_flags_or_exit, run_main, trace_config_from
 
 _CONFIGS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs")
@@ -35,7 +36,7 @@ def main(argv):
   from sae_jax.trace import trace
   cfg = trace_config_from(load_flag_config(FLAGS), FLAGS.workdir)
   logging.info("trace config:\n%s", cfg.to_json())
-  trace(cfg, FLAGS.workdir, overwrite=FLAGS.overwrite, log_fn=lambda s: print(s, flush=True))
+  trace(cfg, FLAGS.workdir, overwrite=FLAGS.overwrite, log_fn=Console())
   print(f"done: {FLAGS.workdir}/summary.csv", flush=True)
 
 

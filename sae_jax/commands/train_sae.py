@@ -14,6 +14,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from sae_jax import paths
+from sae_jax.console import Console
 from sae_jax.cli import load_flag_config, parse_flags_or_exit, run_main, trace_config_from
 
 _CONFIGS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs")
@@ -53,7 +54,7 @@ def main(argv):
     rows = sj.data.hook_rows(model, cfg.data, hook)
   meta = sae_metadata(cfg, sae_cfg, FLAGS.revision, hook)
   sae = sj.train_sae(rows, sae_cfg, cfg.train, workdir=FLAGS.workdir, metadata=meta,
-                     log_fn=lambda s: print(s, flush=True))
+                     log_fn=Console())
   if distributed.is_primary():
     ev = sae.metadata.get("eval", {})
     print(f"done: {FLAGS.workdir}/sae  fvu={ev.get('fvu', float('nan')):.4f} "

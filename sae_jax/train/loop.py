@@ -189,11 +189,13 @@ class Trainer:
         warned.add(message)
         warnings.warn(message, stacklevel=2)
         self.log_fn("WARNING: " + message)
-      self.log_fn(f"training {r.cfg.architecture} SAE d_in={r.cfg.d_in} d_sae={r.cfg.d_sae} "
-                  f"k={r.cfg.k} on {self.mesh.devices.size} device(s), {self.batch_size} "
-                  f"tokens/step" + (f", {self.total} steps" if self.total else "")
-                  + (f" -> {r.run.path}" if r.run else ""))
       r.log = actions.MetricLog(r.run, resume_step)
+    c = self.active[0].cfg
+    where = [str(r.run.path) for r in self.active if r.run]
+    self.log_fn(f"training {len(self.active)} {c.architecture} SAE(s) d_in={c.d_in} "
+                f"d_sae={c.d_sae} k={c.k} on {self.mesh.devices.size} device(s), "
+                f"{self.batch_size} tokens/step" + (f", {self.total} steps" if self.total else "")
+                + (f" -> {_common_prefix(where)}" if where else ""))
     return batches
 
   def finalise(self) -> None:
@@ -237,3 +239,13 @@ class Trainer:
 def _prepend(first, rest):
   yield first
   yield from rest
+
+
+def _common_prefix(paths: list[str]) -> str:
+  """``runs/toy/step30/{resid_post.0,resid_post.0@seed1}`` for several run directories."""
+  if len(paths) == 1:
+    return paths[0]
+  head = paths[0].rsplit("/", 1)[0]
+  if all(p.rsplit("/", 1)[0] == head for p in paths):
+    return head + "/{" + ",".join(p.rsplit("/", 1)[-1] for p in paths) + "}"
+  return ", ".join(paths)
