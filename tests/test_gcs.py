@@ -98,40 +98,47 @@ def _objects(prefix: str) -> list[str]:
   return gcsfs.GCSFileSystem().find(prefix)
 
 
+_TRACE = ("import sys; from sae_jax.trace_config import TraceConfig; from sae_jax.trace import "
+          "trace; trace(TraceConfig.from_json(open(sys.argv[1]).read()), sys.argv[2], "
+          "log_fn=print)")
+
+
 @needs_gcs
 @pytest.mark.slow
 def test_a_trace_in_a_bucket_resumes_and_matches_a_local_one(tiny_toy, gcs_emulator, tmp_path):
   cfg = _cfg(tiny_toy)
-  trace(cfg, tmp_path / "local")
   run = f"{gcs_emulator}/run"
   (tmp_path / "cfg.json").write_text(cfg.to_json())
-  script = ("import sys; from sae_jax.trace_config import TraceConfig; from sae_jax.trace import "
-            "trace; trace(TraceConfig.from_json(open(sys.argv[1]).read()), sys.argv[2])")
-  log = open(tmp_path / "killed.log", "w")
-  proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "cfg.json"), run],
-                          cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
-  deadline = time.monotonic() + 300  # a hang guard, not a timing check
-  state = f"{BUCKET}/run/step30/resid_post.0/state/"
-  while not any(o.startswith(state) for o in _objects(f"{BUCKET}/run/step30")):
-    assert proc.poll() is None, "the trace ended before its last checkpoint's first save"
-    if time.monotonic() > deadline:
-      proc.kill()
-      pytest.fail("no checkpoint of step30 appeared in the bucket")
-    time.sleep(0.2)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  log.close()
-  assert [r.key for r in store.Store(run).saes()] == ["step10/resid_post.0"]  # before the kill
-  assert not paths.as_path(f"{run}/step30/resid_post.0/COMPLETE").exists()
-  rows = trace(cfg, run)
+  start = lambda where, log: subprocess.Popen(
+      [sys.executable, "-c", _TRACE, str(tmp_path / "cfg.json"), where], cwd=tmp_path,
+      stdout=log, stderr=subprocess.STDOUT)
+  # The uninterrupted local trace runs beside the one in the bucket (two cores, half the time).
+  with open(tmp_path / "local.log", "w") as a, open(tmp_path / "killed.log", "w") as b:
+    local, proc = start(str(tmp_path / "local"), a), start(run, b)
+    deadline = time.monotonic() + 600  # a hang guard, not a timing check
+    # Orbax marks a checkpoint in a bucket complete with commit_success.txt (no rename there).
+    done = f"{BUCKET}/run/step30/resid_post.0/state/6/commit_success.txt"
+    while done not in _objects(f"{BUCKET}/run/step30"):
+      assert proc.poll() is None, "the trace ended before its last SAE's first checkpoint: " + \
+          (tmp_path / "killed.log").read_text()[-3000:]
+      if time.monotonic() > deadline:
+        proc.kill()
+        pytest.fail("no checkpoint of step30 appeared in the bucket")
+      time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert [r.key for r in store.Store(run).saes()] == ["step10/resid_post.0"]  # before the kill
+    assert not paths.as_path(f"{run}/step30/resid_post.0/COMPLETE").exists()
+    rows = trace(cfg, run)  # resumes step30 from its checkpoint in the bucket
+    assert local.wait(timeout=600) == 0, (tmp_path / "local.log").read_text()[-3000:]
   assert [r["checkpoint"] for r in rows] == ["step10", "step30"]
+  assert "resumed at batch 6" in paths.as_path(f"{run}/trace.log").read_text()
   local, remote = _params(tmp_path / "local"), _params(run)
   assert local.keys() == remote.keys() and len(local) == 2
   for key in local:
     for name in local[key]:
       np.testing.assert_array_equal(local[key][name], remote[key][name], err_msg=f"{key} {name}")
-  written = analyze(run, AnalysisConfig(eval_tokens=2000),
-                     log_fn=lambda s: None)
+  written = analyze(run, AnalysisConfig(eval_tokens=2000), log_fn=lambda s: None)
   objects = set(_objects(f"{BUCKET}/run/analysis"))
   for name in ("report.html", "features.parquet", "summary.csv", "DONE.json"):
     assert f"{BUCKET}/run/analysis/{name}" in objects, name
@@ -139,7 +146,8 @@ def test_a_trace_in_a_bucket_resumes_and_matches_a_local_one(tiny_toy, gcs_emula
   assert "\nstep30,30,resid_post.0," in paths.as_path(f"{run}/summary.csv").read_text()
   # Nothing of the bucket's run landed on local disk ("gs:" taken as a relative directory).
   assert not list(tmp_path.glob("gs*")) and not Path("gs:").exists()
-  assert sorted(p.name for p in tmp_path.iterdir()) == ["cfg.json", "killed.log", "local"]
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["cfg.json", "killed.log", "local",
+                                                        "local.log"]
 
 
 _CLI = ("import sys; from sae_jax.commands import main; sys.exit(main(['sae-jax'] + "

@@ -35,6 +35,10 @@ def usage() -> str:
   return "\n".join(lines)
 
 
+# In a source checkout, ``plan`` may be the script experiments/plan.py.
+PLAN_FALLBACK = "experiments.plan"
+
+
 def _load(name: str):
   """The command's module, or None when it is not part of this installation."""
   module = COMMANDS[name][0]
@@ -45,7 +49,7 @@ def _load(name: str):
       raise  # the command exists but something it needs is missing: say so in full
   if name == "plan":  # a source checkout's script
     try:
-      return importlib.import_module("experiments.plan")
+      return importlib.import_module(PLAN_FALLBACK)
     except ModuleNotFoundError:
       return None
   return None
