@@ -27,7 +27,7 @@ from typing import Callable
 
 from absl import logging
 
-from sae_jax import paths, store
+from sae_jax import console, paths, store
 from sae_jax.analysis import outputs, plots, report, tables
 from sae_jax.analysis.codes import feature_stats_many
 from sae_jax.analysis.config import AnalysisConfig
@@ -150,8 +150,8 @@ def _all_stats(trace_cfg: TraceConfig, records: list[SAERecord], saes: dict,
       raise DataError(f"checkpoint {rev} has another tokenizer than {checkpoints[0]}; the "
                       "evaluation set must be the same tokens for every checkpoint")
     stats.update(_checkpoint_stats(model, these, saes, evalset, cfg, out, log_fn))
-    log_fn(f"[{n + 1}/{len(checkpoints)}] analysed {rev} ({len(these)} SAE(s), "
-           f"{time.perf_counter() - t0:.0f}s)")
+    console.live(log_fn)(f"[{n + 1}/{len(checkpoints)}] analysed {rev} ({len(these)} SAE(s), "
+                         f"{time.perf_counter() - t0:.0f}s)")
   return evalset, stats
 
 

@@ -20,6 +20,7 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
+from sae_jax import console
 from sae_jax.analysis.labels import (LANGUAGE_LABELS, LANGUAGE_SPECIFIC, LEXICON_GRANULARITIES,
                                      FeatureLabels)
 from sae_jax.analysis.matching import Matching, match_activations, match_decoders
@@ -167,7 +168,7 @@ def _transitions(base, saes, codes, labels, threshold, log_fn
           r.hook, kind, r.checkpoint, other.checkpoint, r.step, overlap, decoder, mean_best,
           {x: m.overlap(threshold, lab.language == x) for x in BY_LANGUAGE},
           {x: m.overlap(threshold, lab.granularity == x) for x in BY_GRANULARITY}))
-    log_fn(f"overlap {r.hook}: {r.checkpoint} matched")
+    console.live(log_fn)(f"overlap {r.hook}: {r.checkpoint} matched")
   return matches, out
 
 
