@@ -20,7 +20,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
-from sae_jax import distributed, evals, sharding, store
+from sae_jax import console, distributed, evals, sharding, store
 from sae_jax.config import SAEConfig, TrainConfig
 from sae_jax.errors import ConfigError, DataError
 from sae_jax.saes import registry
@@ -192,10 +192,12 @@ class Trainer:
       r.log = actions.MetricLog(r.run, resume_step)
     c = self.active[0].cfg
     where = [str(r.run.path) for r in self.active if r.run]
-    self.log_fn(f"training {len(self.active)} {c.architecture} SAE(s) d_in={c.d_in} "
-                f"d_sae={c.d_sae} k={c.k} on {self.mesh.devices.size} device(s), "
-                f"{self.batch_size} tokens/step" + (f", {self.total} steps" if self.total else "")
-                + (f" -> {_common_prefix(where)}" if where else ""))
+    # On the live line (and in the log file): a finished SAE's own line says what it became.
+    console.live(self.log_fn)(
+        f"training {len(self.active)} {c.architecture} SAE(s) d_in={c.d_in} d_sae={c.d_sae} "
+        f"k={c.k} on {self.mesh.devices.size} device(s), {self.batch_size} tokens/step"
+        + (f", {self.total} steps" if self.total else "")
+        + (f" -> {_common_prefix(where)}" if where else ""))
     return batches
 
   def finalise(self) -> None:
