@@ -42,6 +42,7 @@ def as_path(path: PathLike):
   if isinstance(path, pathlib.Path) or not is_remote(path):
     return pathlib.Path(path)
   use_emulator_if_set()
+  _no_listing_cache()
   from etils import epath
   return epath.Path(os.fspath(path))
 
@@ -57,6 +58,19 @@ def use_emulator_if_set() -> None:
   os.environ.setdefault("TENSORSTORE_GCS_HTTP_URL", url)
   os.environ.setdefault("GOOGLE_AUTH_TOKEN_FOR_TESTING", "emulator")
   os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+
+
+def _no_listing_cache() -> None:
+  """gcsfs keeps directory listings (and the sizes in them) forever by default: another
+  process's new objects, or a grown log, would stay invisible. The run store lists and reads
+  what other hosts and earlier runs wrote, so every listing is fresh. (Before the filesystem is
+  first made: fsspec applies these defaults then.)"""
+  try:
+    import fsspec.config
+  except ImportError:  # no fsspec: check_location says what is missing
+    return
+  for proto in ("gs", "gcs"):
+    fsspec.config.conf.setdefault(proto, {}).setdefault("use_listings_cache", False)
 
 
 def ts_kvstore(path: PathLike) -> dict:

@@ -4,6 +4,7 @@ bucket; and the bad-input lines (no gcsfs, unreachable endpoint, missing bucket/
 
 import importlib.util
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -51,8 +52,8 @@ def gcs_emulator():
   (STORAGE_EMULATOR_HOST) and tensorstore (TENSORSTORE_GCS_HTTP_URL) at it. Session-wide:
   fsspec caches its filesystem, endpoint included."""
   port = _free_port()
-  proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "gcs_emulator.py"), "start", "--host",
-                           "127.0.0.1", "--port", str(port), "--in-memory", "--default-bucket",
+  proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "gcs_emulator.py"), "start",
+                           "--host", "127.0.0.1", "--port", str(port), "--in-memory", "--default-bucket",
                            BUCKET], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   _wait_for(port, proc)
   env = {"STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{port}",
@@ -79,7 +80,7 @@ def _cfg(toy):
   c = mod.get_config("tiny")
   c.model = c.data.path = str(toy)
   c.revisions = ("step10", "step30")
-  c.train.total_tokens = 12 * 1024
+  c.train.total_tokens = 36 * 1024  # room to kill after the first checkpoint, before the end
   c.train.run.checkpoint_every = 6
   c.baseline_seeds = 0  # the seed baseline's resume is test_trace's; here: two SAEs
   c.data.max_docs = 1500
@@ -122,8 +123,9 @@ def test_a_trace_in_a_bucket_resumes_and_matches_a_local_one(tiny_toy, gcs_emula
     local, proc = start(str(tmp_path / "local"), a), start(run, b)
     deadline = time.monotonic() + 600  # a hang guard, not a timing check
     # Orbax marks a checkpoint in a bucket complete with commit_success.txt (no rename there).
-    done = f"{BUCKET}/run/step30/resid_post.0/state/6/commit_success.txt"
-    while done not in _objects(f"{BUCKET}/run/step30"):
+    done = lambda: [o for o in _objects(f"{BUCKET}/run/step30/resid_post.0/state")
+                    if o.endswith("/commit_success.txt")]
+    while not done():
       assert proc.poll() is None, "the trace ended before its last SAE's first checkpoint: " + \
           (tmp_path / "killed.log").read_text()[-3000:]
       if time.monotonic() > deadline:
@@ -138,7 +140,9 @@ def test_a_trace_in_a_bucket_resumes_and_matches_a_local_one(tiny_toy, gcs_emula
     resumed = start(run, c)  # resumes step30 from its checkpoint in the bucket
     assert resumed.wait(timeout=600) == 0, (tmp_path / "resumed.log").read_text()[-3000:]
     assert local.wait(timeout=600) == 0, (tmp_path / "local.log").read_text()[-3000:]
-  assert "resumed at batch 6" in paths.as_path(f"{run}/trace.log").read_text()
+  log = paths.as_path(f"{run}/trace.log").read_text()
+  resumed_at = re.findall(r"resumed at batch (\d+)", log)
+  assert len(resumed_at) == 1 and 6 <= int(resumed_at[0]) < 36, resumed_at
   assert [r.key for r in store.Store(run).saes()] == ["step10/resid_post.0",
                                                       "step30/resid_post.0"]
   local, remote = _params(tmp_path / "local"), _params(run)
@@ -146,6 +150,9 @@ def test_a_trace_in_a_bucket_resumes_and_matches_a_local_one(tiny_toy, gcs_emula
   for key in local:
     for name in local[key]:
       np.testing.assert_array_equal(local[key][name], remote[key][name], err_msg=f"{key} {name}")
+  # The same evaluation too (a resume at the last batch still evaluates on held-out rows).
+  assert paths.as_path(f"{run}/summary.csv").read_text() == \
+      (tmp_path / "local" / "summary.csv").read_text()
   written = analyze(run, AnalysisConfig(eval_tokens=2000), log_fn=lambda s: None)
   objects = set(_objects(f"{BUCKET}/run/analysis"))
   for name in ("report.html", "features.parquet", "summary.csv", "DONE.json"):

@@ -166,7 +166,11 @@ class Trainer:
     if position is not None:
       self.stream.restore(position)
       resume_step = self.stream.served
+      # Start the stream now: its held-out rows are read first, and the evaluation needs
+      # them even when the run resumes at its last batch (nothing left to train).
       batches = iter(self.stream)
+      first = next(batches, None)
+      batches = _prepend(first, batches) if first is not None else iter(())
       self.log_fn(f"resumed at batch {self.stream.served} (step "
                   f"{int(self.active[0].state.step)}) in {time.perf_counter() - t0:.1f}s")
     else:
