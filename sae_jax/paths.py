@@ -154,12 +154,12 @@ class AppendFile:
     self.path, self._binary = as_path(path), binary
     self._remote = is_remote(path)
     if not self._remote:
-      self._f = open(self.path, "ab" if binary else "a", **({} if binary else
-                                                             {"encoding": "utf-8"}))
+      self._f = open(self.path, "ab" if binary else "a", encoding=None if binary else "utf-8")
       return
     self._parts = []
     if self.path.exists():
-      self._parts.append(self.path.read_bytes() if binary else self.path.read_text())
+      self._parts.append(self.path.read_bytes() if binary else
+                         self.path.read_text(encoding="utf-8"))
     self._dirty = True
 
   def write(self, data) -> None:
@@ -175,7 +175,8 @@ class AppendFile:
     elif self._dirty:
       joined = (b"" if self._binary else "").join(self._parts)
       self._parts = [joined]
-      with self.path.open("wb" if self._binary else "w") as f:
+      with self.path.open("wb" if self._binary else "w",
+                          encoding=None if self._binary else "utf-8") as f:
         f.write(joined)
       self._dirty = False
 

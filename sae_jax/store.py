@@ -139,7 +139,7 @@ def write_table(df, stem: str | os.PathLike, formats: tuple[str, ...] = ("parque
 def read_json(path: str | os.PathLike) -> Any:
   """Parse a JSON file, raising CheckpointError naming the file when it is unreadable."""
   try:
-    with paths.as_path(path).open("r") as f:
+    with paths.as_path(path).open("r", encoding="utf-8") as f:
       return json.load(f)
   except (OSError, ValueError) as e:
     raise CheckpointError(f"cannot read {path}: {e}") from None
