@@ -122,9 +122,10 @@ def test_a_trace_in_a_bucket_resumes_and_matches_a_local_one(tiny_toy, gcs_emula
   with open(tmp_path / "local.log", "w") as a, open(tmp_path / "killed.log", "w") as b:
     local, proc = start(str(tmp_path / "local"), a), start(run, b)
     deadline = time.monotonic() + 600  # a hang guard, not a timing check
-    # Orbax marks a checkpoint in a bucket complete with commit_success.txt (no rename there).
+    # Orbax marks a step in a bucket complete with <step>/commit_success.txt, written after
+    # each item's own (no rename there).
     done = lambda: [o for o in _objects(f"{BUCKET}/run/step30/resid_post.0/state")
-                    if o.endswith("/commit_success.txt")]
+                    if re.fullmatch(r".*/state/\d+/commit_success\.txt", o)]
     while not done():
       assert proc.poll() is None, "the trace ended before its last SAE's first checkpoint: " + \
           (tmp_path / "killed.log").read_text()[-3000:]
