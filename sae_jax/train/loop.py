@@ -171,7 +171,7 @@ class Trainer:
       batches = iter(self.stream)
       first = next(batches, None)
       batches = _prepend(first, batches) if first is not None else iter(())
-      self.log_fn(f"resumed at batch {self.stream.served} (step "
+      self.log_fn(f"resumed at batch {resume_step} (step "
                   f"{int(self.active[0].state.step)}) in {time.perf_counter() - t0:.1f}s")
     else:
       batches = iter(self.stream)
