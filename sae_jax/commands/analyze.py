@@ -41,8 +41,9 @@ def main(argv):
   cfg = AnalysisConfig(eval_tokens=eval_tokens, lexicon=lexicon,
                        sample_size=FLAGS.sample_size, sample_seed=FLAGS.sample_seed,
                        browser_features=FLAGS.browser_features, overlap=FLAGS.overlap)
-  written = analyze(FLAGS.workdir, cfg, log_fn=Console())
-  print(f"report: {written['report.html']}", flush=True)
+  console = Console()
+  written = analyze(FLAGS.workdir, cfg, log_fn=console)
+  console(f"report: {written['report.html']}")
 
 
 def run(argv=None):

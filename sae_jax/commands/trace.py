@@ -36,8 +36,9 @@ def main(argv):
   from sae_jax.trace import trace
   cfg = trace_config_from(load_flag_config(FLAGS), FLAGS.workdir)
   logging.info("trace config:\n%s", cfg.to_json())
-  trace(cfg, FLAGS.workdir, overwrite=FLAGS.overwrite, log_fn=Console())
-  print(f"done: {FLAGS.workdir}/summary.csv", flush=True)
+  console = Console()
+  trace(cfg, FLAGS.workdir, overwrite=FLAGS.overwrite, log_fn=console)
+  console(f"done: {FLAGS.workdir}/summary.csv")
 
 
 def run(argv=None):
