@@ -4,7 +4,7 @@ A ``log_fn`` is any ``str -> None`` callable. Two richer ones:
 
 * :class:`Console` (stdout): permanent lines, and one *live* progress line per running fit:
   on a terminal it is rewritten in place; otherwise a plain line at most every
-  ``plain_every_s`` seconds (a log collector gets a steady trickle, not one line per step).
+  ``plain_every_s`` seconds (60: a log collector gets a steady trickle, not one line per step).
 * :class:`Tee`: forwards to another log_fn and appends every line, progress lines included, to
   a file (local or in a bucket, see :class:`sae_jax.paths.AppendFile`).
 
@@ -31,7 +31,7 @@ def live(log_fn: LogFn) -> LogFn:
 class Console:
   """stdout with one rewritable progress line on a TTY, throttled plain lines elsewhere."""
 
-  def __init__(self, stream=None, tty: bool | None = None, plain_every_s: float = 30.0):
+  def __init__(self, stream=None, tty: bool | None = None, plain_every_s: float = 60.0):
     self.stream = stream or sys.stdout
     self.tty = self.stream.isatty() if tty is None else tty
     self.plain_every_s = plain_every_s
