@@ -136,6 +136,13 @@ def local_dir(path: PathLike) -> pathlib.Path:
   return pathlib.Path(_COPIES[key])
 
 
+def origin(path: PathLike) -> str:
+  """The bucket directory a :func:`local_dir` copy was made from (else ``path`` itself): the
+  stable name to record (the copy's name changes with every process)."""
+  s = os.fspath(path)
+  return next((uri for uri, local in _COPIES.items() if local == s), s)
+
+
 def upload_tree(local_dir: PathLike, dest) -> None:
   """Copy a local directory's files under the remote directory ``dest`` (one object each)."""
   for root, _, files in os.walk(local_dir):

@@ -43,7 +43,8 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 def cache_meta(model, hook: str, dtype: str, batches: TokenBatches, process_count: int) -> dict:
   """What a cache of ``hook`` under these settings records (and what a reader checks)."""
-  return {"format_version": FORMAT_VERSION, "model": str(model.path), "revision": model.revision,
+  return {"format_version": FORMAT_VERSION, "model": paths.origin(model.path),
+          "revision": model.revision,
           "hook": hook, "dtype": dtype, "normalisation": "none",
           "tokenizer": tokenizer_fingerprint(model.tokenizer), "d_model": model.cfg.d_model,
           "rows_per_batch": batches.cfg.batch_size * batches.cfg.ctx_len,
