@@ -28,6 +28,11 @@ def live(log_fn: LogFn) -> LogFn:
   return getattr(log_fn, "live", log_fn)
 
 
+def last(log_fn: LogFn) -> LogFn:
+  """The channel of a fit's last progress: live, but never dropped by the throttle."""
+  return getattr(log_fn, "last", live(log_fn))
+
+
 class Console:
   """stdout with one rewritable progress line on a TTY, throttled plain lines elsewhere."""
 
@@ -44,6 +49,11 @@ class Console:
     self.stream.write(text + "\n")
     self.stream.flush()
     self._last_plain = float("-inf")  # the next progress after news is shown at once
+
+  def last(self, text: str) -> None:
+    """A fit's final progress: in place on a TTY, else always a line."""
+    self._last_plain = float("-inf")
+    self.live(text)
 
   def live(self, text: str) -> None:
     """The current progress: rewritten in place on a TTY, else a line now and then."""
@@ -79,6 +89,10 @@ class Tee:
 
   def live(self, text: str) -> None:
     live(self.log_fn)(text)
+    self._write(text, flush=False)
+
+  def last(self, text: str) -> None:
+    last(self.log_fn)(text)
     self._write(text, flush=False)
 
   def _write(self, text: str, flush: bool) -> None:

@@ -35,7 +35,9 @@ def test_elsewhere_progress_is_a_plain_line_now_and_then(monkeypatch):
   c("news")
   now[0] = 141.0
   c.live("after news")  # shown at once: the news line may have pushed progress off screen
-  assert out.getvalue().splitlines() == ["at 100", "at 131", "news", "after news"]
+  now[0] = 142.0
+  c.last("the end")  # a fit's last progress is never dropped
+  assert out.getvalue().splitlines() == ["at 100", "at 131", "news", "after news", "the end"]
 
 
 def test_the_log_file_gets_every_line_progress_included(tmp_path):

@@ -142,7 +142,7 @@ def log_metrics(t: Trainer, served: int) -> None:
                f"{r.last.get('dead_fraction', float('nan')):.3f}" for r in due]
       first = first.split(" fvu ")[0] + " " + " ".join(parts) + (
           " eta" + first.split(" eta")[1] if " eta" in first else "")
-    console.live(t.log_fn)(first)
+    (console.last if served == t.total else console.live)(t.log_fn)(first)
 
 
 def evaluate_periodically(t: Trainer, served: int) -> None:
