@@ -114,7 +114,11 @@ def test_a_trace_in_a_bucket_resumes_and_matches_a_local_one(tiny_toy, gcs_emula
   (tmp_path / "cfg.json").write_text(cfg.to_json())
   # One CPU device in every trace of this test (not the suite's eight): the same mesh for the
   # local, the killed and the resumed run, and no eight-way split of tiny steps on two cores.
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+  # The resumed run loads what the first two compiled (the same shapes) from a shared cache.
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+         "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),
+         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+         "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
   start = lambda where, log: subprocess.Popen(
       [sys.executable, "-c", _TRACE, str(tmp_path / "cfg.json"), where], cwd=tmp_path,
       stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -162,8 +166,8 @@ def test_a_trace_in_a_bucket_resumes_and_matches_a_local_one(tiny_toy, gcs_emula
   assert "\nstep30,30,resid_post.0," in paths.as_path(f"{run}/summary.csv").read_text()
   # Nothing of the bucket's run landed on local disk ("gs:" taken as a relative directory).
   assert not list(tmp_path.glob("gs*")) and not Path("gs:").exists()
-  assert sorted(p.name for p in tmp_path.iterdir()) == ["cfg.json", "killed.log", "local",
-                                                        "local.log", "resumed.log"]
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["cfg.json", "jax_cache", "killed.log",
+                                                        "local", "local.log", "resumed.log"]
 
 
 _CLI = ("import sys; from sae_jax.commands import main; sys.exit(main(['sae-jax'] + "
