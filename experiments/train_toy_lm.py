@@ -1,33 +1,8 @@
-r"""Train the toy world's target model and write its checkpoints (one directory per revision).
+"""Train the toy world's target model and write its checkpoints (one directory per revision).
 
-  python experiments/train_toy_lm.py --workdir=/tmp/toy            # default: <= 5 min on 2 cores
-  python experiments/train_toy_lm.py --workdir=/tmp/toy --tiny     # seconds, for a smoke run
-"""
+A thin wrapper of ``sae-jax train-toy-lm`` (sae_jax/commands/train_toy_lm.py): same flags."""
 
-from absl import app, flags, logging
-
-from sae_jax.cli import run_main
-from sae_jax.toy.lm import TINY_LM, TINY_WORLD, LMConfig, train_toy_lm
-from sae_jax.toy.world import WorldConfig
-
-FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "where the checkpoints go", required=True)
-flags.DEFINE_bool("tiny", False, "the tiny world and model (seconds)")
-flags.DEFINE_integer("steps", None, "override the training steps")
-flags.DEFINE_integer("seed", 0, "world and model seed")
-
-
-def main(argv):
-  del argv
-  world, lm = (TINY_WORLD, TINY_LM) if FLAGS.tiny else (WorldConfig(), LMConfig())
-  world = world.__class__(**{**world.__dict__, "seed": FLAGS.seed})
-  lm = lm.__class__(**{**lm.__dict__, "seed": FLAGS.seed,
-                       **({"steps": FLAGS.steps} if FLAGS.steps else {})})
-  logging.info("world %s\nlm %s", world, lm)
-  summary = train_toy_lm(FLAGS.workdir, world, lm)
-  logging.info("entropy %.4f; checkpoints %s", summary["entropy_nats_per_token"],
-               {k: round(v["eval_loss"], 4) for k, v in summary["checkpoints"].items()})
-
+from sae_jax.commands.train_toy_lm import run
 
 if __name__ == "__main__":
-  app.run(run_main(main))
+  run()

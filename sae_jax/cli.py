@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import re
 import sys
@@ -43,6 +44,14 @@ def quiet_libraries() -> None:
   verbosity = flags.FLAGS["verbosity"] if "verbosity" in flags.FLAGS else None
   if verbosity is None or not verbosity.present:
     absl_logging.set_verbosity(absl_logging.WARNING)
+    # Orbax's own warnings ("waiting for previous save took 1.3 s", a step's metadata not yet
+    # in a bucket) are about its internals: errors only. gcsfs's retry notes likewise.
+    absl_logging.get_absl_logger().addFilter(_not_orbax_chatter)
+    logging.getLogger("gcsfs").setLevel(logging.ERROR)
+
+
+def _not_orbax_chatter(record: logging.LogRecord) -> bool:
+  return record.levelno >= logging.ERROR or "/orbax/" not in record.pathname
 
 
 def _multi_host() -> bool:
@@ -60,10 +69,24 @@ def _exit(code: int):
   sys.exit(code)
 
 
+PACKAGED_CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+
+
+def packaged_config(argv: list[str]) -> list[str]:
+  """``--config=toy:tiny`` (a shipped config's name, no ``.py``) -> that file in the package."""
+  out = []
+  for a in argv:
+    m = re.fullmatch(r"--config=([A-Za-z_]\w*)(:.*)?", a)
+    if m and os.path.exists(os.path.join(PACKAGED_CONFIGS, m.group(1) + ".py")):
+      a = f"--config={os.path.join(PACKAGED_CONFIGS, m.group(1) + '.py')}{m.group(2) or ''}"
+    out.append(a)
+  return out
+
+
 def parse_flags_or_exit(argv):
   """absl flag parsing whose errors (unknown config, bad override type) are one line, exit 2."""
   try:
-    return flags.FLAGS(argv)
+    return flags.FLAGS(packaged_config(argv))
   except (flags.Error, ValueError, TypeError, AttributeError, KeyError, FileNotFoundError,
           SyntaxError) as e:
     missing = re.fullmatch(r"""["']*'([\w.]+)'["']*""", str(e).strip())
@@ -92,7 +115,7 @@ def trace_config_from(config, workdir: str):
   d = dict(config) if isinstance(config, dict) else config.to_dict()
   if d.get("toy"):
     for holder, key in ((d, "model"), (d.get("data", {}), "path")):
-      if holder.get(key) and not os.path.isabs(holder[key]):
+      if holder.get(key) and not os.path.isabs(holder[key]) and "://" not in holder[key]:
         holder[key] = os.path.join(workdir, holder[key])
   return TraceConfig.from_dict(d)
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
+from sae_jax import paths
 from sae_jax.config import SAEConfig
 from sae_jax.errors import CheckpointError, ConfigError
 from sae_jax.saes import registry
@@ -53,13 +54,14 @@ def _load_tensors(path: Path) -> dict[str, np.ndarray]:
   from safetensors import safe_open
   from safetensors.numpy import load_file
   try:
-    try:
-      return load_file(str(path))
-    except TypeError:  # "data type 'bfloat16' not understood"
-      with safe_open(str(path), framework="flax") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-      return {k: np.asarray(t.astype(jnp.float32) if t.dtype == jnp.bfloat16 else t)
-              for k, t in tensors.items()}
+    with paths.local_file(path) as local:  # a bucket's file: through a local temporary copy
+      try:
+        return load_file(local)
+      except TypeError:  # "data type 'bfloat16' not understood"
+        with safe_open(local, framework="flax") as f:
+          tensors = {k: f.get_tensor(k) for k in f.keys()}
+    return {k: np.asarray(t.astype(jnp.float32) if t.dtype == jnp.bfloat16 else t)
+            for k, t in tensors.items()}
   except Exception as e:  # safetensors raises several types for damaged files
     raise CheckpointError(f"cannot read SAE weights {path}: {e}") from None
 
@@ -298,7 +300,7 @@ def _refuse_pickles(path: Path) -> None:
 
 def detect_format(path: str | os.PathLike) -> str:
   """Which of FORMATS the SAE directory ``path`` is in (CheckpointError if none)."""
-  path = Path(path)
+  path = paths.as_path(path)
   if path.is_file():
     if path.suffix in PICKLE_SUFFIXES:
       raise CheckpointError(f"{path} is a pickle file; sae_jax never unpickles (it can run "
@@ -329,7 +331,7 @@ def detect_format(path: str | os.PathLike) -> str:
 def load_sae(path: str | os.PathLike) -> SAE:
   """Load an SAE directory written by sae_jax, SAELens, sparsify or llm-jp-sae."""
   fmt = detect_format(path)
-  path = Path(path)
+  path = paths.as_path(path)
   if path.is_file():
     path = path.parent
   try:

@@ -3,6 +3,7 @@
 ```
 <workdir>/trace.json                      the full config of a trace
 <workdir>/summary.csv                     one row per (checkpoint, hook) SAE of the trace
+<workdir>/trace.log                       the trace's console lines (progress too), appended
 <workdir>/analysis/                       what ``sj.analysis.analyze`` writes (reserved name)
 <workdir>/activations/<checkpoint>/<hook>/ activation caches (reserved name)
 <workdir>/<checkpoint>/<hook>[@seed<n>]/  one SAE: a RunDir (``@seed<n>``: seed-baseline SAE)
@@ -16,7 +17,9 @@
 ```
 
 Every file is written to a temporary name in the same directory and renamed into place, so a
-reader (or a restarted run) sees the old content or the new, never half of it.
+reader (or a restarted run) sees the old content or the new, never half of it. A workdir may be
+a URI (``gs://bucket/run``, see :mod:`sae_jax.paths`): there each file is one object upload
+(atomic by itself, no rename), and COMPLETE, written last, is still what says "done".
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from sae_jax import paths
 from sae_jax.errors import CheckpointError, ConfigError
 
 COMPLETE = "COMPLETE"
@@ -57,7 +61,17 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-  """Yield a temporary directory that replaces ``path`` only if the block succeeds."""
+  """Yield a temporary directory that replaces ``path`` only if the block succeeds.
+
+  On an object store the directory is written locally, the old objects deleted and the files
+  uploaded: not atomic as a whole, so a reader trusts it once a later marker says so.
+  """
+  if paths.is_remote(path):
+    with tempfile.TemporaryDirectory(prefix="sae_jax_") as tmp:
+      yield Path(tmp)
+      paths.rmtree(path)
+      paths.upload_tree(tmp, paths.as_path(path))
+    return
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
@@ -79,8 +93,16 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
 def atomic_write_bytes(path: str | os.PathLike, write: Any, suffix: str = "") -> None:
   """Atomically create ``path`` with ``write(tmp_path)`` (any writer that takes a file name).
 
-  ``suffix`` keeps the extension some writers insist on (``np.savez`` appends ``.npz``).
+  ``suffix`` keeps the extension some writers insist on (``np.savez`` appends ``.npz``). On an
+  object store the file is written to a local temporary file and uploaded as one object.
   """
+  if paths.is_remote(path):
+    with tempfile.TemporaryDirectory(prefix="sae_jax_") as tmp:
+      local = os.path.join(tmp, "f.tmp" + suffix)
+      write(local)
+      with open(local, "rb") as src, paths.as_path(path).open("wb") as dst:
+        shutil.copyfileobj(src, dst, 1 << 20)
+    return
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp" + suffix)
@@ -100,7 +122,7 @@ def write_table(df, stem: str | os.PathLike, formats: tuple[str, ...] = ("parque
 
   Returns {file name: path} of what was written.
   """
-  stem = Path(stem)
+  stem = paths.as_path(stem)
   out = {}
   for ext in formats:
     path = stem.with_name(f"{stem.name}.{ext}")
@@ -117,7 +139,7 @@ def write_table(df, stem: str | os.PathLike, formats: tuple[str, ...] = ("parque
 def read_json(path: str | os.PathLike) -> Any:
   """Parse a JSON file, raising CheckpointError naming the file when it is unreadable."""
   try:
-    with open(path, encoding="utf-8") as f:
+    with paths.as_path(path).open("r", encoding="utf-8") as f:
       return json.load(f)
   except (OSError, ValueError) as e:
     raise CheckpointError(f"cannot read {path}: {e}") from None
@@ -127,7 +149,7 @@ class RunDir:
   """One SAE's run directory (one checkpoint x hook [x seed] of a trace, or a train_sae run)."""
 
   def __init__(self, path: str | os.PathLike):
-    self.path = Path(path)
+    self.path = paths.as_path(path)
     if self.path.exists() and not self.path.is_dir():
       raise ConfigError(f"workdir {self.path} is a file; pass a directory (it is created if "
                         "missing)")
@@ -180,7 +202,7 @@ def checkpoint_step(label: str, model_dir: str | os.PathLike | None = None) -> i
   """Training step of a checkpoint: from its ``config.json`` (the toy world records it) when
   ``model_dir/label`` holds one, else the label's trailing number ("step1000", "iter_0001000")."""
   if model_dir is not None:
-    config = Path(model_dir) / label / "config.json"
+    config = paths.as_path(model_dir) / label / "config.json"
     if config.is_file():
       info = read_json(config).get("sae_jax_toy", {})
       if "step" in info:
@@ -200,7 +222,7 @@ def order_checkpoints(labels, model_dir: str | os.PathLike | None = None) -> lis
 def local_revisions(model_dir: str | os.PathLike) -> list[str]:
   """Revision subdirectories (holding config.json) of a local model directory, in training
   order."""
-  model_dir = Path(model_dir)
+  model_dir = paths.as_path(model_dir)
   found = [p.name for p in model_dir.iterdir() if p.is_dir() and (p / "config.json").exists()]
   return order_checkpoints(found, model_dir)
 
@@ -240,14 +262,16 @@ class Store:
   """
 
   def __init__(self, workdir: str | os.PathLike, model_dir: str | os.PathLike | None = None):
-    self.path = Path(workdir)
+    self.path = paths.as_path(workdir)
     if self.path.exists() and not self.path.is_dir():
       raise ConfigError(f"workdir {self.path} is a file; pass a directory (it is created if "
                         "missing)")
-    self.model_dir = Path(model_dir) if model_dir and Path(model_dir).is_dir() else None
+    self.model_dir = (paths.as_path(model_dir) if model_dir and paths.as_path(model_dir).is_dir()
+                      else None)
 
   trace_config = property(lambda self: self.path / "trace.json")
   summary = property(lambda self: self.path / "summary.csv")
+  log = property(lambda self: self.path / "trace.log")
   analysis = property(lambda self: self.path / "analysis")
 
   def run(self, checkpoint: str, hook: str, seed: int = 0) -> RunDir:
@@ -255,7 +279,7 @@ class Store:
     _check_label(checkpoint)
     return RunDir(self.path / checkpoint / run_name(hook, seed))
 
-  def cache(self, checkpoint: str, hook: str) -> Path:
+  def cache(self, checkpoint: str, hook: str):
     """Where one hook's activation cache of one checkpoint lives."""
     _check_label(checkpoint)
     return self.path / "activations" / checkpoint / hook

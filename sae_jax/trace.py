@@ -22,7 +22,7 @@ import numpy as np
 from absl import logging
 
 from sae_jax import data as sj_data
-from sae_jax import distributed, evals, formats, store
+from sae_jax import console, distributed, evals, formats, paths, store
 from sae_jax.analysis import AnalysisConfig, MatchConfig, analyze
 from sae_jax.config import SAEConfig, TrainConfig
 from sae_jax.trace_config import TraceConfig
@@ -51,7 +51,7 @@ def validate(cfg: TraceConfig) -> None:
   # Every hook names a site; for a toy model not trained yet, one its depth will have (a bad
   # hook is said now, not after minutes of training the toy model).
   toy_layers = None
-  if cfg.toy and not (Path(cfg.model) / "world.json").exists():
+  if cfg.toy and not (paths.as_path(cfg.model) / "world.json").exists():
     toy_layers = (TINY_LM if cfg.toy_size == "tiny" else LMConfig()).n_layers
   for hook in cfg.hooks:
     parse_hook(hook, toy_layers)
@@ -73,7 +73,7 @@ def sae_metadata(cfg: TraceConfig, sae_cfg: SAEConfig, revision: str | None, hoo
 
 def prepare_toy(cfg: TraceConfig, log_fn) -> None:
   """Train the toy world's model into ``cfg.model`` if it is not there yet (process 0)."""
-  if not (Path(cfg.model) / "world.json").exists() and distributed.is_primary():
+  if not (paths.as_path(cfg.model) / "world.json").exists() and distributed.is_primary():
     log_fn(f"training the toy world's model into {cfg.model} (first use)")
     world, lm = (TINY_WORLD, TINY_LM) if cfg.toy_size == "tiny" else (WorldConfig(), LMConfig())
     train_toy_lm(cfg.model, world, lm, log_fn=log_fn)
@@ -84,7 +84,7 @@ def revisions_of(cfg: TraceConfig) -> list[str]:
   """The checkpoint labels to trace: the configured ones, or every local revision."""
   if cfg.revisions:
     return list(cfg.revisions)
-  if not Path(cfg.model).is_dir():
+  if not paths.as_path(cfg.model).is_dir():
     raise ConfigError(f"revisions is empty and {cfg.model!r} is not a local directory; list "
                       "the revisions to trace")
   return store.local_revisions(cfg.model)
@@ -144,15 +144,29 @@ class _Planned:
 def trace(cfg: TraceConfig, workdir: str | Path, overwrite: bool = False,
           log_fn: Callable[[str], None] = logging.info) -> list[dict]:
   """Run (or finish) the trace into ``workdir``; returns the summary rows."""
+  paths.check_location(workdir)  # a bucket that cannot be used is said before any work
+  paths.check_location(cfg.model, "model")
   validate(cfg)
   st = store.Store(workdir, cfg.model)
   _check_workdir(st, cfg, overwrite)
-  if cfg.toy:
-    prepare_toy(cfg, log_fn)
-    st = store.Store(workdir, cfg.model)  # the model directory exists now
   st.path.mkdir(parents=True, exist_ok=True)
   if distributed.is_primary():
-    store.atomic_write_json(st.trace_config, cfg.to_dict())
+    log_fn = console.Tee(log_fn, st.log)  # the console's lines, progress too, in trace.log
+  try:
+    if cfg.toy:
+      prepare_toy(cfg, log_fn)
+      st = store.Store(workdir, cfg.model)  # the model directory exists now
+    if distributed.is_primary():
+      store.atomic_write_json(st.trace_config, cfg.to_dict())
+    rows = _trace_revisions(cfg, st, overwrite, log_fn)
+  finally:
+    if isinstance(log_fn, console.Tee):
+      log_fn.close()
+  return rows
+
+
+def _trace_revisions(cfg: TraceConfig, st: store.Store, overwrite: bool, log_fn) -> list[dict]:
+  """Every revision in training order: train what is unfinished, one line per SAE."""
   revisions = revisions_of(cfg)
   seeded = _seed_revisions(cfg, revisions)
   rows, t0 = [], time.perf_counter()
@@ -169,12 +183,14 @@ def trace(cfg: TraceConfig, workdir: str | Path, overwrite: bool = False,
       _trace_checkpoint(cfg, st, rev, todo, done_revs[-1] if done_revs else None, overwrite,
                         log_fn)
     done_revs.append(rev)
-    for p in planned[:len(cfg.hooks)]:
-      rows.append(_summary_row(st, rev, p))
-      log_fn(f"[{n + 1}/{len(revisions)}] {rev} {p.hook}: "
-             + ("done already; " if not todo else "")
-             + f"fvu {rows[-1]['fvu']:.4f} CE recovered {rows[-1]['ce_loss_recovered']:.4f} "
-             f"({time.perf_counter() - t0:.0f}s)")
+    for p in planned:
+      row = _summary_row(st, rev, p)
+      if not p.seed:
+        rows.append(row)
+      log_fn(f"[{n + 1}/{len(revisions)}] {rev} {p.run.path.name}: "
+             + ("done already; " if p not in todo else "")
+             + f"fvu {row['fvu']:.4f} dead {row['dead_fraction']:.3f} L0 {row['l0']:.1f} "
+             f"CE recovered {row['ce_loss_recovered']:.4f} ({time.perf_counter() - t0:.0f}s)")
   _finish(cfg, st, rows, log_fn)
   return rows
 
@@ -223,8 +239,8 @@ def _trace_checkpoint(cfg: TraceConfig, st: store.Store, rev: str, todo: list[_P
   registry.check(sae_cfg)  # k against the real d_sae, before any extraction
   hooks = list(dict.fromkeys(p.hook for p in todo))
   if cfg.extract.activations == "cache":
-    paths = write_caches(cfg, model, rev, hooks, st, log_fn)
-    rows = MultiCacheReader({h: CacheReader(p, seed=cfg.data.seed) for h, p in paths.items()})
+    caches = write_caches(cfg, model, rev, hooks, st, log_fn)
+    rows = MultiCacheReader({h: CacheReader(p, seed=cfg.data.seed) for h, p in caches.items()})
   else:
     rows = sj_data.multi_hook_rows(model, cfg.data, hooks)
   warm = _warm_params(cfg, st, previous, hooks, log_fn)
@@ -282,13 +298,13 @@ def write_caches(cfg: TraceConfig, model, rev: str, hooks, st: store.Store, log_
   process is done.
   """
   batches = sj_data.token_batches(model, cfg.data)
-  paths = {h: st.cache(rev, h) for h in hooks}
-  for hook, path in paths.items():
+  where = {h: st.cache(rev, h) for h in hooks}
+  for hook, path in where.items():
     log_fn(f"{rev} {hook}: caching activations into {path}")
     write_cache(path, model, batches, hook, cfg.extract.cache_dtype, jax.process_index(),
                 jax.process_count(), log_fn=log_fn)
   distributed.barrier(f"cache {rev} written")
-  return paths
+  return where
 
 
 def _summary_row(st: store.Store, rev: str, p: _Planned) -> dict:
@@ -307,9 +323,10 @@ def _csv(rows: list[dict]) -> str:
 
 
 def _table(rows: list[dict]) -> str:
+  """The summary table over checkpoints (what summary.csv holds, to read at a glance)."""
   cols = ("checkpoint", "hook", "fvu", "l0", "dead_fraction", "ce_loss_recovered",
           "delta_lm_loss")
   fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)
-  lines = [" ".join(f"{c:>17}" for c in cols)]
-  lines += [" ".join(f"{fmt(r[c]):>17}" for c in cols) for r in rows]
-  return "\n".join(lines)
+  cells = [list(cols)] + [[fmt(r[c]) for c in cols] for r in rows]
+  widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
+  return "\n".join("  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells)

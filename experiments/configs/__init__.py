@@ -1,1 +1,1 @@
-"""Shipped trace configs (ml_collections): ``toy`` (the default), ``llm_jp_3_1p8b``, ``pythia``."""
+"""Shipped trace configs: re-exports of ``sae_jax/configs`` (``--config=experiments/configs/toy.py`` as before)."""

@@ -29,7 +29,7 @@ from typing import Callable
 
 from absl import logging
 
-from sae_jax import store
+from sae_jax import console, paths, store
 from sae_jax.analysis import outputs, plots, report, tables
 from sae_jax.analysis.codes import feature_stats_many
 from sae_jax.analysis.config import AnalysisConfig
@@ -56,6 +56,7 @@ def analyze(workdir: str | Path, cfg: AnalysisConfig = AnalysisConfig(),
   ``if_changed``: do nothing when ``analysis/DONE.json`` records the same SAEs and settings
   (a rerun of a finished trace does no work); the report is then returned as it is.
   """
+  paths.check_location(workdir)
   run_store = store.Store(workdir)
   if not run_store.trace_config.exists():
     raise ConfigError(f"{workdir} holds no trace (trace.json missing); run the trace first")
@@ -85,7 +86,7 @@ def analyze(workdir: str | Path, cfg: AnalysisConfig = AnalysisConfig(),
     overlap = analyze_overlap(records, saes, functools.partial(outputs.load_codes, out),
                               {d.record.key: d.labels for d in described}, log_fn=log_fn,
                               cfg=cfg.matching, tokens=evalset.ids[evalset.mask])
-  written = _present(out, Path(workdir).name, described, overlap, evalset, cfg,
+  written = _present(out, paths.as_path(workdir).name, described, overlap, evalset, cfg,
                      lexicon is not None and lexicon.ground_truth)
   store.atomic_write_json(done, {"fingerprint": fingerprint,
                                  "written": sorted(str(p.relative_to(out))
@@ -99,7 +100,7 @@ def label_examples_file(input_path: str | Path, output_path: str | Path, lexicon
                         cfg: GranularityConfig = GranularityConfig()) -> Path:
   """Label the features of a file of examples (the authors' demo format, see examples.py):
   a CSV of ``feature, n_en, n_ja, language, granularity`` and finer columns."""
-  output_path = Path(output_path)
+  output_path = paths.as_path(output_path)
   if output_path.suffix != ".csv":
     raise ConfigError(f"output {output_path} must be a .csv file")
   features = read_examples(input_path)
@@ -114,7 +115,7 @@ def label_examples_file(input_path: str | Path, output_path: str | Path, lexicon
 def _lexicon(cfg: AnalysisConfig, trace_cfg: TraceConfig) -> Lexicon | None:
   if cfg.lexicon:
     return load_lexicon(cfg.lexicon)
-  return toy_lexicon(trace_cfg.model) if Path(trace_cfg.model).is_dir() else None
+  return toy_lexicon(trace_cfg.model) if paths.as_path(trace_cfg.model).is_dir() else None
 
 
 def _check_d_in(saes: dict[str, object], records: list[SAERecord]) -> None:
@@ -130,7 +131,7 @@ def _check_d_in(saes: dict[str, object], records: list[SAERecord]) -> None:
 def _fingerprint(records: list[SAERecord], cfg: AnalysisConfig) -> dict:
   """What an analysis was made of: the SAEs (their COMPLETE stamps) and the settings."""
   # "pairs": the key DONE.json has always had, so finished analyses stay up to date.
-  return {"pairs": {r.key: r.run.complete_marker.stat().st_mtime_ns for r in records},
+  return {"pairs": {r.key: paths.mtime_ns(r.run.complete_marker) for r in records},
           "config": json.loads(json.dumps(dataclasses.asdict(cfg)))}
 
 
@@ -152,8 +153,8 @@ def _all_stats(trace_cfg: TraceConfig, records: list[SAERecord], saes: dict,
       raise DataError(f"checkpoint {rev} has another tokenizer than {checkpoints[0]}; the "
                       "evaluation set must be the same tokens for every checkpoint")
     stats.update(_checkpoint_stats(model, these, saes, evalset, cfg, out, log_fn))
-    log_fn(f"[{n + 1}/{len(checkpoints)}] analysed {rev} ({len(these)} SAE(s), "
-           f"{time.perf_counter() - t0:.0f}s)")
+    console.live(log_fn)(f"[{n + 1}/{len(checkpoints)}] analysed {rev} ({len(these)} SAE(s), "
+                         f"{time.perf_counter() - t0:.0f}s)")
   return evalset, stats
 
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import io
 import json
 import math
 from pathlib import Path
 from typing import Sequence
 
+from sae_jax import paths
 from sae_jax.errors import DataError
 
 MAX_QUANT = 10  # the paper's quantisation: integers 0-10, 10 = the feature's maximum
@@ -91,13 +93,13 @@ def _feature(obj, where: str) -> FeatureExamples:
 def read_examples(path: str | Path) -> list[FeatureExamples]:
   """Features in the authors' demo format, one JSON object a line (``.gz``: gzip):
   ``{"feature", "examples": [{"tokens", "acts"}], ["language_counts", "granularity"]}``."""
-  path = Path(path)
+  path = paths.as_path(path)
   if not path.is_file():
     raise DataError(f"input file {path} does not exist")
-  opener = gzip.open if path.suffix == ".gz" else open
   out = []
   try:
-    with opener(path, "rt", encoding="utf-8") as f:
+    with path.open("rb") as raw, (gzip.open(raw, "rt", encoding="utf-8") if path.suffix == ".gz"
+                                  else io.TextIOWrapper(raw, encoding="utf-8")) as f:
       for n, line in enumerate(f, start=1):
         if line.strip():
           out.append(_feature(json.loads(line), f"{path} line {n}"))

@@ -16,7 +16,7 @@ import dataclasses
 import unicodedata
 from pathlib import Path
 
-from sae_jax import store
+from sae_jax import paths, store
 from sae_jax.errors import ConfigError, DataError
 from sae_jax.toy.world import World, WorldConfig
 
@@ -79,7 +79,7 @@ class Lexicon:
 
 def load_lexicon(path: str | Path) -> Lexicon:
   """Read a TSV lexicon: ``form<TAB>concept<TAB>category[<TAB>language]`` per line."""
-  path = Path(path)
+  path = paths.as_path(path)
   if not path.is_file():
     raise ConfigError(f"lexicon file {path} does not exist")
   entries: dict[str, Entry] = {}
@@ -104,7 +104,7 @@ def load_lexicon(path: str | Path) -> Lexicon:
 
 def toy_lexicon(model_dir: str | Path) -> Lexicon | None:
   """The toy world's lexicon (its ground truth), or None if ``model_dir`` is not a toy model."""
-  summary_path = Path(model_dir) / "world.json"
+  summary_path = paths.as_path(model_dir) / "world.json"
   if not summary_path.exists():
     return None
   summary = store.read_json(summary_path)

@@ -32,6 +32,7 @@ from typing import Callable
 
 import numpy as np
 
+from sae_jax import console
 from sae_jax.analysis.config import DEFAULT_THRESHOLD, MatchConfig
 from sae_jax.analysis.labels import LANGUAGE_SPECIFIC, FeatureLabels
 from sae_jax.analysis.matching import (Matching, calibrate_threshold, firing_counts,
@@ -160,7 +161,7 @@ def _match_hook(hook, base, variants, saes, codes, labels, cfg: MatchConfig, tok
         if (r.key, other.key) not in token:
           token[(r.key, other.key)] = token_profile_match(codes(r), codes(other), tokens, d(r),
                                                           d(other), min_firings=mf)
-    log_fn(f"overlap {hook}: {r.checkpoint} matched")
+    console.live(log_fn)(f"overlap {hook}: {r.checkpoint} matched")
   if random is not None:  # every later checkpoint against the random model's SAE
     for r in base[1:]:
       pairs[(r.key, random.key)] = act(r, random)

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sae_jax import console
 from sae_jax.errors import DataError
 
 
@@ -145,7 +146,7 @@ def _match_blocks(co_block, mean_a, std_a, mean_b, std_b, n_candidates, block, l
     best_b[better] = col_best[better]
     if log_fn is not None and time.perf_counter() - last > 10:  # only a long match reports
       last = time.perf_counter()
-      log_fn(f"{what}: {hi:,}/{ma:,} features ({last - t0:.0f}s)")
+      console.live(log_fn)(f"{what}: {hi:,}/{ma:,} features ({last - t0:.0f}s)")
   return _finish(cand, cand_s, best_b_arg, std_a > 0)
 
 

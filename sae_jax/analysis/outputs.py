@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sae_jax import store
+from sae_jax import paths, store
 from sae_jax.store import SAERecord
 
 DONE = "DONE.json"
@@ -35,7 +35,7 @@ def save_codes(out: Path, record: SAERecord, values: np.ndarray, indices: np.nda
 
 def load_codes(out: Path, record: SAERecord) -> tuple[np.ndarray, np.ndarray]:
   """(values, indices) [N, k] as :func:`save_codes` wrote them."""
-  with np.load(codes_path(out, record), allow_pickle=False) as z:
+  with paths.local_file(codes_path(out, record)) as local, np.load(local, allow_pickle=False) as z:
     return z["values"], z["indices"]
 
 

@@ -22,6 +22,7 @@ from typing import Callable, Iterable
 import jax
 import numpy as np
 
+from sae_jax import console
 from sae_jax.analysis.paper_examples import max_pre_activation
 from sae_jax.languages import N_LANGUAGE_CODES
 
@@ -257,7 +258,7 @@ def collect_stats_many(saes: dict, batches: Iterable[tuple], vocab: int, n_examp
       done = next(iter(acc.values())).n_tokens
       rate = done / (last - t0)
       eta = f", eta {(total_tokens - done) / rate:.0f}s" if total_tokens else ""
-      log_fn(f"feature stats: {done:,} tokens, {rate:,.0f} tok/s{eta}")
+      console.live(log_fn)(f"feature stats: {done:,} tokens, {rate:,.0f} tok/s{eta}")
   if pending is not None:
     _add_batch_codes(acc, pending, on_codes)
   return {name: a.finish() for name, a in acc.items()}

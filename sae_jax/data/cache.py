@@ -1,4 +1,5 @@
-"""An activation cache on disk (tensorstore zarr3): extract once, train many SAEs.
+"""An activation cache on disk or in a bucket (tensorstore zarr3; ``gcs`` driver for gs://):
+extract once, train many SAEs.
 
 Layout of ``<dir>``::
 
@@ -25,7 +26,7 @@ from typing import Iterator
 
 import numpy as np
 
-from sae_jax import store
+from sae_jax import paths, store
 from sae_jax.data.activations import batch_rows
 from sae_jax.data.tokens import TokenBatches
 from sae_jax.errors import CheckpointError, DataError
@@ -42,7 +43,8 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 def cache_meta(model, hook: str, dtype: str, batches: TokenBatches, process_count: int) -> dict:
   """What a cache of ``hook`` under these settings records (and what a reader checks)."""
-  return {"format_version": FORMAT_VERSION, "model": str(model.path), "revision": model.revision,
+  return {"format_version": FORMAT_VERSION, "model": paths.origin(model.path),
+          "revision": model.revision,
           "hook": hook, "dtype": dtype, "normalisation": "none",
           "tokenizer": tokenizer_fingerprint(model.tokenizer), "d_model": model.cfg.d_model,
           "rows_per_batch": batches.cfg.batch_size * batches.cfg.ctx_len,
@@ -52,7 +54,7 @@ def cache_meta(model, hook: str, dtype: str, batches: TokenBatches, process_coun
 
 def _open(path: Path, name: str, shape, dtype: str, chunk_rows: int, create: bool):
   import tensorstore as ts
-  spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path / name)}}
+  spec = {"driver": "zarr3", "kvstore": paths.ts_kvstore(path / name)}  # file or gcs
   if create:
     spec["metadata"] = {"shape": list(shape), "data_type": dtype, "chunk_grid": {
         "name": "regular", "configuration": {"chunk_shape": [chunk_rows] + list(shape[1:])}}}
@@ -69,7 +71,7 @@ def _manifest(path: Path, p: int) -> Path:
 def finished_batches(path: Path) -> dict[int, int]:
   """batch index -> rows, over every process's manifest."""
   out = {}
-  for f in Path(path).glob("manifest.*.json"):
+  for f in paths.as_path(path).glob("manifest.*.json"):
     out.update({int(k): v for k, v in store.read_json(f).items()})
   return out
 
@@ -82,7 +84,7 @@ def write_cache(path: str | Path, model, batches: TokenBatches, hook: str, dtype
   """
   if dtype not in ("float32", "bfloat16"):
     raise DataError(f"cache dtype={dtype!r}; allowed: 'float32', 'bfloat16'")
-  path = Path(path)
+  path = paths.as_path(path)
   meta = cache_meta(model, hook, dtype, batches, process_count)
   try:
     path.mkdir(parents=True, exist_ok=True)
@@ -153,7 +155,7 @@ class CacheReader:
   global_rows = True
 
   def __init__(self, path: str | Path, expect: dict | None = None, seed: int = 0):
-    self.path = Path(path)
+    self.path = paths.as_path(path)
     if not (self.path / "meta.json").exists():
       raise CheckpointError(f"no activation cache at {self.path} (meta.json missing)")
     self.meta = store.read_json(self.path / "meta.json")

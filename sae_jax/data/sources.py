@@ -6,7 +6,7 @@ import itertools
 import os
 from pathlib import Path
 
-from sae_jax import store
+from sae_jax import paths, store
 from sae_jax.config import DataConfig
 from sae_jax.errors import DataError
 from sae_jax.toy.world import World, WorldConfig
@@ -35,7 +35,7 @@ def load_documents(cfg: DataConfig) -> list[dict]:
 
 
 def _toy(cfg: DataConfig) -> list[dict]:
-  summary = store.read_json(Path(cfg.path) / "world.json")
+  summary = store.read_json(paths.as_path(cfg.path) / "world.json")
   world = World(WorldConfig(**{k: tuple(v) if isinstance(v, list) else v
                                for k, v in summary["world"].items()}))
   n = cfg.max_docs or 20_000

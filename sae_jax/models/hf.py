@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from sae_jax import sharding
+from sae_jax import paths, sharding
 from sae_jax.errors import CheckpointError, UnsupportedModelError
 from sae_jax.models import gpt2, gpt_neox, llama
 from sae_jax.models.base import Model, TransformerConfig
@@ -33,7 +33,7 @@ def resolve(name_or_dir: str | os.PathLike, revision: str | None = None) -> Path
   revision, as the toy world writes them). Otherwise a hub repo id, fetched (or found in the
   local cache when HF_HUB_OFFLINE=1) with huggingface_hub at that revision.
   """
-  path = Path(name_or_dir)
+  path = paths.as_path(name_or_dir)
   if path.is_dir():
     if revision is not None and (path / revision).is_dir():
       path = path / revision
@@ -42,7 +42,7 @@ def resolve(name_or_dir: str | os.PathLike, revision: str | None = None) -> Path
                             f"{sorted(p.name for p in path.iterdir() if p.is_dir())}")
     if not (path / "config.json").exists():
       raise CheckpointError(f"{path} has no config.json")
-    return path
+    return paths.local_dir(path)  # a bucket's checkpoint: through a temporary local copy
   if path.exists():
     raise CheckpointError(f"{path} is a file; pass a model directory or a hub repo id")
   try:

@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from sae_jax import store
+from sae_jax import paths, store
 from sae_jax.evals import next_token_nll
 from sae_jax.models import llama
 from sae_jax.models.base import TransformerConfig, forward
@@ -122,7 +122,7 @@ def train_toy_lm(outdir: str | Path, world_cfg: WorldConfig = WorldConfig(),
                  cfg: LMConfig = LMConfig(),
                  log_fn: Callable[[str], None] = logging.info) -> dict:
   """Generate the world, train the toy LM, save checkpoints ``step{N}``; returns world.json."""
-  outdir = Path(outdir)
+  outdir = paths.as_path(outdir)
   done = outdir / "world.json"
   if done.exists():
     log_fn(f"{outdir} already holds a trained toy world; reusing it")

@@ -17,11 +17,10 @@ import jax
 import numpy as np
 from absl import logging
 
-from sae_jax import distributed, evals, store
+from sae_jax import console, distributed, evals, paths, store
 from sae_jax.config import SAEConfig, TrainConfig
 from sae_jax.errors import DataError, Preempted
 from sae_jax.saes.sae import SAE
-from sae_jax.train.step import METRIC_NAMES
 from sae_jax.train.tensorboard import EventWriter
 
 if TYPE_CHECKING:  # typing only: the loop imports this module
@@ -66,7 +65,7 @@ class MetricLog:
       kept = [line for line in run.metrics.read_text().splitlines()
               if line.strip() and json.loads(line).get("step", 0) <= resume_step]
       store.atomic_write_text(run.metrics, "".join(line + "\n" for line in kept))
-    self._jsonl = open(run.metrics, "a")
+    self._jsonl = paths.AppendFile(run.metrics)  # on a bucket: rewritten whole on flush
     self._tb = EventWriter(run.tensorboard)
 
   def write(self, step: int, split: str, values: dict) -> None:
@@ -98,14 +97,23 @@ def check_nan_budget(state, tcfg: TrainConfig) -> None:
 
 def progress_line(served: int, total: int | None, start: int, batch: int, elapsed: float,
                   m: dict[str, float]) -> str:
-  """``step 40/400 12,345 tok/s eta 30s fvu=...``: one progress line."""
+  """``step 40/400 12,345 tok/s fvu 0.4312 dead 0.000 l0 32.0 eta 30s``: one progress line
+  (every metric is in metrics.jsonl)."""
   rate = (served - start) * batch / max(elapsed, 1e-9)
   where = f"step {served}" + (f"/{total}" if total else "")
+  shown = "".join(f" {label} {m[k]:{fmt}}" for k, label, fmt in
+                  (("fvu", "fvu", ".4f"), ("dead_fraction", "dead", ".3f"), ("l0", "l0", ".1f"))
+                  if k in m)
   eta = ""
   if total:
-    eta = f" eta {max(total - served, 0) * batch / max(rate, 1e-9):.0f}s"
-  shown = " ".join(f"{k}={m[k]:.4g}" for k in METRIC_NAMES if k in m and k != "skipped")
-  return f"{where} {rate:,.0f} tok/s{eta} {shown}"
+    eta = f" eta {_duration(max(total - served, 0) * batch / max(rate, 1e-9))}"
+  return f"{where} {rate:,.0f} tok/s{shown}{eta}"
+
+
+def _duration(seconds: float) -> str:
+  s = int(round(seconds))
+  return f"{s}s" if s < 60 else f"{s // 60}m{s % 60:02d}s" if s < 3600 else \
+      f"{s // 3600}h{s // 60 % 60:02d}m"
 
 
 def evaluate(sae_config: SAEConfig, state, rows) -> dict:
@@ -125,8 +133,16 @@ def log_metrics(t: Trainer, served: int) -> None:
       r.last = {k: float(v) for k, v in r.metrics.items()}
       check_nan_budget(r.state, r.tcfg)
       r.log.write(served, "train", r.last)
-      tag = f"[{r.label}] " if len(t.active) > 1 else ""
-      t.log_fn(tag + progress_line(served, t.total, t.start, t.batch_size, t.elapsed(), r.last))
+  # One live line for the fit: each SAE's part side by side (their steps and rate agree).
+  due = [r for r in t.active if served % r.tcfg.run.log_every == 0 or served == t.total]
+  if due:
+    first = progress_line(served, t.total, t.start, t.batch_size, t.elapsed(), due[0].last)
+    if len(t.active) > 1:
+      parts = [f"[{r.label}] fvu {r.last.get('fvu', float('nan')):.4f} dead "
+               f"{r.last.get('dead_fraction', float('nan')):.3f}" for r in due]
+      first = first.split(" fvu ")[0] + " " + " ".join(parts) + (
+          " eta" + first.split(" eta")[1] if " eta" in first else "")
+    (console.last if served == t.total else console.live)(t.log_fn)(first)
 
 
 def evaluate_periodically(t: Trainer, served: int) -> None:

@@ -18,7 +18,7 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from sae_jax import distributed
+from sae_jax import distributed, paths
 from sae_jax.train.state import TrainState
 
 
@@ -26,7 +26,10 @@ class Checkpointer:
   """Keeps the last ``keep`` checkpoints of a run under ``directory`` (async writes)."""
 
   def __init__(self, directory: Path, keep: int):
-    self.directory = Path(directory).absolute()
+    # Orbax takes epath paths: a gs:// directory is written through tensorstore's gcs driver,
+    # and completion there is Orbax's commit marker instead of a rename.
+    self.directory = (paths.as_path(directory) if paths.is_remote(directory)
+                      else Path(directory).absolute())
     self.keep = keep
     self._manager = self._open()
     self.last_save_blocking_s = 0.0
@@ -78,7 +81,10 @@ class Checkpointer:
                         type(e).__name__, str(e)[:200], aside.name)
         self._manager.close()
         if jax.process_index() == 0:  # every host fails alike; one moves it aside
-          shutil.move(str(self.directory / str(step)), str(aside))
+          if paths.is_remote(self.directory):  # no rename on a bucket: copy, then delete
+            (self.directory / str(step)).rename(aside)
+          else:
+            shutil.move(str(self.directory / str(step)), str(aside))
         distributed.barrier(f"moved aside {self.directory} {step}")
         self._manager = self._open()
     return None

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import shutil
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -17,7 +16,7 @@ import jax
 from absl import logging
 from jax.sharding import Mesh
 
-from sae_jax import distributed, store
+from sae_jax import distributed, paths, store
 from sae_jax.config import SAEConfig, TrainConfig
 from sae_jax.errors import ConfigError
 from sae_jax.formats import load_sae
@@ -102,7 +101,7 @@ def check_same_run(run: store.RunDir, current: dict, overwrite: bool) -> None:
 def discard(run: store.RunDir) -> None:
   """Delete everything a run wrote (its directory stays)."""
   for p in (run.state, run.sae, run.tensorboard):
-    shutil.rmtree(p, ignore_errors=True)
+    paths.rmtree(p)
   for p in (run.metrics, run.eval, run.complete_marker, run.config):
     p.unlink(missing_ok=True)
 

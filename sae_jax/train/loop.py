@@ -20,7 +20,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
-from sae_jax import distributed, evals, sharding, store
+from sae_jax import console, distributed, evals, sharding, store
 from sae_jax.config import SAEConfig, TrainConfig
 from sae_jax.errors import ConfigError, DataError
 from sae_jax.saes import registry
@@ -166,8 +166,12 @@ class Trainer:
     if position is not None:
       self.stream.restore(position)
       resume_step = self.stream.served
+      # Start the stream now: its held-out rows are read first, and the evaluation needs
+      # them even when the run resumes at its last batch (nothing left to train).
       batches = iter(self.stream)
-      self.log_fn(f"resumed at batch {self.stream.served} (step "
+      first = next(batches, None)
+      batches = _prepend(first, batches) if first is not None else iter(())
+      self.log_fn(f"resumed at batch {resume_step} (step "
                   f"{int(self.active[0].state.step)}) in {time.perf_counter() - t0:.1f}s")
     else:
       batches = iter(self.stream)
@@ -189,11 +193,15 @@ class Trainer:
         warned.add(message)
         warnings.warn(message, stacklevel=2)
         self.log_fn("WARNING: " + message)
-      self.log_fn(f"training {r.cfg.architecture} SAE d_in={r.cfg.d_in} d_sae={r.cfg.d_sae} "
-                  f"k={r.cfg.k} on {self.mesh.devices.size} device(s), {self.batch_size} "
-                  f"tokens/step" + (f", {self.total} steps" if self.total else "")
-                  + (f" -> {r.run.path}" if r.run else ""))
       r.log = actions.MetricLog(r.run, resume_step)
+    c = self.active[0].cfg
+    where = [str(r.run.path) for r in self.active if r.run]
+    # On the live line (and in the log file): a finished SAE's own line says what it became.
+    console.live(self.log_fn)(
+        f"training {len(self.active)} {c.architecture} SAE(s) d_in={c.d_in} d_sae={c.d_sae} "
+        f"k={c.k} on {self.mesh.devices.size} device(s), {self.batch_size} tokens/step"
+        + (f", {self.total} steps" if self.total else "")
+        + (f" -> {_common_prefix(where)}" if where else ""))
     return batches
 
   def finalise(self) -> None:
@@ -237,3 +245,13 @@ class Trainer:
 def _prepend(first, rest):
   yield first
   yield from rest
+
+
+def _common_prefix(paths: list[str]) -> str:
+  """``runs/toy/step30/{resid_post.0,resid_post.0@seed1}`` for several run directories."""
+  if len(paths) == 1:
+    return paths[0]
+  head = paths[0].rsplit("/", 1)[0]
+  if all(p.rsplit("/", 1)[0] == head for p in paths):
+    return head + "/{" + ",".join(p.rsplit("/", 1)[-1] for p in paths) + "}"
+  return ", ".join(paths)

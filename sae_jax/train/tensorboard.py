@@ -11,7 +11,8 @@ import os
 import socket
 import struct
 import time
-from pathlib import Path
+
+from sae_jax import paths
 
 
 def _crc32c_table() -> list[int]:
@@ -71,9 +72,10 @@ class EventWriter:
   """Appends scalar summaries to a new event file under ``logdir``."""
 
   def __init__(self, logdir: str | os.PathLike):
-    Path(logdir).mkdir(parents=True, exist_ok=True)
+    logdir = paths.as_path(logdir)
+    logdir.mkdir(parents=True, exist_ok=True)
     name = f"events.out.tfevents.{time.time():.6f}.{socket.gethostname()}.{os.getpid()}"
-    self._f = open(Path(logdir) / name, "ab")
+    self._f = paths.AppendFile(logdir / name, binary=True)
     self._write(_event(0, file_version="brain.Event:2"))
 
   def _write(self, record: bytes) -> None:

@@ -1,0 +1,29 @@
+"""The toy world's trace (the README's main command). ``--config=experiments/configs/toy.py:tiny``
+is the seconds-long variant."""
+
+import ml_collections
+
+from sae_jax.cli import add_study_settings
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+  tiny = arg == "tiny"
+  c = ml_collections.ConfigDict()
+  c.model = "toy_model"  # relative paths are taken inside --workdir
+  c.toy = True
+  c.toy_size = "tiny" if tiny else "default"
+  c.revisions = ()  # every checkpoint the toy run saved, in training order
+  c.hooks = ("resid_post.1",) if not tiny else ("resid_post.0",)
+  c.expansion = 8
+  c.sae = dict(architecture="topk", d_in=1, d_sae=8, k=8, normalize="unit_norm")
+  c.train = dict(batch_size=1024, total_tokens=(40 if tiny else 240) * 1024, eval_tokens=2048,
+                 dead_tokens=200_000, encoder_init="linear", optim=dict(lr=2e-3, warmup_steps=20),
+                 run=dict(log_every=40, checkpoint_every=100))
+  c.data = dict(source="toy", path="toy_model", max_docs=2500 if tiny else 12000, ctx_len=40,
+                batch_size=64, buffer_batches=16)
+  add_study_settings(c, analysis_eval_tokens=5_000 if tiny else 20_000,
+                     exports=("sae_lens", "llm_jp_sae"), eval_batches=2 if tiny else 4)
+  # A second init seed at every checkpoint: the overlap at checkpoint t is read against the
+  # seed-to-seed overlap at t, and the match threshold is calibrated on those pairs.
+  c.seed_baseline = ("every",)
+  return c
