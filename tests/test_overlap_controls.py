@@ -222,3 +222,19 @@ def test_seed_baseline_every_final_none_and_old_configs():
   for key in ("match_threshold", "false_match_rate", "min_firings", "lineage_gap"):
     old["outputs"].pop(key)
   assert sj.TraceConfig.from_dict(old).outputs.min_firings == 5  # a config written before
+
+
+@pytest.mark.parametrize("source, rate", [("default", None), ("fixed", None),
+                                          ("calibrated", 0.05)])
+def test_report_states_how_the_threshold_was_chosen(source, rate):
+  """A threshold that was not calibrated has no false-match rate: the report still renders."""
+  import pandas as pd
+
+  from sae_jax.analysis.overlap_results import OverlapResult
+  from sae_jax.analysis.report import OVERLAP_COLUMNS, overlap_html
+  result = OverlapResult(threshold=0.5, comparisons=[], lineages=[], links={}, checkpoints=[],
+                         threshold_source=source, false_match_rate=rate)
+  overlap = pd.DataFrame({c: [0.5] for c in OVERLAP_COLUMNS})
+  html = overlap_html(overlap, pd.DataFrame(), 0.5, result)
+  assert "Threshold 0.500" in html
+  assert ("5%" in html) == (source == "calibrated")

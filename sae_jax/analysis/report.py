@@ -117,10 +117,12 @@ def overlap_html(overlap, lineage, threshold: float, result=None, tables: dict |
   tables = tables or {}
   h = f"<h2>Feature overlap (activation correlation &ge; {threshold:.3f})</h2>"
   if result is not None:
-    how = {"calibrated": f"calibrated on the seed pairs: the correlation that at most "
-                         f"{result.false_match_rate:.0%} of their features reach against "
-                         "shuffled pairings (the seed variant's codes rolled over the tokens)",
-           "fixed": "as configured", "default": "the default (no seed pair to calibrate on)"}
+    # The false-match rate exists only for a calibrated threshold (None otherwise).
+    how = {"fixed": "as configured", "default": "the default (no seed pair to calibrate on)"}
+    if result.threshold_source == "calibrated":
+      how["calibrated"] = (f"calibrated on the seed pairs: the correlation that at most "
+                           f"{result.false_match_rate:.0%} of their features reach against "
+                           "shuffled pairings (the seed variant's codes rolled over the tokens)")
     h += f"<p>Threshold {threshold:.3f}: {how[result.threshold_source]}.</p>"
   cal = tables.get("calibration")
   if cal is not None and len(cal):
