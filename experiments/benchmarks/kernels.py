@@ -13,9 +13,9 @@ the speed-up, and the largest absolute difference of the Pallas results from the
 from __future__ import annotations
 
 import json
-import time
 
 from absl import app, flags
+from timing import lower_quartile_seconds
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("d_in", 2048, "activation width D")
@@ -29,18 +29,7 @@ flags.DEFINE_list("ops", ["decode_fwd", "decode_bwd", "encoder_weight_grad", "tr
                   "what to time")
 
 
-def _timeit(fn, steps: int) -> float:
-  """Lower-quartile seconds per call after two warm-up calls."""
-  import jax
-  for _ in range(2):
-    jax.block_until_ready(fn())
-  times = []
-  for _ in range(steps):
-    t = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t)
-  times.sort()
-  return times[len(times) // 4]
+_timeit = lower_quartile_seconds
 
 
 def _max_diff(a, b) -> float:

@@ -16,9 +16,9 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
 
 from absl import app, flags
+from timing import lower_quartile_seconds
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("d_in", 512, "activation width D")
@@ -50,18 +50,7 @@ flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"],
                   "on CUDA runs its forward under bfloat16 autocast)")
 
 
-def _timeit(fn, steps: int) -> float:
-  """Best-of (median of three blocks) seconds per call, after two warm-up calls."""
-  import jax
-  for _ in range(2):
-    jax.block_until_ready(fn())
-  times = []
-  for _ in range(steps):
-    t = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t)
-  times.sort()
-  return times[len(times) // 4]  # lower quartile: robust to a noisy neighbour
+_timeit = lower_quartile_seconds
 
 
 def _emit(record: dict) -> None:

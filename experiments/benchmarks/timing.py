@@ -1,0 +1,18 @@
+"""Timing shared by the benchmark scripts (imported as a sibling: scripts run from this folder)."""
+
+import time
+
+
+def lower_quartile_seconds(fn, steps: int) -> float:
+  """Lower-quartile seconds per call of ``fn`` (its result blocked on) after two warm-up calls:
+  robust to a noisy neighbour."""
+  import jax
+  for _ in range(2):
+    jax.block_until_ready(fn())
+  times = []
+  for _ in range(steps):
+    t = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t)
+  times.sort()
+  return times[len(times) // 4]
