@@ -223,7 +223,7 @@ def test_accelerator_row_ops_equal_the_cpu_form(monkeypatch, group_bytes):
   src, table = jax.random.normal(ks[2], (n, d)), jax.random.normal(ks[3], (m, d))
   for platform in ("cpu", "gpu"):
     got = (rows._scatter_rows(ids, w, src, m, jnp.float32, platform),
-           rows._gather_dot(ids, w, table, platform), rows._row_dots(ids, src, table, platform))
+           rows._gather_sum(ids, w, table, platform), rows._gather_dot(ids, src, table, platform))
     safe = jnp.minimum(ids, m - 1)
     want = (jnp.zeros((m + 1, d)).at[ids].add(w[..., None] * src[:, None])[:m],
             jnp.einsum("nj,njd->nd", w, table[safe]), jnp.einsum("nd,njd->nj", src, table[safe]))

@@ -80,7 +80,7 @@ def scatter_rows(rows_of: jax.Array, weights: jax.Array, source: jax.Array, m_lo
   return _per_platform(fn, rows_of, weights, source)
 
 
-def _gather_dot(rows_of, weights, table, platform):
+def _gather_sum(rows_of, weights, table, platform):
   n, j = rows_of.shape
   m_local, d = table.shape
   g = group_size(n, j, d, platform)
@@ -97,15 +97,15 @@ def _gather_dot(rows_of, weights, table, platform):
   return lax.scan(body, acc, (rows, w.astype(jnp.float32)))[0]
 
 
-def gather_dot(rows_of: jax.Array, weights: jax.Array, table: jax.Array) -> jax.Array:
+def gather_sum(rows_of: jax.Array, weights: jax.Array, table: jax.Array) -> jax.Array:
   """sum_j weights[n, j] * table[rows_of[n, j]]: [N, J], [N, J], [M_l, D] -> [N, D] float32.
 
   Row ids >= M_l read the last row: their weights must be zero.
   """
-  return _per_platform(_gather_dot, rows_of, weights, table)
+  return _per_platform(_gather_sum, rows_of, weights, table)
 
 
-def _row_dots(rows_of, g_rows, table, platform):
+def _gather_dot(rows_of, g_rows, table, platform):
   n, j = rows_of.shape
   m_local, d = table.shape
   grp = group_size(n, j, d, platform)
@@ -121,9 +121,9 @@ def _row_dots(rows_of, g_rows, table, platform):
   return dots.transpose(1, 0, 2).reshape(n, -1)[:, :j]
 
 
-def row_dots(rows_of: jax.Array, g_rows: jax.Array, table: jax.Array) -> jax.Array:
+def gather_dot(rows_of: jax.Array, g_rows: jax.Array, table: jax.Array) -> jax.Array:
   """<g_rows[n], table[rows_of[n, j]]>: [N, J], [N, D] float32, [M_l, D] -> [N, J] float32.
 
   Row ids >= M_l read the last row: mask those entries afterwards.
   """
-  return _per_platform(_row_dots, rows_of, g_rows, table)
+  return _per_platform(_gather_dot, rows_of, g_rows, table)

@@ -210,7 +210,7 @@ def _encode_bwd(k, k_aux, axis_name, compute_dtype, kernels, res, g):
   d_b_enc = jnp.zeros((m_local,), jnp.float32).at[rows].add(weights, mode="drop")
   # dL/dxc[n] = sum_j weights[n, j] W_enc[:, idx[n, j]]. Its sum over n is W_enc @ d_b_enc, so
   # b_dec's gradient costs one mat-vec; dx (unused when training, removed by XLA) needs gathers.
-  d_x = row_ops.gather_dot(rows, weights, W_enc.T)
+  d_x = row_ops.gather_sum(rows, weights, W_enc.T)
   d_b_dec = -(W_enc.astype(jnp.float32) @ d_b_enc)
   return (d_x.astype(xc.dtype), d_w_enc.astype(W_enc.dtype), d_b_enc.astype(W_enc.dtype),
           d_b_dec.astype(W_enc.dtype), None)
@@ -264,7 +264,7 @@ def _decode_fwd(values, indices, W_dec, axis_name, kernels):
   rows_idx, owned = owned_rows(indices, m_local, axis_name)
   weights = jnp.where(owned, values, 0.0).astype(jnp.float32)
   if kernels == "xla":
-    out = row_ops.gather_dot(rows_idx, weights, W_dec)
+    out = row_ops.gather_sum(rows_idx, weights, W_dec)
   else:
     out = sparse_ops.gather_sum(jnp.minimum(rows_idx, m_local - 1), weights, W_dec)
   return out, (weights, rows_idx, owned, W_dec)
@@ -281,7 +281,7 @@ def _decode_bwd(axis_name, kernels, res, g):
     d_w = sparse_ops.scatter_rows(rows_idx, weights, g, m_local)
     return d_vals, None, d_w.astype(W_dec.dtype)
 
-  d_vals = row_ops.row_dots(rows_idx, g, W_dec)
+  d_vals = row_ops.gather_dot(rows_idx, g, W_dec)
   d_w = row_ops.scatter_rows(rows_idx, weights, g, m_local, jnp.float32)
   d_vals = jnp.where(owned, d_vals, 0.0)
   return d_vals, None, d_w.astype(W_dec.dtype)
