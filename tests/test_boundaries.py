@@ -13,7 +13,7 @@ _COMMAND_WHY = ("a console command: distributed.initialize (or a bad path's one 
                 "before JAX and the library load, and `sae-jax --help` loads nothing")
 DEFERRED_OK: dict[tuple[str, str], str] = {
     (f"sae_jax.commands.{m}", "main"): _COMMAND_WHY
-    for m in ("trace", "analyze", "train_sae", "collect", "label_examples")}
+    for m in ("trace", "analyze", "train_sae", "collect", "label_examples", "plan")}
 
 
 def _module_name(path: Path) -> str:

@@ -42,20 +42,19 @@ def test_a_command_runs_its_program_with_the_rest_of_the_arguments(tmp_path):
   assert "--input" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_plan_runs_where_present_and_says_so_where_not(capsys, monkeypatch):
+def test_a_command_missing_from_the_installation_says_so(capsys, monkeypatch):
   monkeypatch.setitem(commands.COMMANDS, "plan", ("sae_jax.no_such_plan", "x"))
-  monkeypatch.setattr(commands, "PLAN_FALLBACK", "experiments.no_such_plan")
   assert commands.main(["sae-jax", "plan"]) == 2
   assert "sae-jax plan is not available" in capsys.readouterr().err
-  # Present (a module with main(argv), as an absl script has): it runs with the arguments.
-  seen = []
-  fake = type(sys)("fake_plan")
-  fake.main = lambda argv: seen.append(argv)
-  monkeypatch.setitem(sys.modules, "fake_plan", fake)
-  monkeypatch.setitem(commands.COMMANDS, "plan", ("fake_plan", "x"))
-  with pytest.raises(SystemExit):  # absl's app.run exits after main
-    commands.main(["sae-jax", "plan"])
-  assert seen == [["sae-jax plan"]]
+
+
+def test_plan_is_a_packaged_command_outside_a_source_checkout(tmp_path):
+  # Run where experiments/ cannot be imported: the command comes from the package alone.
+  proc = subprocess.run([sys.executable, "-c", "import sys; from sae_jax.commands import main; "
+                         "sys.exit(main(['sae-jax', 'plan', '--config=toy:tiny']))"],
+                        capture_output=True, text=True, cwd=tmp_path, timeout=120)
+  assert proc.returncode != 0
+  assert "--topology" in proc.stderr and "Traceback" not in proc.stderr
 
 
 @pytest.mark.parametrize("arg, expect", [

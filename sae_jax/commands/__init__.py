@@ -10,14 +10,13 @@ from __future__ import annotations
 import importlib
 import sys
 
-# command -> (module, one line of help). ``plan`` is written elsewhere (sae_jax.plan, or
-# experiments/plan.py in a source checkout) and runs where it is present.
+# command -> (module, one line of help).
 COMMANDS = {
     "trace": ("sae_jax.commands.trace", "SAEs for every checkpoint x hook, evaluated, analysed"),
     "analyze": ("sae_jax.commands.analyze", "features, labels, overlap, report.html of a trace"),
     "train-sae": ("sae_jax.commands.train_sae", "one SAE: one checkpoint, one hook"),
     "collect": ("sae_jax.commands.collect", "extract activations into tensorstore caches"),
-    "plan": ("sae_jax.plan", "compile for a TPU topology: memory, FLOPs, projected hours"),
+    "plan": ("sae_jax.commands.plan", "compile for a TPU topology: memory, FLOPs, projected hours"),
     "label-examples": ("sae_jax.commands.label_examples",
                        "language and granularity labels of features from their examples"),
     "train-toy-lm": ("sae_jax.commands.train_toy_lm", "train the toy world's model alone"),
@@ -35,10 +34,6 @@ def usage() -> str:
   return "\n".join(lines)
 
 
-# In a source checkout, ``plan`` may be the script experiments/plan.py.
-PLAN_FALLBACK = "experiments.plan"
-
-
 def _load(name: str):
   """The command's module, or None when it is not part of this installation."""
   module = COMMANDS[name][0]
@@ -47,11 +42,6 @@ def _load(name: str):
   except ModuleNotFoundError as e:
     if e.name is None or not module.startswith(e.name):
       raise  # the command exists but something it needs is missing: say so in full
-  if name == "plan":  # a source checkout's script
-    try:
-      return importlib.import_module(PLAN_FALLBACK)
-    except ModuleNotFoundError:
-      return None
   return None
 
 
@@ -70,9 +60,5 @@ def main(argv: list[str] | None = None) -> int:
     print(f"error: sae-jax {name} is not available in this installation", file=sys.stderr)
     return 2
   rest = [f"sae-jax {name}"] + argv[2:]
-  if hasattr(module, "run"):
-    module.run(rest)
-  else:  # an absl script exposing main(argv) only
-    from absl import app
-    app.run(module.main, argv=rest)
+  module.run(rest)
   return 0
