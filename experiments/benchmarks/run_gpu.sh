@@ -23,7 +23,7 @@ T=${PART_TIMEOUT:-170}
 timeout $T $PY $B --peer_python=$PY --paper_shape --paper_batch=32768 --steps=10 \
   --compute_dtype=bfloat16 --kernels=xla,pallas | tee "$OUT/sae_step_bf16.jsonl"
 # 2. Each sparse op, XLA vs Pallas (decode, its backward, the encoder weight gradient).
-timeout $T $PY experiments/benchmarks/kernels.py | tee "$OUT/kernels.jsonl"
+timeout $T $PY experiments/benchmarks/sparse_kernels.py | tee "$OUT/kernels.jsonl"
 # 3. The Pallas kernels compiled for the GPU against the XLA path (tests).
 JAX_PLATFORMS=cuda,cpu timeout $T $PY -m pytest -q -p no:cacheprovider \
   tests/test_pallas_kernels.py 2>&1 | tail -15 | tee "$OUT/pallas_tests.txt"

@@ -5,8 +5,8 @@ values and to W_dec), ``encoder_weight_grad`` (W_enc's gradient over the selecte
 ``train_step`` (the whole TopK step from ``make_train_step``): seconds and tokens/s of each path,
 the speed-up, and the largest absolute difference of the Pallas results from the XLA ones.
 
-  python experiments/benchmarks/kernels.py            # d_in 2048, d_sae 32768, k 32, N 16384
-  python experiments/benchmarks/kernels.py --small    # a tiny shape; on a CPU the Pallas
+  python experiments/benchmarks/sparse_kernels.py            # d_in 2048, d_sae 32768, k 32, N 16384
+  python experiments/benchmarks/sparse_kernels.py --small    # a tiny shape; on a CPU the Pallas
                                                       # kernels run interpreted (proof of life)
 """
 
