@@ -41,6 +41,8 @@ flags.DEFINE_integer("steps", 10, "timed steps (after warm-up)")
 flags.DEFINE_list("kernels", ["xla"],
                   "TrainConfig.kernels to time: xla, pallas or both (steps other than the "
                   "default xla get a _pallas suffix)")
+flags.DEFINE_enum("auxk_impl", "auto", ["auto", "dense", "sparse"],
+                  "TrainConfig.auxk_impl of our AuxK step (auto: the library's choice)")
 flags.DEFINE_string("peer_python", None, "python of a venv with eai-sparsify and sae-lens")
 flags.DEFINE_string("peer_script", None,
                     "path of the peer harness (default: peer_sae_step.py beside this file, or "
@@ -87,7 +89,7 @@ def bench_shape(d: int, m: int, k: int, n: int, archs, dead_fraction: float, ste
   mesh = sj.make_mesh()
   for arch, kn in [(a, kn) for a in archs for kn in kernels]:
     cfg = sj.SAEConfig(architecture=arch, d_in=d, d_sae=m, k=k, compute_dtype=cdt.name)
-    tcfg = sj.TrainConfig(batch_size=n, kernels=kn)
+    tcfg = sj.TrainConfig(batch_size=n, kernels=kn, auxk_impl=FLAGS.auxk_impl)
     variants = [("", 0.0)] + ([("_auxk", dead_fraction)] if dead_fraction > 0 and
                               cfg.architecture in ("topk", "batchtopk") else [])
     for suffix, dead in variants:

@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from sae_jax.kernels.topk import local_top_k
+
 
 def dead_columns(aux_mask: jax.Array, capacity: int) -> tuple[jax.Array, jax.Array]:
   """Indices of the dead latents, padded to ``capacity``: ([capacity] int32, [capacity] bool)."""
@@ -57,8 +59,10 @@ def dense_auxk_decode(x: jax.Array, W_enc: jax.Array, b_enc: jax.Array, b_dec: j
   shift = jnp.dot(b_dec.astype(cdt), w_enc, preferred_element_type=jnp.float32)
   pre = pre - shift[None, :] + jnp.take(b_enc, cols).astype(jnp.float32)
   pre = jnp.where(valid[None, :], pre, -jnp.inf)  # padding is never selected
-  top, pos = lax.top_k(pre, k_aux)  # [N, k_aux]
-  vals = jnp.maximum(top, 0.0)  # -inf (fewer dead than k_aux) -> 0
+  # Select without differentiating (the CPU's fast top-k has no derivative), then gather the
+  # selected pre-activations: their gradient is the same as through lax.top_k's values.
+  _, pos = local_top_k(lax.stop_gradient(pre), k_aux)  # [N, k_aux]
+  vals = jnp.maximum(jnp.take_along_axis(pre, pos, axis=1), 0.0)  # -inf (too few dead) -> 0
   n = x.shape[0]
   codes = jnp.zeros((n, capacity), jnp.float32).at[jnp.arange(n)[:, None], pos].set(vals)
   w_dec = jnp.take(W_dec, cols, axis=0).astype(cdt)  # [C, D]

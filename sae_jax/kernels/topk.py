@@ -43,7 +43,7 @@ def shard_offset(m_local: int, axis_name: str | None) -> jax.Array | int:
   return lax.axis_index(axis_name) * m_local
 
 
-def _local_top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+def local_top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
   """Exact top-k along the last axis ([N, M] -> [N, k] values, int32 indices).
 
   On CPU, the FFI kernel of ``cpu_topk`` (one thresholded pass per row, multi-threaded) when it
@@ -90,7 +90,7 @@ def select_topk(pre: jax.Array, k: int, axis_name: str | None = None
     and equal to the unsharded result.
   """
   m_local = pre.shape[-1]
-  vals, idx = _local_top_k(pre, min(k, m_local))
+  vals, idx = local_top_k(pre, min(k, m_local))
   return _merge_shards(vals, idx, k, m_local, axis_name)
 
 
@@ -141,10 +141,10 @@ def _encode_select(xc, W_enc, b_enc, aux_mask, k, k_aux, compute_dtype, platform
 
   def one_chunk(x_chunk):
     pre = jnp.dot(x_chunk.astype(cdt), w, preferred_element_type=jnp.float32) + b
-    out = tuple(_local_top_k(pre, min(k, m_local)))
+    out = tuple(local_top_k(pre, min(k, m_local)))
     if k_aux:
       masked = jnp.where(aux_mask[None, :], pre, -jnp.inf)
-      out = out + tuple(_local_top_k(masked, min(k_aux, m_local)))
+      out = out + tuple(local_top_k(masked, min(k_aux, m_local)))
     return out
 
   def chunked(xc, platform):
