@@ -8,6 +8,7 @@ import pytest
 import sae_jax as sj
 from sae_jax.errors import ConfigError, DataError
 from sae_jax.train import init_train_state, make_train_step
+from sae_jax.train.step import MIN_AUX_BUCKET
 
 D, M, N = 16, 256, 64
 
@@ -181,7 +182,10 @@ def test_auxk_width_follows_the_dead_count_with_identical_results():
   fresh = lambda n_dead: init_train_state(cfg, tcfg, mesh, x).replace(
       tokens_since_fired=jnp.where(jnp.arange(M) < n_dead, tcfg.dead_tokens, 0))
   assert step.aux_columns(fresh(0)) == 0
-  assert step.aux_columns(fresh(5)) == 8
+  # The power of two holding the dead latents, at least MIN_AUX_BUCKET, at most k_aux.
+  assert MIN_AUX_BUCKET == 32
+  assert step.aux_columns(fresh(5)) == 32
+  assert step.aux_columns(fresh(40)) == 64
   assert step.aux_columns(fresh(200)) == 64
   narrow, m1 = step.jitted(8)(fresh(5), x)
   wide, m2 = step.jitted(64)(fresh(5), x)

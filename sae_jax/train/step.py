@@ -83,6 +83,11 @@ def _shard_body(params, buffers, tsf, x_raw, *, sae_cfg: SAEConfig, tcfg: TrainC
   return grads, fired, info.threshold, metrics
 
 
+# The fewest AuxK columns a program computes: each width is its own compiled program, and the
+# narrow ones (1, 2, 4, ... while the first latents die) cost compiles, not steps. The extra
+# columns select only latents that are not dead, whose values are zero, so results are the same.
+MIN_AUX_BUCKET = 32
+
 # Dense AuxK ("auto") when k_aux columns are at least this share of the dead-latent block: the
 # sparse path moves k_aux rows per token, the dense one multiplies by the whole block.
 DENSE_AUXK_MIN_DENSITY = 1 / 64
@@ -157,7 +162,7 @@ class TrainStep:
     n = int(self._num_dead(state.tokens_since_fired))
     if n == 0:
       return 0, 0
-    pow2 = 1 << (n - 1).bit_length()
+    pow2 = max(1 << (n - 1).bit_length(), MIN_AUX_BUCKET)
     cols = min(self.k_aux, pow2)
     capacity = min(pow2, self.sae_cfg.d_sae)
     dense = self.dense_auxk == "dense" or (
@@ -221,5 +226,18 @@ class TrainStep:
 
 
 def make_train_step(sae_cfg: SAEConfig, tcfg: TrainConfig, mesh: Mesh) -> TrainStep:
-  """The train step for these configs on ``mesh`` (see :class:`TrainStep`)."""
-  return TrainStep(sae_cfg, tcfg, mesh)
+  """The train step for these configs on ``mesh`` (see :class:`TrainStep`).
+
+  Equal configs on one mesh share one TrainStep, so SAEs trained side by side (seeds) and
+  successive runs of one trace compile each program once. A TrainStep holds only programs.
+  """
+  key = (sae_cfg.to_json(), tcfg.to_json(), mesh)  # configs may hold dicts: keyed as JSON
+  step = _STEPS.pop(key, None) or TrainStep(sae_cfg, tcfg, mesh)
+  _STEPS[key] = step  # most recently used last
+  while len(_STEPS) > _MAX_SHARED_STEPS:
+    _STEPS.pop(next(iter(_STEPS)))
+  return step
+
+
+_MAX_SHARED_STEPS = 16
+_STEPS: dict[tuple, TrainStep] = {}
