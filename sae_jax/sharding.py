@@ -6,6 +6,7 @@ them to the mesh axes ("data", "model"). Change the table, not the model code, t
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import jax
@@ -93,3 +94,24 @@ def check_divisible(size: int, mesh: Mesh, axis: str, what: str) -> None:
   n = mesh.shape[axis]
   if size % n:
     raise ConfigError(f"{what}={size} is not divisible by the mesh '{axis}' axis size {n}")
+
+
+def check_logical_divisible(mesh: Mesh, sizes: dict[str, int], what: str) -> None:
+  """One-line ConfigError unless each logical dimension in ``sizes`` (name -> size) splits
+  evenly over the mesh axis the rules map it to (unmapped axes and axes of size 1 split
+  nothing), naming the sizes and the axis sizes that would work."""
+  by_axis: dict[str, list[tuple[str, int]]] = {}
+  for name, size in sizes.items():
+    axis = named_sharding(mesh, (name,)).spec[0]
+    if axis is not None and mesh.shape[axis] > 1:
+      by_axis.setdefault(axis, []).append((name, size))
+  for axis, dims in by_axis.items():
+    n = mesh.shape[axis]
+    bad = [f"{name}={size}" for name, size in dims if size % n]
+    if bad:
+      g = math.gcd(*(size for _, size in dims))
+      allowed = [d for d in range(1, g + 1) if g % d == 0]
+      raise ConfigError(f"{what}: the mesh's '{axis}' axis of size {n} does not divide "
+                        f"{', '.join(bad)} (tensor parallelism splits "
+                        f"{', '.join(f'{k}={v}' for k, v in dims)}); allowed '{axis}' sizes: "
+                        f"{', '.join(map(str, allowed))}")

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from flax import nnx
 from safetensors.numpy import load_file, save_file
 from tokenizers import Tokenizer, pre_tokenizers
 from tokenizers.models import WordLevel
@@ -18,7 +19,7 @@ from tokenizers.models import WordLevel
 import sae_jax as sj
 from sae_jax.errors import CheckpointError, ConfigError, UnsupportedModelError
 from sae_jax.models import base, load_model
-from sae_jax.models.hf import abstract_params, read_config
+from sae_jax.models.hf import abstract_model, read_config
 from sae_jax.models.hooks import parse_hook
 
 TOL = 1e-4  # float32, fixed up front
@@ -56,8 +57,15 @@ VARIANTS = {
 }
 
 
+# Not in the parity matrix: heads, key/value heads and MLP width that a 4-way "model" axis splits.
+TENSOR_PARALLEL = (transformers.LlamaConfig, _llama_cfg(hidden_size=64, intermediate_size=96,
+                                                        num_attention_heads=8,
+                                                        num_key_value_heads=4,
+                                                        tie_word_embeddings=True))
+
+
 def _save(tmp_path_factory, name):
-  cls, kw = VARIANTS[name]
+  cls, kw = TENSOR_PARALLEL if name == "llama_tp" else VARIANTS[name]
   torch.manual_seed(0)
   cfg = cls(**kw)
   cfg._attn_implementation = "eager"
@@ -152,18 +160,21 @@ def test_stops_at_the_deepest_hook_and_splices(tmp_path_factory):
   model = load_model(path)
   ids = np.random.default_rng(3).integers(0, V, size=(B, T))
   mask = np.ones_like(ids)
-  # resid_post.0 needs block 0 only: the forward runs without blocks 1 and 2's weights at all
-  # (a missing weight fails the trace) and gives what the full model gives.
-  block0 = {k: v for k, v in model.params.items()
-            if not k.startswith(("model.layers.1.", "model.layers.2."))}
-  shallow, _ = base.forward(model.family, model.cfg, block0, ids, mask,
-                            (parse_hook("resid_post.0"),), (), False, jnp.float32)
-  np.testing.assert_allclose(shallow["resid_post.0"],  # eager vs jitted: rounding only
+  # resid_post.0 needs block 0 only: the traced forward reads no weight of blocks 1 and 2 (nor
+  # the unembedding) and gives what the full model gives.
+  state = nnx.state(model)
+  names = {id(v.get_value()): base.param_name(p) for p, v in nnx.to_flat_state(state)}
+  names = [names[id(a)] for a in jax.tree.leaves(state)]
+  graphdef = base.graphdef_of(type(model), model.cfg)
+  run = lambda s: base.forward(graphdef, s, ids, mask, (parse_hook("resid_post.0"),), (), False,
+                               jnp.float32)[0]
+  jaxpr = jax.make_jaxpr(run)(state).jaxpr
+  read = {v for e in jaxpr.eqns for v in e.invars if not hasattr(v, "val")}
+  unread = {n for n, v in zip(names, jaxpr.invars) if v not in read}
+  assert unread == {n for n in names if not n.startswith(("model.embed_tokens.", "model.layers.0."))}
+  np.testing.assert_allclose(run(state)["resid_post.0"],  # eager vs jitted: rounding only
                              model.activations(ids, ["resid_post.0"])["resid_post.0"],
                              rtol=TOL, atol=TOL)
-  with pytest.raises((AttributeError, KeyError)):  # block 1 does need its weights
-    base.forward(model.family, model.cfg, block0, ids, mask, (parse_hook("resid_post.1"),), (),
-                 False, jnp.float32)
   # Splicing the identity changes nothing; zero-ablating mlp_out.1 matches HF with that MLP's
   # output zeroed by a forward hook.
   clean = model.logits(ids)
@@ -181,15 +192,67 @@ def test_stops_at_the_deepest_hook_and_splices(tmp_path_factory):
   np.testing.assert_array_equal(acts["blocks.1.hook_resid_post"], acts["resid_post.1"])
 
 
+def test_the_model_is_an_nnx_module_named_as_the_checkpoint(tmp_path_factory):
+  _, path = _save(tmp_path_factory, "gpt2")
+  model = load_model(path)
+  assert isinstance(model, nnx.Module) and type(model).__name__ == "GPT2LMHeadModel"
+  graphdef, state = nnx.split(model)
+  names = {base.param_name(p) for p, _ in nnx.to_flat_state(state)}
+  assert names == set(load_file(str(path / "model.safetensors"))) - {
+      k for k in load_file(str(path / "model.safetensors")) if k.endswith(".attn.bias")}
+  w = model.transformer.h[1].attn.c_attn.weight
+  assert w.get_metadata()["out_sharding"] == ("embed", "heads")  # logical names only
+  ids = np.random.default_rng(7).integers(0, V, size=(1, T))
+  again = nnx.merge(graphdef, state)
+  np.testing.assert_array_equal(again.logits(ids), model.logits(ids))
+
+
 def test_sharded_load_on_2x4_mesh_equals_unsharded(tmp_path_factory):
-  _, path = _save(tmp_path_factory, "llama_tied_mha")
+  _, path = _save(tmp_path_factory, "llama_tp")
   ids = np.random.default_rng(4).integers(0, V, size=(4, T))
   mesh = sj.make_mesh(sj.MeshConfig(data=2, model=4))
   one = load_model(path)
   sharded = load_model(path, mesh=mesh)
-  w = sharded.params["model.layers.0.self_attn.q_proj.weight"]
+  w = sharded.model.layers[0].self_attn.q_proj.weight.get_value()
   assert w.sharding.spec == jax.sharding.PartitionSpec("model", None)
+  assert {s.data.shape for s in w.addressable_shards} == {(w.shape[0] // 4, w.shape[1])}
+  vocab = sharded.model.embed_tokens.weight.get_value()  # 97 rows: replicated, as allowed
+  assert vocab.sharding.spec == jax.sharding.PartitionSpec(None, None)
   np.testing.assert_allclose(sharded.logits(ids), one.logits(ids), rtol=TOL, atol=TOL)
+
+
+def test_a_model_too_big_for_one_device_loads_and_runs_sharded(tmp_path):
+  """A synthetic Llama whose weights exceed a per-device limit set here loads and runs on
+  (data=2, model=4): every device holds under the limit, weights and forward alike."""
+  hf_cfg = dict(model_type="llama", vocab_size=512, hidden_size=64, intermediate_size=256,
+                num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4,
+                rms_norm_eps=1e-5, tie_word_embeddings=False)
+  (tmp_path / "config.json").write_text(json.dumps(hf_cfg))
+  _, cfg = read_config(tmp_path)
+  _, abstract = abstract_model(cfg)
+  rng = np.random.default_rng(8)
+  save_file({base.param_name(p): (0.05 * rng.standard_normal(v.shape)).astype(np.float32)
+             for p, v in nnx.to_flat_state(abstract)}, str(tmp_path / "model.safetensors"))
+  limit = 512 * 1024  # bytes per device
+  whole = sum(a.size * 4 for a in jax.tree.leaves(abstract))
+  assert whole > limit  # unsharded, one device would need more than it has
+  model = load_model(tmp_path, mesh=sj.make_mesh(sj.MeshConfig(data=2, model=4)))
+  per_device = {}
+  for a in jax.tree.leaves(nnx.state(model)):
+    for s in a.addressable_shards:
+      per_device[s.device] = per_device.get(s.device, 0) + s.data.nbytes
+  assert len(per_device) == 8 and max(per_device.values()) < limit
+  ids = rng.integers(0, 512, size=(2, 16))
+  logits = model.logits(ids)
+  assert logits.shape == (2, 16, 512) and bool(jnp.isfinite(logits).all())
+  compiled = base._forward_jit.lower(base.Graph(type(model), cfg),
+                                     jax.tree.leaves(nnx.state(model)), *model._inputs(ids, None),
+                                     (), (), True, jnp.float32, ()).compile().memory_analysis()
+  peak = (compiled.argument_size_in_bytes + compiled.output_size_in_bytes
+          + compiled.temp_size_in_bytes)
+  print(f"whole model {whole} B, limit {limit} B, per device: weights "
+        f"{max(per_device.values())} B, forward peak {peak} B")
+  assert peak < limit
 
 
 def test_dropped_model_is_freed_and_checkpoints_share_one_compilation(tmp_path_factory, tmp_path):
@@ -272,10 +335,10 @@ FULL_SIZE_PARAMS = {"llama-3-8b": 8_030_261_248, "pythia-1.4b": 1_414_647_808,
 @pytest.mark.parametrize("name", sorted(FULL_SIZE))
 def test_full_size_configs_shape_check_without_allocating(tmp_path, name):
   (tmp_path / "config.json").write_text(json.dumps(FULL_SIZE[name]))
-  family, cfg = read_config(tmp_path)
-  params = abstract_params(cfg, "bfloat16")
+  _, cfg = read_config(tmp_path)
+  graphdef, params = abstract_model(cfg, "bfloat16")
   ids = jax.ShapeDtypeStruct((2, 64), jnp.int32)
-  out, _ = jax.eval_shape(lambda p, i: base.forward(family, cfg, p, i,
+  out, _ = jax.eval_shape(lambda p, i: base.forward(graphdef, p, i,
                                                      jnp.ones((2, 64), jnp.int32),
                                                      (parse_hook("resid_post.11"),), (), False,
                                                      jnp.bfloat16), params, ids)
@@ -311,7 +374,8 @@ def test_bad_inputs_are_one_line_errors(tmp_path_factory, tmp_path):
   with pytest.raises(UnsupportedModelError, match="use_sliding_window=True"):
     load_model(bad)
   (bad / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 88}))
-  with pytest.raises(CheckpointError, match="mlp.gate_proj.weight' has shape"):
+  with pytest.raises(CheckpointError, match=r"mlp.down_proj.weight' has shape \(60, 86\), "
+                                            r"expected \(60, 88\)"):
     load_model(bad)
   (bad / "config.json").write_text(json.dumps(cfg))
   tensors = load_file(str(bad / "model.safetensors"))
@@ -321,6 +385,12 @@ def test_bad_inputs_are_one_line_errors(tmp_path_factory, tmp_path):
     load_model(bad)
   with pytest.raises(CheckpointError, match="revision 'step99' not found"):
     load_model(path, revision="step99")
+  # 6 heads, 2 key/value heads, MLP width 86 on a 4-way "model" axis: refused before any weight
+  # is read (here there are none).
+  (bad / "model.safetensors").unlink()
+  with pytest.raises(ConfigError, match=r"'model' axis of size 4 does not divide heads=6, "
+                                        r"kv_heads=2, mlp=86 .*allowed 'model' sizes: 1, 2$"):
+    load_model(bad, mesh=sj.make_mesh(sj.MeshConfig(data=2, model=4)))
 
 
 def test_pytorch_bin_weights_load_safely_and_tokenizer_comes_along(tmp_path):

@@ -21,5 +21,6 @@ def test_quickstart_notebook_executes(tmp_path, monkeypatch, capsys):
   out = capsys.readouterr().out
   assert "world entropy" in out and "feature" in out and "Japanese" in out
   assert "shared features (activation correlation" in out
+  assert "LlamaForCausalLM is an nnx.Module: True" in out
   assert (tmp_path / "sae_lens" / "cfg.json").exists()
   assert namespace["sae"].metadata["eval"]["fvu"] < 1.0

@@ -1,20 +1,23 @@
-"""The model every family plugs into: config, hook-driven forward, user-facing Model.
+"""What every family plugs into: the config, the hook-driven forward, the NNX module base.
 
-A family module (``llama.py``, ``gpt_neox.py``, ``gpt2.py``) provides ``config_from_hf``, ``param_specs``
-(name -> shape, logical axes; names are the checkpoint's own) and ``embed`` / ``block`` /
-``unembed``. The forward here runs only the blocks the requested hooks need and can replace the
-activation at any hook by a function of it (the splice used for CE-loss-recovered evaluation).
+A family module (``llama.py``, ``gpt_neox.py``, ``gpt2.py``) provides ``config_from_hf`` and a
+:class:`CausalLM` subclass whose attribute paths are the checkpoint's tensor names
+(``model.layers[3].self_attn.q_proj.weight`` holds ``model.layers.3.self_attn.q_proj.weight``)
+with ``embed`` / ``layers`` / ``unembed``. The forward here runs only the blocks the requested
+hooks need and can replace the activation at any hook by a function of it (the splice used for
+CE-loss-recovered evaluation).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from types import ModuleType
+import weakref
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 from jax.sharding import Mesh
 
 from sae_jax.errors import DataError
@@ -54,15 +57,17 @@ class TransformerConfig:
     return dict(self.rope_scaling) if self.rope_scaling else None
 
 
-def forward(family: ModuleType, cfg: TransformerConfig, params: dict, input_ids: jax.Array,
-            mask: jax.Array, capture: tuple[Hook, ...], splice: tuple[tuple[Hook, Callable], ...],
-            logits: bool, compute_dtype, splice_args: tuple = ()):
-  """Run the model up to what ``capture`` / ``logits`` need.
+def forward(graphdef: nnx.GraphDef, state: nnx.State, input_ids: jax.Array, mask: jax.Array,
+            capture: tuple[Hook, ...], splice: tuple[tuple[Hook, Callable], ...], logits: bool,
+            compute_dtype, splice_args: tuple = ()):
+  """Run the model ``nnx.merge(graphdef, state)`` up to what ``capture`` / ``logits`` need.
 
   ``splice_args``: one entry per ``splice`` entry, None or a pytree of arrays passed to that
   splice function as its second argument (traced, so it is not part of the compile key).
   Returns (dict hook name -> [B, T, D] float32, logits [B, T, V] float32 or None).
   """
+  model = nnx.merge(graphdef, state)
+  cfg = model.cfg
   args = dict(zip((h for h, _ in splice), splice_args))
   edits = {h: (fn if args.get(h) is None else functools.partial(fn, args=args[h]))
            for h, fn in splice}
@@ -79,58 +84,138 @@ def forward(family: ModuleType, cfg: TransformerConfig, params: dict, input_ids:
       out[hook.name] = x.astype(jnp.float32)
     return x
 
-  x = family.embed(params, cfg, input_ids, positions).astype(compute_dtype)
-  for i in range(n_blocks):
+  x = model.embed(input_ids, positions).astype(compute_dtype)
+  layers = model.layers
+  for i in range(n_blocks):  # the blocks past the deepest hook are never touched
     x = visit("resid_pre", i, x)
-    x = family.block(params, cfg, i, x, mask, positions,
-                     lambda kind, a, i=i: visit(kind, i, a))
+    x = layers[i](x, cfg, mask, positions, lambda kind, a, i=i: visit(kind, i, a))
     x = visit("resid_post", i, x)
   for h in capture:  # resid_pre of the block after the last one run
     if h.name not in out and h.kind == "resid_pre" and h.layer == n_blocks:
       out[h.name] = visit("resid_pre", h.layer, x).astype(jnp.float32)
-  return out, (family.unembed(params, cfg, x).astype(jnp.float32) if logits else None)
+  return out, (model.unembed(x).astype(jnp.float32) if logits else None)
 
 
-# One compiled forward per (family, config, capture, splice, logits, dtype, input shapes), shared
-# by every Model with that config: the parameters are an argument, so the cache holds no Model
-# and no parameters, and the checkpoints of one trace (same config) compile once. The splice
-# callables are part of the key, so the cache keeps each one alive with whatever it closes over
-# (a closure over an SAE keeps that SAE and its weights) until ``_forward_jit.clear_cache()`` or
-# ``jax.clear_caches()``; each distinct callable also compiles once, so reuse one per SAE.
-# Splice functions that need arrays (an SAE's weights) take them through ``splice_args``.
-_forward_jit = jax.jit(forward, static_argnums=(0, 1, 5, 6, 7, 8))
+@dataclasses.dataclass(frozen=True)
+class Graph:
+  """The compile key of a module class and config: its graph definition and state layout.
 
-
-class Model:
-  """A loaded transformer: parameters (possibly sharded), config, tokenizer path.
-
-  Attributes:
-    cfg: TransformerConfig. params: checkpoint-named arrays. path: the local directory.
-    compute_dtype: dtype of activations and matmul inputs (norms/softmax run in float32).
+  Hashes by (class, config), cheaply: a GraphDef hashes by walking the whole graph, which would
+  cost milliseconds per forward call of a large model.
   """
 
-  def __init__(self, family: ModuleType, cfg: TransformerConfig, params: dict, path: str,
-               revision: str | None, compute_dtype, mesh: Mesh | None = None):
-    self.family, self.cfg, self.params = family, cfg, params
-    self.path, self.revision, self.mesh = path, revision, mesh
-    self.compute_dtype = jnp.dtype(compute_dtype)
-    self._tokenizer = None
+  cls: type
+  cfg: TransformerConfig
+
+  @property
+  def graphdef(self) -> nnx.GraphDef:
+    return _graph_of(self.cls, self.cfg)[0]
+
+  @property
+  def treedef(self):
+    """The pytree structure of the module's ``nnx.state`` (its leaves: the weight arrays)."""
+    return _graph_of(self.cls, self.cfg)[1]
+
+
+@functools.lru_cache(maxsize=32)
+def _graph_of(cls: type, cfg: TransformerConfig):
+  """(graph definition, state treedef) of ``cls(cfg)`` as constructed, from shapes alone.
+
+  The forward is compiled against this graph definition, not a loaded module's own: a loaded
+  module also carries its checkpoint's path and revision, which must not split the cache.
+  """
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: cls(cfg)))
+  return graphdef, jax.tree.structure(state)
+
+
+def graphdef_of(cls: type, cfg: TransformerConfig) -> nnx.GraphDef:
+  """The graph definition every module ``cls(cfg)`` is run against (see ``_graph_of``)."""
+  return _graph_of(cls, cfg)[0]
+
+
+def _forward_leaves(graph: Graph, leaves: list, *args):
+  return forward(graph.graphdef, jax.tree.unflatten(graph.treedef, leaves), *args)
+
+
+# One compiled forward per (class and config, capture, splice, logits, dtype, input shapes and
+# shardings), shared by every module of one config: the key holds the structure and the config
+# but no array, the weights come in as arguments (the state's leaves), so the cache holds no
+# model and no parameters, and the checkpoints of one trace (same config) compile once. The
+# splice callables are part of the key, so the cache keeps each one alive with whatever it
+# closes over (a closure over an SAE keeps that SAE and its weights) until
+# ``_forward_jit.clear_cache()`` or ``jax.clear_caches()``; each distinct callable also compiles
+# once, so reuse one per SAE. Splice functions that need arrays (an SAE's weights) take them
+# through ``splice_args``.
+_forward_jit = jax.jit(_forward_leaves, static_argnums=(0, 4, 5, 6, 7))
+
+# module -> its Variables in state order, found once: walking an NNX graph costs milliseconds
+# per call for a large model. Values are read at each call, so ``nnx.update`` and
+# ``Variable.set_value`` are seen; replacing a submodule or Variable object is not.
+_VARIABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def param_name(path: tuple) -> str:
+  """An nnx state path -> the checkpoint's tensor name ("model.layers.3.mlp.up_proj.weight")."""
+  return ".".join(str(p) for p in path)
+
+
+def with_params(template: nnx.State, params: dict) -> nnx.State:
+  """``template`` (e.g. an abstract state) with each variable's value taken from ``params``
+  (checkpoint name -> array; jit-traceable)."""
+  return nnx.from_flat_state([(p, v.replace(params[param_name(p)]))
+                              for p, v in nnx.to_flat_state(template)])
+
+
+class CausalLM(nnx.Module):
+  """A transformer as a Flax NNX module, with the hook API (``activations``, ``logits``).
+
+  Attributes:
+    cfg: TransformerConfig. params: checkpoint name -> array (a view of the module's state).
+    path, revision: where the weights came from. mesh: the mesh they are sharded on, or None.
+    compute_dtype: dtype of activations and matmul inputs (norms/softmax run in float32).
+  A family subclass defines the submodules (checkpoint names), ``embed``, ``layers`` (the
+  blocks, each called as ``block(x, cfg, mask, positions, visit)``) and ``unembed``.
+  """
+
+  def __init__(self, cfg: TransformerConfig):
+    self.cfg = cfg
+    self.path: str | None = None
+    self.revision: str | None = None
+    self.mesh: Mesh | None = None
+    self.compute_dtype = jnp.dtype(jnp.float32)
+
+  def embed(self, input_ids: jax.Array, positions: jax.Array) -> jax.Array:
+    raise NotImplementedError
+
+  def unembed(self, x: jax.Array) -> jax.Array:
+    raise NotImplementedError
+
+  @property
+  def layers(self) -> nnx.List:
+    raise NotImplementedError
+
+  @property
+  def params(self) -> dict[str, jax.Array]:
+    """Checkpoint name -> array, in the module's state order."""
+    return {param_name(p): v.get_value() for p, v in nnx.to_flat_state(nnx.state(self))}
 
   @property
   def tokenizer(self):
     """The tokenizer saved with the checkpoint (``AutoTokenizer``, no remote code)."""
-    if self._tokenizer is None:
-      from transformers import AutoTokenizer
-      self._tokenizer = AutoTokenizer.from_pretrained(self.path, trust_remote_code=False)
-    return self._tokenizer
+    return _tokenizer(self.path)
 
   def hooks(self, names) -> tuple[Hook, ...]:
     return tuple(parse_hook(n, self.cfg.n_layers) for n in names)
 
   def _run(self, input_ids, mask, capture, splice, logits, splice_args=None):
     splice_args = tuple((splice_args or {}).get(h.name) for h, _ in splice)
-    return _forward_jit(self.family, self.cfg, self.params, input_ids, mask, capture, splice,
-                        logits, self.compute_dtype, splice_args)
+    variables = _VARIABLES.get(self)
+    if variables is None:
+      variables = _VARIABLES[self] = tuple(jax.tree.leaves(
+          nnx.state(self), is_leaf=lambda x: isinstance(x, nnx.Variable)))
+    return _forward_jit(Graph(type(self), self.cfg), [v.get_raw_value() for v in variables],
+                        input_ids, mask, capture, splice, logits, self.compute_dtype,
+                        splice_args)
 
   def _inputs(self, input_ids, attention_mask):
     ids = jnp.asarray(input_ids)
@@ -174,3 +259,14 @@ class Model:
     if not splice:
       return ()
     return tuple((parse_hook(n, self.cfg.n_layers), fn) for n, fn in sorted(splice.items()))
+
+
+Model = CausalLM  # the name the rest of the package (and older code) uses for a loaded model
+
+
+@functools.lru_cache(maxsize=8)
+def _tokenizer(path: str | None):
+  if path is None:
+    raise DataError("this model was not loaded from a checkpoint directory: it has no tokenizer")
+  from transformers import AutoTokenizer
+  return AutoTokenizer.from_pretrained(path, trust_remote_code=False)

@@ -2,17 +2,19 @@
 
 Implements: learned absolute position embeddings, LayerNorm (float32), fused q/k/v and Conv1D
 weights stored [in, out] as in the checkpoint, GELU (tanh approximation or exact), unembedding
-tied to the token embedding. Names are the checkpoint's.
+tied to the token embedding. Attribute paths are the checkpoint's tensor names
+(``GPT2LMHeadModel.transformer.h[i].attn.c_attn.weight``).
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from sae_jax.errors import UnsupportedModelError
-from sae_jax.models.base import TransformerConfig
-from sae_jax.models.layers import attention, layer_norm
+from sae_jax.models.base import CausalLM, TransformerConfig
+from sae_jax.models.layers import Conv1D, Embedding, LayerNorm, attention
 
 MODEL_TYPES = ("gpt2",)
 _ACTS = ("gelu_new", "gelu", "gelu_fast", "gelu_pytorch_tanh")
@@ -39,57 +41,68 @@ def config_from_hf(d: dict) -> TransformerConfig:
       n_positions=int(d.get("n_positions", 1024)), bos_token_id=d.get("bos_token_id"))
 
 
-def param_specs(cfg: TransformerConfig) -> dict[str, tuple[tuple[int, ...], tuple]]:
-  d, f = cfg.d_model, cfg.d_mlp
-  specs = {"transformer.wte.weight": ((cfg.vocab_size, d), ("vocab", "embed")),
-           "transformer.wpe.weight": ((cfg.n_positions, d), ("length", "embed")),
-           "transformer.ln_f.weight": ((d,), ("embed",)),
-           "transformer.ln_f.bias": ((d,), ("embed",))}
-  for i in range(cfg.n_layers):
-    p = f"transformer.h.{i}."
-    specs.update({
-        p + "ln_1.weight": ((d,), ("embed",)), p + "ln_1.bias": ((d,), ("embed",)),
-        p + "ln_2.weight": ((d,), ("embed",)), p + "ln_2.bias": ((d,), ("embed",)),
-        p + "attn.c_attn.weight": ((d, 3 * d), ("embed", "heads")),
-        p + "attn.c_attn.bias": ((3 * d,), ("heads",)),
-        p + "attn.c_proj.weight": ((d, d), ("heads", "embed")),
-        p + "attn.c_proj.bias": ((d,), ("embed",)),
-        p + "mlp.c_fc.weight": ((d, f), ("embed", "mlp")),
-        p + "mlp.c_fc.bias": ((f,), ("mlp",)),
-        p + "mlp.c_proj.weight": ((f, d), ("mlp", "embed")),
-        p + "mlp.c_proj.bias": ((d,), ("embed",)),
-    })
-  return specs
+class GPT2Attention(nnx.Module):
+  def __init__(self, cfg: TransformerConfig, dtype):
+    d = cfg.d_model
+    self.c_attn = Conv1D(d, 3 * d, ("embed", "heads"), dtype)
+    self.c_proj = Conv1D(d, d, ("heads", "embed"), dtype)
+
+  def __call__(self, h, cfg: TransformerConfig, mask, positions):
+    b, t, d = h.shape
+    q, k, v = (a.reshape(b, t, cfg.n_heads, cfg.head_dim)
+               for a in jnp.split(self.c_attn(h), 3, axis=-1))
+    return self.c_proj(attention(q, k, v, mask, positions).reshape(b, t, d))
 
 
-def _conv1d(x, w, b):
-  """GPT-2's Conv1D: x [..., in] @ w [in, out] + b."""
-  y = jnp.einsum("...i,io->...o", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
-  return (y + b.astype(jnp.float32)).astype(x.dtype)
+class GPT2MLP(nnx.Module):
+  def __init__(self, cfg: TransformerConfig, dtype):
+    self.c_fc = Conv1D(cfg.d_model, cfg.d_mlp, ("embed", "mlp"), dtype)
+    self.c_proj = Conv1D(cfg.d_mlp, cfg.d_model, ("mlp", "embed"), dtype)
+
+  def __call__(self, h, activation: str):
+    h = self.c_fc(h)
+    h = jax.nn.gelu(h.astype(jnp.float32), approximate=activation != "gelu").astype(h.dtype)
+    return self.c_proj(h)
 
 
-def embed(params, cfg, input_ids, positions):
-  tok = jnp.take(params["transformer.wte.weight"], input_ids, axis=0)
-  return tok + jnp.take(params["transformer.wpe.weight"], positions, axis=0)
+class GPT2Block(nnx.Module):
+  def __init__(self, cfg: TransformerConfig, dtype):
+    self.ln_1 = LayerNorm(cfg.d_model, cfg.norm_eps, dtype)
+    self.attn = GPT2Attention(cfg, dtype)
+    self.ln_2 = LayerNorm(cfg.d_model, cfg.norm_eps, dtype)
+    self.mlp = GPT2MLP(cfg, dtype)
+
+  def __call__(self, x, cfg: TransformerConfig, mask, positions, visit):
+    x = x + visit("attn_out", self.attn(self.ln_1(x), cfg, mask, positions))
+    return x + visit("mlp_out", self.mlp(self.ln_2(x), cfg.activation))
 
 
-def unembed(params, cfg, x):
-  x = layer_norm(x, params["transformer.ln_f.weight"], params["transformer.ln_f.bias"],
-                 cfg.norm_eps)
-  w = params["transformer.wte.weight"]
-  return jnp.einsum("...d,vd->...v", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+class GPT2Model(nnx.Module):
+  def __init__(self, cfg: TransformerConfig, dtype):
+    self.wte = Embedding(cfg.vocab_size, cfg.d_model, ("vocab", "embed"), dtype)
+    self.wpe = Embedding(cfg.n_positions, cfg.d_model, ("length", "embed"), dtype)
+    self.h = nnx.List([GPT2Block(cfg, dtype) for _ in range(cfg.n_layers)])
+    self.ln_f = LayerNorm(cfg.d_model, cfg.norm_eps, dtype)
 
 
-def block(params, cfg: TransformerConfig, i: int, x, mask, positions, visit):
-  p = f"transformer.h.{i}."
-  get = lambda name: params[p + name]
-  b, t, d = x.shape
-  h = layer_norm(x, get("ln_1.weight"), get("ln_1.bias"), cfg.norm_eps)
-  qkv = _conv1d(h, get("attn.c_attn.weight"), get("attn.c_attn.bias"))
-  q, k, v = (a.reshape(b, t, cfg.n_heads, cfg.head_dim) for a in jnp.split(qkv, 3, axis=-1))
-  a = attention(q, k, v, mask, positions).reshape(b, t, d)
-  x = x + visit("attn_out", _conv1d(a, get("attn.c_proj.weight"), get("attn.c_proj.bias")))
-  h = layer_norm(x, get("ln_2.weight"), get("ln_2.bias"), cfg.norm_eps)
-  h = _conv1d(h, get("mlp.c_fc.weight"), get("mlp.c_fc.bias"))
-  h = jax.nn.gelu(h.astype(jnp.float32), approximate=cfg.activation != "gelu").astype(x.dtype)
-  return x + visit("mlp_out", _conv1d(h, get("mlp.c_proj.weight"), get("mlp.c_proj.bias")))
+class GPT2LMHeadModel(CausalLM):
+  """GPT2LMHeadModel: ``transformer`` (wte, wpe, h, ln_f); the unembedding is ``wte``."""
+
+  def __init__(self, cfg: TransformerConfig, dtype=jnp.float32):
+    super().__init__(cfg)
+    self.transformer = GPT2Model(cfg, dtype)
+
+  @property
+  def layers(self):
+    return self.transformer.h
+
+  def embed(self, input_ids, positions):
+    return self.transformer.wte(input_ids) + self.transformer.wpe(positions)
+
+  def unembed(self, x):
+    x = self.transformer.ln_f(x)
+    w = self.transformer.wte.weight.get_value()
+    return jnp.einsum("...d,vd->...v", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+
+
+MODEL_CLASS = GPT2LMHeadModel

@@ -2,17 +2,20 @@
 
 Implements: LayerNorm (float32), fused per-head query/key/value with biases, partial rotary
 embeddings (rotary_pct / partial_rotary_factor), parallel or sequential residual, GELU MLP
-(exact or tanh approximation), untied or tied unembedding. Names are the checkpoint's.
+(exact or tanh approximation), untied or tied unembedding. Attribute paths are the
+checkpoint's tensor names (``GPTNeoXForCausalLM.gpt_neox.layers[i].attention.dense.weight``).
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from sae_jax.errors import UnsupportedModelError
-from sae_jax.models.base import TransformerConfig
-from sae_jax.models.layers import apply_rope, attention, layer_norm, linear, rope_inv_freq
+from sae_jax.models.base import CausalLM, TransformerConfig
+from sae_jax.models.layers import (Embedding, LayerNorm, Linear, apply_rope, attention, linear,
+                                   rope_inv_freq)
 
 MODEL_TYPES = ("gpt_neox",)
 _ACTS = ("gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh")
@@ -46,69 +49,83 @@ def config_from_hf(d: dict) -> TransformerConfig:
       bos_token_id=d.get("bos_token_id"))
 
 
-def param_specs(cfg: TransformerConfig) -> dict[str, tuple[tuple[int, ...], tuple]]:
-  d, h, k, f = cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.d_mlp
-  specs = {"gpt_neox.embed_in.weight": ((cfg.vocab_size, d), ("vocab", "embed")),
-           "gpt_neox.final_layer_norm.weight": ((d,), ("embed",)),
-           "gpt_neox.final_layer_norm.bias": ((d,), ("embed",))}
-  if not cfg.tie_embeddings:
-    specs["embed_out.weight"] = ((cfg.vocab_size, d), ("vocab", "embed"))
-  for i in range(cfg.n_layers):
-    p = f"gpt_neox.layers.{i}."
-    specs.update({
-        p + "input_layernorm.weight": ((d,), ("embed",)),
-        p + "input_layernorm.bias": ((d,), ("embed",)),
-        p + "post_attention_layernorm.weight": ((d,), ("embed",)),
-        p + "post_attention_layernorm.bias": ((d,), ("embed",)),
-        p + "attention.query_key_value.weight": ((3 * h * k, d), ("heads", "embed")),
-        p + "attention.dense.weight": ((d, h * k), ("embed", "heads")),
-        p + "mlp.dense_h_to_4h.weight": ((f, d), ("mlp", "embed")),
-        p + "mlp.dense_h_to_4h.bias": ((f,), ("mlp",)),
-        p + "mlp.dense_4h_to_h.weight": ((d, f), ("embed", "mlp")),
-        p + "mlp.dense_4h_to_h.bias": ((d,), ("embed",)),
-    })
-    if cfg.attn_bias:
-      specs[p + "attention.query_key_value.bias"] = ((3 * h * k,), ("heads",))
-      specs[p + "attention.dense.bias"] = ((d,), ("embed",))
-  return specs
-
-
-def embed(params, cfg, input_ids, positions):
-  return jnp.take(params["gpt_neox.embed_in.weight"], input_ids, axis=0)
-
-
-def unembed(params, cfg, x):
-  x = layer_norm(x, params["gpt_neox.final_layer_norm.weight"],
-                 params["gpt_neox.final_layer_norm.bias"], cfg.norm_eps)
-  w = params["gpt_neox.embed_in.weight" if cfg.tie_embeddings else "embed_out.weight"]
-  return linear(x, w)
-
-
 def _gelu(x, kind):
   return jax.nn.gelu(x.astype(jnp.float32), approximate=kind != "gelu").astype(x.dtype)
 
 
-def block(params, cfg: TransformerConfig, i: int, x, mask, positions, visit):
-  p = f"gpt_neox.layers.{i}."
-  get = lambda name: params.get(p + name)
-  b, t, _ = x.shape
-  h = layer_norm(x, get("input_layernorm.weight"), get("input_layernorm.bias"), cfg.norm_eps)
-  qkv = linear(h, get("attention.query_key_value.weight"), get("attention.query_key_value.bias"))
-  qkv = qkv.reshape(b, t, cfg.n_heads, 3 * cfg.head_dim)  # per-head [q | k | v]
-  q, k, v = jnp.split(qkv, 3, axis=-1)
-  inv = rope_inv_freq(cfg.rotary_dim, cfg.rope_theta, None)
-  q, k = apply_rope(q, positions, inv), apply_rope(k, positions, inv)
-  a = attention(q, k, v, mask, positions).reshape(b, t, -1)
-  a = visit("attn_out", linear(a, get("attention.dense.weight"), get("attention.dense.bias")))
+class GPTNeoXAttention(nnx.Module):
+  def __init__(self, cfg: TransformerConfig, dtype):
+    d, hk = cfg.d_model, cfg.n_heads * cfg.head_dim
+    # Rows per head [q | k | v]: splitting them over "heads" keeps each head's three together.
+    self.query_key_value = Linear(d, 3 * hk, ("heads", "embed"), cfg.attn_bias, dtype)
+    self.dense = Linear(hk, d, ("embed", "heads"), cfg.attn_bias, dtype)
 
-  def mlp(y):
-    y = layer_norm(y, get("post_attention_layernorm.weight"), get("post_attention_layernorm.bias"),
-                   cfg.norm_eps)
-    y = _gelu(linear(y, get("mlp.dense_h_to_4h.weight"), get("mlp.dense_h_to_4h.bias")),
-              cfg.activation)
-    return visit("mlp_out", linear(y, get("mlp.dense_4h_to_h.weight"), get("mlp.dense_4h_to_h.bias")))
+  def __call__(self, h, cfg: TransformerConfig, mask, positions):
+    b, t, _ = h.shape
+    qkv = self.query_key_value(h).reshape(b, t, cfg.n_heads, 3 * cfg.head_dim)
+    q, k, v = jnp.split(qkv, 3, axis=-1)
+    inv = rope_inv_freq(cfg.rotary_dim, cfg.rope_theta, None)
+    q, k = apply_rope(q, positions, inv), apply_rope(k, positions, inv)
+    return self.dense(attention(q, k, v, mask, positions).reshape(b, t, -1))
 
-  if cfg.parallel_residual:
-    return x + a + mlp(x)
-  x = x + a
-  return x + mlp(x)
+
+class GPTNeoXMLP(nnx.Module):
+  def __init__(self, cfg: TransformerConfig, dtype):
+    self.dense_h_to_4h = Linear(cfg.d_model, cfg.d_mlp, ("mlp", "embed"), True, dtype)
+    self.dense_4h_to_h = Linear(cfg.d_mlp, cfg.d_model, ("embed", "mlp"), True, dtype)
+
+  def __call__(self, h, activation: str):
+    return self.dense_4h_to_h(_gelu(self.dense_h_to_4h(h), activation))
+
+
+class GPTNeoXLayer(nnx.Module):
+  def __init__(self, cfg: TransformerConfig, dtype):
+    self.input_layernorm = LayerNorm(cfg.d_model, cfg.norm_eps, dtype)
+    self.post_attention_layernorm = LayerNorm(cfg.d_model, cfg.norm_eps, dtype)
+    self.attention = GPTNeoXAttention(cfg, dtype)
+    self.mlp = GPTNeoXMLP(cfg, dtype)
+
+  def __call__(self, x, cfg: TransformerConfig, mask, positions, visit):
+    a = visit("attn_out", self.attention(self.input_layernorm(x), cfg, mask, positions))
+
+    def mlp(y):
+      return visit("mlp_out", self.mlp(self.post_attention_layernorm(y), cfg.activation))
+
+    if cfg.parallel_residual:
+      return x + a + mlp(x)
+    x = x + a
+    return x + mlp(x)
+
+
+class GPTNeoXModel(nnx.Module):
+  def __init__(self, cfg: TransformerConfig, dtype):
+    self.embed_in = Embedding(cfg.vocab_size, cfg.d_model, ("vocab", "embed"), dtype)
+    self.layers = nnx.List([GPTNeoXLayer(cfg, dtype) for _ in range(cfg.n_layers)])
+    self.final_layer_norm = LayerNorm(cfg.d_model, cfg.norm_eps, dtype)
+
+
+class GPTNeoXForCausalLM(CausalLM):
+  """GPTNeoXForCausalLM: ``gpt_neox`` (embed_in, layers, final_layer_norm) and ``embed_out``
+  (None if tied)."""
+
+  def __init__(self, cfg: TransformerConfig, dtype=jnp.float32):
+    super().__init__(cfg)
+    self.gpt_neox = GPTNeoXModel(cfg, dtype)
+    self.embed_out = (None if cfg.tie_embeddings else
+                      Linear(cfg.d_model, cfg.vocab_size, ("vocab", "embed"), dtype=dtype))
+
+  @property
+  def layers(self):
+    return self.gpt_neox.layers
+
+  def embed(self, input_ids, positions):
+    return self.gpt_neox.embed_in(input_ids)
+
+  def unembed(self, x):
+    x = self.gpt_neox.final_layer_norm(x)
+    if self.embed_out is None:
+      return linear(x, self.gpt_neox.embed_in.weight.get_value())
+    return self.embed_out(x)
+
+
+MODEL_CLASS = GPTNeoXForCausalLM

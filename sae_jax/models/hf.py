@@ -1,9 +1,13 @@
 """Load Hugging Face checkpoints (a local directory or the hub, at any revision) into our ports.
 
 ``config.json`` is checked against the family's allow-list (anything not implemented raises,
-naming the field); every tensor's shape is asserted; each tensor is read once on the host
-(memory-mapped safetensors) and placed straight into its shards. PyTorch ``.bin`` files are
-read only with ``torch.load(weights_only=True)``; ``trust_remote_code`` is never used.
+naming the field) and, given a mesh, against the mesh (tensor parallelism must split the heads
+and the MLP evenly); the module is built from shapes alone (``nnx.eval_shape``), its parameter
+paths being the checkpoint's names, and every tensor's name and shape is checked against it
+before any weight is read. Then each tensor is read once on the host (memory-mapped
+safetensors) and placed straight into its shards (``jax.make_array_from_callback``: each
+device receives only its slice). PyTorch ``.bin`` files are read only with
+``torch.load(weights_only=True)``; ``trust_remote_code`` is never used.
 """
 
 from __future__ import annotations
@@ -15,12 +19,14 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from jax.sharding import Mesh
 
 from sae_jax import paths, sharding
 from sae_jax.errors import CheckpointError, UnsupportedModelError
 from sae_jax.models import gpt2, gpt_neox, llama
-from sae_jax.models.base import Model, TransformerConfig
+from sae_jax.models.base import CausalLM, TransformerConfig, param_name
+from sae_jax.models.layers import axes_of
 
 FAMILIES = {t: m for m in (llama, gpt_neox, gpt2) for t in m.MODEL_TYPES}
 _PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.tiktoken"]
@@ -111,27 +117,53 @@ class _TensorSource:
   def names(self) -> set[str]:
     return set(self._where)
 
-  def get(self, name: str) -> np.ndarray:
+  def shape(self, name: str) -> tuple[int, ...]:
+    """The tensor's shape, read from the file's header only."""
     if hasattr(self, "_torch"):
-      return self._torch[name]
+      return tuple(self._torch[name].shape)
+    return tuple(self._handle(name).get_slice(name).get_shape())
+
+  def _handle(self, name: str):
     f = self._where[name]
     if f not in self._handles:
       from safetensors import safe_open
       self._handles[f] = safe_open(str(f), "numpy")
+    return self._handles[f]
+
+  def get(self, name: str) -> np.ndarray:
+    if hasattr(self, "_torch"):
+      return self._torch[name]
     try:
-      return self._handles[f].get_tensor(name)
+      return self._handle(name).get_tensor(name)
     except Exception as e:
-      raise CheckpointError(f"cannot read tensor {name!r} from {f}: {e}") from None
+      raise CheckpointError(f"cannot read tensor {name!r} from {self._where[name]}: {e}") from None
 
 
 def _host_dtype(dtype) -> np.dtype:
   return np.dtype(jnp.dtype(dtype))
 
 
+def model_class(cfg: TransformerConfig) -> type[CausalLM]:
+  """The NNX module class of the config's family (``LlamaForCausalLM``, ...)."""
+  return FAMILIES[cfg.model_type].MODEL_CLASS
+
+
+def check_mesh(cfg: TransformerConfig, mesh: Mesh) -> None:
+  """One-line ConfigError unless tensor parallelism on ``mesh`` splits the model evenly.
+
+  The heads, key/value heads and MLP width must divide over the mesh axis their logical names
+  map to (and the width too, where "embed" is mapped); vocabulary rows that do not divide stay
+  replicated.
+  """
+  sharding.check_logical_divisible(
+      mesh, {"heads": cfg.n_heads, "kv_heads": cfg.n_kv_heads, "mlp": cfg.d_mlp,
+             "embed": cfg.d_model}, f"{cfg.model_type} model")
+
+
 def load_model(name_or_dir: str | os.PathLike, revision: str | None = None, *,
                dtype: str = "float32", param_dtype: str | None = None,
-               mesh: Mesh | None = None) -> Model:
-  """Load a causal LM checkpoint into its Flax port.
+               mesh: Mesh | None = None) -> CausalLM:
+  """Load a causal LM checkpoint into its Flax NNX port.
 
   Args:
     name_or_dir: a local directory (or a directory of revision subdirectories) or a hub id.
@@ -140,35 +172,57 @@ def load_model(name_or_dir: str | os.PathLike, revision: str | None = None, *,
     mesh: place parameters sharded by the logical-axis rules (tensor parallel on "model").
 
   Returns:
-    A :class:`Model` with ``activations``, ``logits`` and ``tokenizer``.
+    An ``nnx.Module`` (:class:`~sae_jax.models.base.CausalLM`: ``LlamaForCausalLM``,
+    ``GPTNeoXForCausalLM`` or ``GPT2LMHeadModel``) with ``activations``, ``logits``,
+    ``tokenizer``; ``nnx.split(model)`` gives its graph definition and weights.
   """
   path = resolve(name_or_dir, revision)
-  family, cfg = read_config(path)
-  specs = family.param_specs(cfg)
-  source = _TensorSource(path)
-  available = source.names()
+  _, cfg = read_config(path)
+  if mesh is not None:
+    check_mesh(cfg, mesh)
   pdt = _host_dtype(param_dtype or dtype)
-  params = {}
-  for name, (shape, axes) in specs.items():
+  graphdef, abstract = abstract_model(cfg, pdt)
+  flat = list(nnx.to_flat_state(abstract))
+  source = _TensorSource(path)
+  _check_tensors(path, source, [(param_name(p), v.shape) for p, v in flat])
+  state = nnx.from_flat_state([(p, v.replace(_place(source.get(param_name(p)).astype(
+      pdt, copy=False), mesh, axes_of(v)))) for p, v in flat])
+  model = nnx.merge(graphdef, state)
+  model.path, model.revision, model.mesh = str(path), revision, mesh
+  model.compute_dtype = jnp.dtype(dtype)
+  return model
+
+
+def _check_tensors(path: Path, source: _TensorSource, expected: list[tuple[str, tuple]]) -> None:
+  """Every tensor the module holds is in the checkpoint with the module's shape."""
+  available = source.names()
+  for name, _ in expected:
     if name not in available:
       raise CheckpointError(f"{path}: tensor {name!r} is missing from the checkpoint")
-    host = source.get(name)
-    if tuple(host.shape) != shape:
-      raise CheckpointError(f"{path}: tensor {name!r} has shape {tuple(host.shape)}, expected "
-                            f"{shape}")
-    host = host.astype(pdt, copy=False)
-    if mesh is not None:
-      params[name] = jax.device_put(host, sharding.sharding_for_shape(mesh, axes, shape))
-    else:
-      params[name] = jax.device_put(host)
-  return Model(family, cfg, params, str(path), revision, dtype, mesh)
+  for name, shape in expected:
+    if source.shape(name) != tuple(shape):
+      raise CheckpointError(f"{path}: tensor {name!r} has shape {source.shape(name)}, expected "
+                            f"{tuple(shape)}")
 
 
-def abstract_params(cfg: TransformerConfig, dtype="float32", mesh: Mesh | None = None) -> dict:
-  """ShapeDtypeStructs of every parameter (for jax.eval_shape of full-size models)."""
-  family = FAMILIES[cfg.model_type]
-  out = {}
-  for name, (shape, axes) in family.param_specs(cfg).items():
-    sh = sharding.sharding_for_shape(mesh, axes, shape) if mesh is not None else None
-    out[name] = jax.ShapeDtypeStruct(shape, jnp.dtype(dtype), sharding=sh)
-  return out
+def _place(host: np.ndarray, mesh: Mesh | None, axes) -> jax.Array:
+  """One tensor onto the default device, or into its shards on ``mesh`` (each device copies
+  only its own slice of the host array: no device ever holds the whole of a sharded tensor)."""
+  if mesh is None:
+    return jax.device_put(host)
+  sh = sharding.sharding_for_shape(mesh, axes, host.shape)
+  return jax.make_array_from_callback(host.shape, sh, lambda index: host[index])
+
+
+def abstract_model(cfg: TransformerConfig, dtype="float32", mesh: Mesh | None = None
+                   ) -> tuple[nnx.GraphDef, nnx.State]:
+  """The module's graph definition and its state as ShapeDtypeStructs (sharded on ``mesh`` by
+  the rules), for ``jax.eval_shape`` / ahead-of-time compiles of full-size models."""
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: model_class(cfg)(cfg, jnp.dtype(dtype))))
+
+  def spec(v):
+    sh = sharding.sharding_for_shape(mesh, axes_of(v), v.shape) if mesh is not None else None
+    return v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sh))
+
+  return graphdef, nnx.from_flat_state([(p, spec(v)) for p, v in nnx.to_flat_state(abstract)])
+

@@ -1,8 +1,11 @@
-"""Pieces shared by the model families: norms, rotary embeddings, masked attention.
+"""Pieces shared by the model families: norms, rotary embeddings, masked attention, and the
+Flax NNX modules holding their parameters (``Linear``, ``Conv1D``, ``Embedding``, ``RMSNorm``,
+``LayerNorm``).
 
 Axes: B batch, T positions (S: key positions), D model width, H query heads, G key/value heads,
 K head dim, F mlp width. Norms, softmax and rotary angles run in float32 whatever the compute
-dtype.
+dtype. Every parameter carries its logical axis names (``out_sharding`` metadata, e.g.
+("heads", "embed")); only ``sae_jax.sharding``'s rules table maps them to mesh axes.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 NEG_INF = -1e30  # finite: a fully masked (padding) query row stays finite
 
@@ -102,3 +106,67 @@ def linear(x: jax.Array, weight: jax.Array, bias: jax.Array | None = None) -> ja
   if bias is not None:
     y = y + bias.astype(jnp.float32)
   return y.astype(x.dtype)
+
+
+def param(shape: tuple[int, ...], axes: tuple[str, ...], dtype=jnp.float32, fill: float = 0.0
+          ) -> nnx.Param:
+  """A parameter named by logical ``axes`` (metadata only: nothing is sharded when created)."""
+  return nnx.Param(jnp.full(shape, fill, dtype), out_sharding=tuple(axes), eager_sharding=False)
+
+
+def axes_of(variable: nnx.Variable) -> tuple[str | None, ...]:
+  """The logical axis names a parameter was created with."""
+  return tuple(variable.get_metadata()["out_sharding"])
+
+
+class Linear(nnx.Module):
+  """x @ weight^T + bias with weight [out, in] (PyTorch's nn.Linear layout, as checkpointed)."""
+
+  def __init__(self, d_in: int, d_out: int, axes: tuple[str, str], bias: bool = False,
+               dtype=jnp.float32):
+    self.weight = param((d_out, d_in), axes, dtype)
+    self.bias = param((d_out,), axes[:1], dtype) if bias else None
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return linear(x, self.weight.get_value(),
+                  None if self.bias is None else self.bias.get_value())
+
+
+class Conv1D(nnx.Module):
+  """GPT-2's Conv1D: x @ weight + bias with weight [in, out] (the checkpoint's layout)."""
+
+  def __init__(self, d_in: int, d_out: int, axes: tuple[str, str], dtype=jnp.float32):
+    self.weight = param((d_in, d_out), axes, dtype)
+    self.bias = param((d_out,), axes[1:], dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    w = self.weight.get_value().astype(x.dtype)
+    y = jnp.einsum("...i,io->...o", x, w, preferred_element_type=jnp.float32)
+    return (y + self.bias.get_value().astype(jnp.float32)).astype(x.dtype)
+
+
+class Embedding(nnx.Module):
+  """A [rows, D] table looked up by index (tokens, or GPT-2's learned positions)."""
+
+  def __init__(self, rows: int, d: int, axes: tuple[str, str], dtype=jnp.float32):
+    self.weight = param((rows, d), axes, dtype)
+
+  def __call__(self, ids: jax.Array) -> jax.Array:
+    return jnp.take(self.weight.get_value(), ids, axis=0)
+
+
+class RMSNorm(nnx.Module):
+  def __init__(self, d: int, eps: float, dtype=jnp.float32):
+    self.weight, self.eps = param((d,), ("embed",), dtype, 1.0), eps
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return rms_norm(x, self.weight.get_value(), self.eps)
+
+
+class LayerNorm(nnx.Module):
+  def __init__(self, d: int, eps: float, dtype=jnp.float32):
+    self.weight, self.eps = param((d,), ("embed",), dtype, 1.0), eps
+    self.bias = param((d,), ("embed",), dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return layer_norm(x, self.weight.get_value(), self.bias.get_value(), self.eps)

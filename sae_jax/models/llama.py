@@ -2,17 +2,20 @@
 
 Implements: RMSNorm (float32), rotary embeddings (default, linear, llama3 scaling), grouped-query
 attention, Mistral's sliding window, Qwen2's q/k/v biases, optional attention-output and MLP
-biases, SwiGLU MLP, tied or untied embeddings. Parameter names are the checkpoint's.
+biases, SwiGLU MLP, tied or untied embeddings. Attribute paths are the checkpoint's tensor names
+(``LlamaForCausalLM.model.layers[i].self_attn.q_proj.weight``).
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from sae_jax.errors import UnsupportedModelError
-from sae_jax.models.base import TransformerConfig
-from sae_jax.models.layers import apply_rope, attention, linear, rms_norm, rope_inv_freq
+from sae_jax.models.base import CausalLM, TransformerConfig
+from sae_jax.models.layers import (Embedding, Linear, RMSNorm, apply_rope, attention, linear,
+                                   rope_inv_freq)
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 _ROPE_TYPES = ("default", "linear", "llama3")
@@ -60,69 +63,77 @@ def config_from_hf(d: dict) -> TransformerConfig:
       sliding_window=int(window) if window else None, bos_token_id=d.get("bos_token_id"))
 
 
-def param_specs(cfg: TransformerConfig) -> dict[str, tuple[tuple[int, ...], tuple]]:
-  """Checkpoint name -> (shape, logical axes) of every parameter."""
-  d, h, g, k, f = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_mlp
-  specs = {"model.embed_tokens.weight": ((cfg.vocab_size, d), ("vocab", "embed")),
-           "model.norm.weight": ((d,), ("embed",))}
-  if not cfg.tie_embeddings:
-    specs["lm_head.weight"] = ((cfg.vocab_size, d), ("vocab", "embed"))
-  for i in range(cfg.n_layers):
-    p = f"model.layers.{i}."
-    specs.update({
-        p + "input_layernorm.weight": ((d,), ("embed",)),
-        p + "post_attention_layernorm.weight": ((d,), ("embed",)),
-        p + "self_attn.q_proj.weight": ((h * k, d), ("heads", "embed")),
-        p + "self_attn.k_proj.weight": ((g * k, d), ("kv_heads", "embed")),
-        p + "self_attn.v_proj.weight": ((g * k, d), ("kv_heads", "embed")),
-        p + "self_attn.o_proj.weight": ((d, h * k), ("embed", "heads")),
-        p + "mlp.gate_proj.weight": ((f, d), ("mlp", "embed")),
-        p + "mlp.up_proj.weight": ((f, d), ("mlp", "embed")),
-        p + "mlp.down_proj.weight": ((d, f), ("embed", "mlp")),
-    })
-    if cfg.attn_bias:
-      specs.update({p + "self_attn.q_proj.bias": ((h * k,), ("heads",)),
-                    p + "self_attn.k_proj.bias": ((g * k,), ("kv_heads",)),
-                    p + "self_attn.v_proj.bias": ((g * k,), ("kv_heads",))})
-    if cfg.attn_out_bias:
-      specs[p + "self_attn.o_proj.bias"] = ((d,), ("embed",))
-    if cfg.mlp_bias:
-      specs.update({p + "mlp.gate_proj.bias": ((f,), ("mlp",)),
-                    p + "mlp.up_proj.bias": ((f,), ("mlp",)),
-                    p + "mlp.down_proj.bias": ((d,), ("embed",))})
-  return specs
+class LlamaAttention(nnx.Module):
+  def __init__(self, cfg: TransformerConfig, dtype):
+    d, h, g, k = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    self.q_proj = Linear(d, h * k, ("heads", "embed"), cfg.attn_bias, dtype)
+    self.k_proj = Linear(d, g * k, ("kv_heads", "embed"), cfg.attn_bias, dtype)
+    self.v_proj = Linear(d, g * k, ("kv_heads", "embed"), cfg.attn_bias, dtype)
+    self.o_proj = Linear(h * k, d, ("embed", "heads"), cfg.attn_out_bias, dtype)
+
+  def __call__(self, h, cfg: TransformerConfig, mask, positions):
+    b, t, _ = h.shape
+    q = self.q_proj(h).reshape(b, t, cfg.n_heads, cfg.head_dim)
+    k = self.k_proj(h).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
+    v = self.v_proj(h).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
+    inv = rope_inv_freq(cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling_dict)
+    q, k = apply_rope(q, positions, inv), apply_rope(k, positions, inv)
+    return self.o_proj(attention(q, k, v, mask, positions, cfg.sliding_window).reshape(b, t, -1))
 
 
-def embed(params, cfg, input_ids, positions):
-  return jnp.take(params["model.embed_tokens.weight"], input_ids, axis=0)
+class LlamaMLP(nnx.Module):
+  def __init__(self, cfg: TransformerConfig, dtype):
+    d, f, bias = cfg.d_model, cfg.d_mlp, cfg.mlp_bias
+    self.gate_proj = Linear(d, f, ("mlp", "embed"), bias, dtype)
+    self.up_proj = Linear(d, f, ("mlp", "embed"), bias, dtype)
+    self.down_proj = Linear(f, d, ("embed", "mlp"), bias, dtype)
+
+  def __call__(self, h):
+    gate = jax.nn.silu(self.gate_proj(h).astype(jnp.float32)).astype(h.dtype)
+    return self.down_proj(gate * self.up_proj(h))
 
 
-def unembed(params, cfg, x):
-  x = rms_norm(x, params["model.norm.weight"], cfg.norm_eps)
-  w = params["model.embed_tokens.weight" if cfg.tie_embeddings else "lm_head.weight"]
-  return linear(x, w)
+class LlamaDecoderLayer(nnx.Module):
+  def __init__(self, cfg: TransformerConfig, dtype):
+    self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps, dtype)
+    self.self_attn = LlamaAttention(cfg, dtype)
+    self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps, dtype)
+    self.mlp = LlamaMLP(cfg, dtype)
+
+  def __call__(self, x, cfg: TransformerConfig, mask, positions, visit):
+    """x [B, T, D] -> [B, T, D]; ``visit`` sees (and may replace) attn_out and mlp_out."""
+    x = x + visit("attn_out", self.self_attn(self.input_layernorm(x), cfg, mask, positions))
+    return x + visit("mlp_out", self.mlp(self.post_attention_layernorm(x)))
 
 
-def block(params, cfg: TransformerConfig, i: int, x, mask, positions, visit):
-  """One decoder block: x [B, T, D] -> [B, T, D]; ``visit`` sees attn_out and mlp_out."""
-  p = f"model.layers.{i}."
-  get = lambda name: params.get(p + name)
-  b, t, _ = x.shape
-  h = rms_norm(x, get("input_layernorm.weight"), cfg.norm_eps)
-  q = linear(h, get("self_attn.q_proj.weight"), get("self_attn.q_proj.bias"))
-  k = linear(h, get("self_attn.k_proj.weight"), get("self_attn.k_proj.bias"))
-  v = linear(h, get("self_attn.v_proj.weight"), get("self_attn.v_proj.bias"))
-  q = q.reshape(b, t, cfg.n_heads, cfg.head_dim)
-  k = k.reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
-  v = v.reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
-  inv = rope_inv_freq(cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling_dict)
-  q, k = apply_rope(q, positions, inv), apply_rope(k, positions, inv)
-  a = attention(q, k, v, mask, positions, cfg.sliding_window).reshape(b, t, -1)
-  a = visit("attn_out", linear(a, get("self_attn.o_proj.weight"), get("self_attn.o_proj.bias")))
-  x = x + a
-  h = rms_norm(x, get("post_attention_layernorm.weight"), cfg.norm_eps)
-  gate = linear(h, get("mlp.gate_proj.weight"), get("mlp.gate_proj.bias"))
-  up = linear(h, get("mlp.up_proj.weight"), get("mlp.up_proj.bias"))
-  m = linear(jax.nn.silu(gate.astype(jnp.float32)).astype(h.dtype) * up,
-             get("mlp.down_proj.weight"), get("mlp.down_proj.bias"))
-  return x + visit("mlp_out", m)
+class LlamaModel(nnx.Module):
+  def __init__(self, cfg: TransformerConfig, dtype):
+    self.embed_tokens = Embedding(cfg.vocab_size, cfg.d_model, ("vocab", "embed"), dtype)
+    self.layers = nnx.List([LlamaDecoderLayer(cfg, dtype) for _ in range(cfg.n_layers)])
+    self.norm = RMSNorm(cfg.d_model, cfg.norm_eps, dtype)
+
+
+class LlamaForCausalLM(CausalLM):
+  """LlamaForCausalLM: ``model`` (embed_tokens, layers, norm) and ``lm_head`` (None if tied)."""
+
+  def __init__(self, cfg: TransformerConfig, dtype=jnp.float32):
+    super().__init__(cfg)
+    self.model = LlamaModel(cfg, dtype)
+    self.lm_head = (None if cfg.tie_embeddings else
+                    Linear(cfg.d_model, cfg.vocab_size, ("vocab", "embed"), dtype=dtype))
+
+  @property
+  def layers(self):
+    return self.model.layers
+
+  def embed(self, input_ids, positions):
+    return self.model.embed_tokens(input_ids)
+
+  def unembed(self, x):
+    x = self.model.norm(x)
+    if self.lm_head is None:
+      return linear(x, self.model.embed_tokens.weight.get_value())
+    return self.lm_head(x)
+
+
+MODEL_CLASS = LlamaForCausalLM

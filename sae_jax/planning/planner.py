@@ -26,7 +26,7 @@ from sae_jax import evals, sharding
 from sae_jax.config import MeshConfig
 from sae_jax.errors import ConfigError
 from sae_jax.models import base
-from sae_jax.models.hf import abstract_params
+from sae_jax.models.hf import abstract_model
 from sae_jax.models.hooks import parse_hook
 from sae_jax.planning import costs
 from sae_jax.planning.chips import USABLE_HBM, Target, resolve_target
@@ -58,13 +58,13 @@ def _abstract(shape, dtype, mesh: Mesh, axes) -> jax.ShapeDtypeStruct:
 def build_functions(cfg: TraceConfig, mesh: Mesh, family, mc) -> list[Built]:
   """The trace's forward, SAE step and evaluation, with abstract arguments on ``mesh``."""
   dtype = jnp.dtype(cfg.extract.dtype)
-  params = abstract_params(mc, cfg.extract.dtype, mesh)
+  graphdef, params = abstract_model(mc, cfg.extract.dtype, mesh)
   b, t = cfg.data.batch_size, cfg.data.ctx_len
   ids = _abstract((b, t), jnp.int32, mesh, ("batch", "length"))
   capture = tuple(parse_hook(h, mc.n_layers) for h in cfg.hooks)
 
   def forward(p, i, m):
-    return base.forward(family, mc, p, i, m, capture, (), False, dtype)[0]
+    return base.forward(graphdef, p, i, m, capture, (), False, dtype)[0]
 
   sae_cfg = sae_config_for(cfg, mc.d_model)
   registry.check(sae_cfg)
@@ -80,7 +80,7 @@ def build_functions(cfg: TraceConfig, mesh: Mesh, family, mc) -> list[Built]:
   def evaluate(p, sae_state, i, m):
     # One of the evaluation's three forwards per batch: the one with the SAE spliced in (the
     # clean and the ablated ones cost no more; the projection counts three of these).
-    logits = base.forward(family, mc, p, i, m, (), ((hook, splice),), True, dtype,
+    logits = base.forward(graphdef, p, i, m, (), ((hook, splice),), True, dtype,
                           (sae_state,))[1]
     return evals.next_token_nll(logits, i, m)[:2]
 

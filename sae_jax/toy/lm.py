@@ -20,11 +20,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
+from flax import nnx
 
 from sae_jax import paths, store
 from sae_jax.evals import next_token_nll
-from sae_jax.models import llama
-from sae_jax.models.base import TransformerConfig, forward
+from sae_jax.models.base import TransformerConfig, forward, param_name, with_params
+from sae_jax.models.hf import abstract_model
 from sae_jax.toy.world import PAD, World, WorldConfig
 
 
@@ -81,8 +82,10 @@ def hf_config(mc: TransformerConfig, world: World, max_len: int) -> dict:
 
 
 def init_params(mc: TransformerConfig, key) -> dict:
+  """Checkpoint name -> initial array (the module's names, in sorted order)."""
+  shapes = {param_name(p): v.shape for p, v in nnx.to_flat_state(abstract_model(mc)[1])}
   params = {}
-  for i, (name, (shape, _)) in enumerate(sorted(llama.param_specs(mc).items())):
+  for i, (name, shape) in enumerate(sorted(shapes.items())):
     if name.endswith("norm.weight"):
       params[name] = jnp.ones(shape, jnp.float32)
     else:
@@ -101,7 +104,9 @@ def encode(world: World, docs, length: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _loss(params, mc, ids, mask):
-  _, logits = forward(llama, mc, params, ids, mask, (), (), True, jnp.float32)
+  graphdef, template = abstract_model(mc)
+  state = with_params(template, params)  # the flat names -> the module's state (no copy)
+  _, logits = forward(graphdef, state, ids, mask, (), (), True, jnp.float32)
   total, count, _, _ = next_token_nll(logits, ids, mask)
   return total / count
 
