@@ -42,6 +42,9 @@ flags.DEFINE_string("workdir", os.path.expanduser("~/.cache/sae_jax/quality"),
 flags.DEFINE_string("toy_dir", None, "a trained tiny toy model (default: trained into workdir)")
 flags.DEFINE_float("scale", 1.0, "multiply every dataset's steps by this")
 flags.DEFINE_string("encoder_init", None, "ours' encoder_init (default: TrainConfig's)")
+flags.DEFINE_integer("geometric_median_iters", None,
+                     "ours' b_dec initialisation: Weiszfeld iterations from the first batch's "
+                     "mean (0: the mean, as sparsify's trainer; default: TrainConfig's)")
 flags.DEFINE_integer("points", 8, "evaluations per run (plus the final one)")
 
 # name: (d_sae, k, batch, steps, lr)
@@ -142,6 +145,8 @@ def train_ours(run: dict, data, emit) -> None:
   bs, k = run["batch_size"], run["k"]
   cfg = sj.SAEConfig(d_in=x.shape[1], d_sae=run["d_sae"], k=k)
   init = {"encoder_init": FLAGS.encoder_init} if FLAGS.encoder_init else {}
+  if FLAGS.geometric_median_iters is not None:
+    init["geometric_median_iters"] = FLAGS.geometric_median_iters
   tcfg = sj.TrainConfig(batch_size=bs, seed=run["seed"], **init, optim=sj.OptimConfig(
       lr=run["lr"], warmup_steps=run["warmup"], adam_b1=run["b1"], adam_b2=run["b2"],
       adam_eps=run["eps"]))
