@@ -52,11 +52,12 @@ TINY_LM = LMConfig(d_model=64, n_layers=2, n_heads=4, d_mlp=160, steps=400, trai
 
 
 def checkpoint_steps(total: int) -> list[int]:
-  """0, then 1-3-10 log spacing up to ``total``, and ``total``."""
+  """0, then 3-10 log spacing up to ``total``, and ``total``. No step 1: the first update runs
+  at learning rate 0 (the warm-up starts there), so step 1 would be step 0 again."""
   steps = {0, total}
   k = 1
   while k < total:
-    steps.update(s for s in (k, 3 * k) if s < total)
+    steps.update(s for s in (k, 3 * k) if 1 < s < total)
     k *= 10
   return sorted(steps)
 
