@@ -32,17 +32,18 @@ from sae_jax.toy.world import PAD, World, WorldConfig
 class LMConfig:
   """The toy target model and its training run."""
 
-  d_model: int = 128
-  n_layers: int = 4
+  # Sized for the default trace (model, SAEs and analysis) within 10 minutes on 2 CPU cores.
+  d_model: int = 64
+  n_layers: int = 3
   n_heads: int = 4
-  d_mlp: int = 384
+  d_mlp: int = 192
   batch_size: int = 64
-  steps: int = 1500
-  lr: float = 3e-3
-  warmup_steps: int = 100
+  steps: int = 500
+  lr: float = 5e-3
+  warmup_steps: int = 40
   weight_decay: float = 0.01
-  train_docs: int = 100_000
-  eval_docs: int = 2_000
+  train_docs: int = 32_000  # steps x batch_size: every document seen once
+  eval_docs: int = 1_000
   seed: int = 0
 
 

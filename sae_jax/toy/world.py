@@ -163,6 +163,12 @@ class World:
     self.verbs = {x.name: x for x in concepts if x.pos == "verb"}
     self.subjects = [x for c in NOUN_CATEGORIES if any(c in v[0] for v in VERBS.values())
                      for x in self.nouns_by_cat[c]]
+    # The grammar's lookups, built once (documents are drawn by the ten thousand).
+    self._verbs_for = {c: [self.verbs[v] for v, (subj, _) in VERBS.items() if c in subj]
+                       for c in NOUN_CATEGORIES}
+    self._objects_for = {v: [x for c in objs for x in self.nouns_by_cat[c]]
+                         for v, (_, objs) in VERBS.items()}
+    self._object_ids = {v: {x.id for x in xs} for v, xs in self._objects_for.items()}
     self.vocab = list(SPECIALS) + list(FUNCTION_WORDS) + list(DIGITS) + list(dict.fromkeys(
         w for x in concepts for w in x.en + x.ja))
     assert len(set(self.vocab)) == len(self.vocab)
@@ -190,10 +196,10 @@ class World:
   # ---- the generative process, with exact probabilities ----------------------------------
 
   def verbs_for(self, subject: Concept) -> list[Concept]:
-    return [self.verbs[v] for v, (subj, _) in VERBS.items() if subject.category in subj]
+    return self._verbs_for[subject.category]
 
   def objects_for(self, verb: Concept) -> list[Concept]:
-    return [x for c in VERBS[verb.name][1] for x in self.nouns_by_cat[c]]
+    return self._objects_for[verb.name]
 
   def _sample_clause(self, rng):
     """((num, adj, subject), verb, (num, adj, object)); num (a digit) and adj may be None."""
@@ -258,7 +264,7 @@ class World:
       self._noun_phrase(np_s, lang, rng, translation, p_subj, toks)
       toks.append((WA, None, "particle", 0.0))
       # SOV: the object comes before the verb, so its probability sums over the verbs.
-      w = [1 / len(verbs) * (obj in self.objects_for(v)) / len(self.objects_for(v))
+      w = [1 / len(verbs) * (obj.id in self._object_ids[v.name]) / len(self.objects_for(v))
            for v in verbs]
       self._noun_phrase(np_o, lang, rng, translation, sum(w), toks)
       toks.append((WO, None, "particle", 0.0))

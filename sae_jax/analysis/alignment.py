@@ -1,0 +1,191 @@
+"""The model's own ground truth, independent of any SAE: how aligned its representations of
+translation-equivalent words are at a hook, and how concept-like (vs form-like) they are.
+
+Read from monolingual documents of the toy world (so no context holds the other language, and
+nothing but the model's weights can align the two), at every word that carries a concept and
+whose form belongs to one language only (names, loanwords and digits are written alike in both
+languages: they would align trivially). Each language's vectors are centred on their own mean
+first (the language direction itself is not alignment).
+
+* ``cross_language_probe``: a ridge classifier of the concept, trained on one language's word
+  vectors and tested on the other's (both directions, averaged): its balanced accuracy (mean
+  recall over concepts, so frequent concepts earn nothing) with a 95 % interval, against the
+  null 1 / concepts, which any prediction unrelated to the true concept reads.
+* ``similarity_gap``: the cosine of a concept's centroid in one language with its centroid in
+  the other (translations), or of two synonym forms of one concept in one language (synonyms),
+  minus the cosine of matched pairs of different concepts of the same category (the null).
+  Synonyms above the null: concept-like; at the null: form-like.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from sae_jax.toy.lm import encode
+from sae_jax.toy.world import World
+
+
+@dataclasses.dataclass(frozen=True)
+class WordVectors:
+  """Word occurrences and their vectors at one hook.
+
+  Attributes:
+    x: [N, D] activations. concept, form: [N] int concept id and form index within its
+    language. category: [N] object. lang: [N] object, ``en`` or ``ja``.
+  """
+
+  x: np.ndarray
+  concept: np.ndarray
+  form: np.ndarray
+  category: np.ndarray
+  lang: np.ndarray
+
+  def of(self, lang: str) -> "WordVectors":
+    m = self.lang == lang
+    return WordVectors(self.x[m], self.concept[m], self.form[m], self.category[m], self.lang[m])
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeResult:
+  """Cross-language concept probe: balanced accuracy (the mean over concepts of the share of
+  its test occurrences predicted right) with a 95 % interval; its null, chance = 1 / concepts
+  (what any prediction independent of the true concept reads, frequent concepts or not); the
+  test occurrences; the concepts present in both languages."""
+
+  accuracy: float
+  lo: float
+  hi: float
+  null: float
+  n: int
+  concepts: int
+
+
+def _centred(x: np.ndarray) -> np.ndarray:
+  return x - x.mean(0, keepdims=True)
+
+
+def _ridge_predict(x_tr, y_tr, x_te, n_classes: int, ridge: float) -> np.ndarray:
+  """Ridge regression onto one-hot classes (float64, closed form); [M] predicted class."""
+  x_tr = x_tr.astype(np.float64)
+  scale = np.sqrt((x_tr ** 2).sum(1).mean()) + 1e-12  # ridge relative to the vectors' size
+  a, b = x_tr / scale, x_te.astype(np.float64) / scale
+  y = np.eye(n_classes)[y_tr]
+  w = np.linalg.solve(a.T @ a + ridge * len(a) * np.eye(a.shape[1]), a.T @ (y - y.mean(0)))
+  return np.argmax(b @ w, axis=1)
+
+
+def _recalls(pred: np.ndarray, true: np.ndarray, k: int) -> np.ndarray:
+  """[k] share of each class's occurrences predicted right (NaN for a class absent)."""
+  n_c = np.bincount(true, minlength=k).astype(float)
+  hit_c = np.bincount(true[pred == true], minlength=k).astype(float)
+  return np.where(n_c > 0, hit_c / np.maximum(n_c, 1), np.nan)
+
+
+def cross_language_probe(wv: WordVectors, ridge: float = 1e-3) -> ProbeResult:
+  """Train on one language, test on the other, both directions (see the module docstring).
+
+  A concept's recall is averaged over the two directions; the accuracy is the mean over
+  concepts, its interval the normal one over concepts (the concept, not the occurrence, is
+  the unit that varies: a concept's occurrences are all mapped alike).
+  """
+  en, ja = wv.of("en"), wv.of("ja")
+  shared = np.intersect1d(en.concept, ja.concept)
+  if shared.size < 2:
+    return ProbeResult(float("nan"), float("nan"), float("nan"), float("nan"), 0, shared.size)
+  index = {int(c): i for i, c in enumerate(shared)}
+  sides = []
+  for side in (en, ja):
+    keep = np.isin(side.concept, shared)
+    sides.append((_centred(side.x[keep]), np.asarray([index[int(c)] for c in side.concept[keep]])))
+  recalls, n = [], 0
+  for (x_tr, y_tr), (x_te, y_te) in ((sides[0], sides[1]), (sides[1], sides[0])):
+    pred = _ridge_predict(x_tr, y_tr, x_te, shared.size, ridge)
+    recalls.append(_recalls(pred, y_te, shared.size))
+    n += len(y_te)
+  r = np.mean(recalls, axis=0)
+  acc = float(r.mean())
+  half = 1.96 * float(r.std(ddof=1)) / np.sqrt(r.size)
+  return ProbeResult(acc, float(max(acc - half, 0.0)), float(min(acc + half, 1.0)), 1 / shared.size, n,
+                     int(shared.size))
+
+
+def _centroids(wv: WordVectors, by_form: bool) -> dict[tuple, tuple[np.ndarray, str]]:
+  """(concept[, form]) -> (unit centroid of the centred vectors, category)."""
+  x = _centred(wv.x)
+  keys = np.stack([wv.concept, wv.form if by_form else np.zeros_like(wv.form)], 1)
+  uniq, inverse = np.unique(keys, axis=0, return_inverse=True)
+  inverse = inverse.reshape(-1)
+  sums = np.zeros((len(uniq), x.shape[1]))
+  np.add.at(sums, inverse, x)
+  norms = np.linalg.norm(sums, axis=1, keepdims=True) + 1e-12
+  first = np.zeros(len(uniq), np.int64)
+  first[inverse[::-1]] = np.arange(len(inverse))[::-1]
+  return {(tuple(int(v) for v in k) if by_form else (int(k[0]),)): (s / n, wv.category[i])
+          for k, s, n, i in zip(uniq, sums, norms, first)}
+
+
+def _gap(pairs: list[float], nulls: list[float]) -> dict:
+  """Mean pair cosine minus the null's, with a normal 95 % interval over the pairs."""
+  if not pairs or not nulls:
+    return {"gap": float("nan"), "lo": float("nan"), "hi": float("nan"), "pairs": len(pairs),
+            "pair_cosine": float("nan"), "null_cosine": float("nan")}
+  p, q = np.asarray(pairs), np.asarray(nulls)
+  gap = float(p.mean() - q.mean())
+  half = 1.96 * float(np.sqrt(p.var(ddof=1) / len(p) + q.var(ddof=1) / len(q))) if (
+      len(p) > 1 and len(q) > 1) else float("nan")
+  return {"gap": gap, "lo": gap - half, "hi": gap + half, "pairs": len(p),
+          "pair_cosine": float(p.mean()), "null_cosine": float(q.mean())}
+
+
+def similarity_gap(wv: WordVectors, kind: str) -> dict:
+  """``kind`` "translation": a concept's centroids across languages; "synonym": two forms of
+  one concept within a language. Against pairs of different concepts of one category."""
+  pairs, nulls = [], []
+  if kind == "translation":
+    a, b = _centroids(wv.of("en"), False), _centroids(wv.of("ja"), False)
+    for (c,), (v, cat) in a.items():
+      for (c2,), (u, cat2) in b.items():
+        if cat2 == cat:
+          (pairs if c2 == c else nulls).append(float(v @ u))
+  else:
+    for lang in ("en", "ja"):
+      cents = list(_centroids(wv.of(lang), True).items())
+      for i, ((c, f), (v, cat)) in enumerate(cents):
+        for (c2, f2), (u, cat2) in cents[i + 1:]:
+          if cat2 == cat:
+            (pairs if c2 == c else nulls).append(float(v @ u))
+  return _gap(pairs, nulls)
+
+
+def word_vectors(model, world: World, hook: str, n_docs: int = 600, seed: int = 424242,
+                 batch: int = 128) -> WordVectors:
+  """The vectors at ``hook`` of the single-language words of ``n_docs`` fresh documents (the
+  monolingual ones among them)."""
+  docs = [d for d in world.documents(n_docs, seed) if d.doc_type in ("en", "ja")]
+  length = max(len(d.tokens) for d in docs)
+  ids, mask = encode(world, docs, length)
+  keep = np.zeros(ids.shape, bool)
+  rows = {k: np.zeros(ids.shape, np.int64) for k in ("concept", "form")}
+  for r, d in enumerate(docs):
+    for t, (tok, cid) in enumerate(zip(d.tokens, d.concept)):
+      if cid >= 0 and tok not in world.shared_forms:
+        keep[r, t] = True
+        rows["concept"][r, t], rows["form"][r, t] = cid, d.form[t]
+  xs = [np.asarray(model.activations(ids[i:i + batch], [hook], mask[i:i + batch])[hook],
+                   np.float32) for i in range(0, len(docs), batch)]
+  x = np.concatenate(xs)[keep]
+  concept = rows["concept"][keep]
+  lang = np.repeat(np.asarray([d.doc_type for d in docs], dtype=object), keep.sum(1))
+  category = np.asarray([world.concepts[c].category for c in concept], dtype=object)
+  return WordVectors(x, concept, rows["form"][keep], category, lang)
+
+
+def model_alignment(wv: WordVectors) -> dict:
+  """The model-level ground truth of one checkpoint and hook (JSON-ready)."""
+  probe = cross_language_probe(wv)
+  return {"probe_accuracy": probe.accuracy, "probe_ci": [probe.lo, probe.hi],
+          "probe_null": probe.null, "probe_n": probe.n, "concepts": probe.concepts,
+          "translation_similarity": similarity_gap(wv, "translation"),
+          "synonym_similarity": similarity_gap(wv, "synonym")}

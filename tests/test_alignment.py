@@ -1,0 +1,79 @@
+"""The model-level ground truth (analysis/alignment.py): planted alignment reads high, a random
+model reads at the null."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sae_jax.analysis.alignment import (WordVectors, cross_language_probe, model_alignment,
+                                        similarity_gap, word_vectors)
+from sae_jax.models import llama
+from sae_jax.models.base import Model
+from sae_jax.toy.lm import TINY_LM, TINY_WORLD, init_params, model_config
+from sae_jax.toy.world import World
+
+
+def _model(world, planted: bool):
+  """A 1-layer toy model; planted: its blocks write nothing (resid_post.0 is the embedding)
+  and the embedding of every form of a concept, in either language, is the concept's vector
+  plus a language offset and noise."""
+  lm = TINY_LM.__class__(**{**TINY_LM.__dict__, "n_layers": 1})
+  mc = model_config(world, lm)
+  params = {k: np.asarray(v) for k, v in init_params(mc, jax.random.key(1)).items()}
+  if planted:
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=params["model.embed_tokens.weight"].shape).astype(np.float32)
+    offset = {"en": rng.normal(size=mc.d_model), "ja": rng.normal(size=mc.d_model)}
+    for c in world.concepts:
+      v = rng.normal(size=mc.d_model)
+      for lang in ("en", "ja"):
+        for form in getattr(c, lang):
+          emb[world.word_index[form]] = v + offset[lang] + 0.3 * rng.normal(size=mc.d_model)
+    params["model.embed_tokens.weight"] = emb
+    for k in params:
+      if k.endswith(("o_proj.weight", "down_proj.weight")):
+        params[k] = np.zeros_like(params[k])
+  return Model(llama, mc, {k: jnp.asarray(v) for k, v in params.items()}, "", None,
+               jnp.float32)
+
+
+@pytest.fixture(scope="module")
+def world():
+  return World(TINY_WORLD)
+
+
+def test_planted_alignment_reads_high_and_a_random_model_at_the_null(world):
+  read = lambda planted: model_alignment(word_vectors(_model(world, planted), world,
+                                                      "resid_post.0", n_docs=300, batch=256))
+  planted, rand = read(True), read(False)
+  assert planted["concepts"] > 30 and planted["probe_n"] > 1000
+  assert planted["probe_ci"][0] > 0.9 and planted["probe_null"] == 1 / planted["concepts"]
+  assert planted["translation_similarity"]["lo"] > 0.5
+  assert planted["synonym_similarity"]["lo"] > 0.5
+  # A random model: its embeddings of translations are unrelated, so the probe reads the null
+  # (chance) inside its interval, and no similarity gap is there.
+  assert rand["probe_ci"][0] <= rand["probe_null"] <= rand["probe_ci"][1], rand
+  for kind in ("translation_similarity", "synonym_similarity"):
+    assert rand[kind]["lo"] <= 0 <= rand[kind]["hi"], (kind, rand[kind])
+
+
+def test_probe_on_vectors_alone():
+  """Hand-made vectors: concept c is the same direction in both languages (aligned), or an
+  independent one (not)."""
+  rng = np.random.default_rng(3)
+  n_c, d, per = 20, 16, 30
+  base = rng.normal(size=(n_c, d))
+  concept = np.tile(np.arange(n_c), 2 * per)
+  lang = np.repeat(np.asarray(["en", "ja"], dtype=object), n_c * per)
+  other = rng.normal(size=(n_c, d))
+  make = lambda ja_dirs: np.where((lang == "en")[:, None], base[concept], ja_dirs[concept]) + \
+      0.5 * rng.normal(size=(len(concept), d))
+  cat = np.asarray(["a"] * len(concept), dtype=object)
+  form = np.zeros(len(concept), np.int64)
+  aligned = cross_language_probe(WordVectors(make(base), concept, form, cat, lang))
+  apart = cross_language_probe(WordVectors(make(other), concept, form, cat, lang))
+  assert aligned.lo > 0.9 and aligned.null == 1 / n_c
+  assert apart.lo <= apart.null <= apart.hi
+  gap = similarity_gap(WordVectors(make(base), concept, form, cat, lang), "translation")
+  assert gap["lo"] > 0.5 and gap["pairs"] == n_c
