@@ -107,8 +107,8 @@ def cross_language_probe(wv: WordVectors, ridge: float = 1e-3) -> ProbeResult:
   r = np.mean(recalls, axis=0)
   acc = float(r.mean())
   half = 1.96 * float(r.std(ddof=1)) / np.sqrt(r.size)
-  return ProbeResult(acc, float(max(acc - half, 0.0)), float(min(acc + half, 1.0)), 1 / shared.size, n,
-                     int(shared.size))
+  return ProbeResult(acc, float(max(acc - half, 0.0)), float(min(acc + half, 1.0)),
+                     1 / shared.size, n, int(shared.size))
 
 
 def _centroids(wv: WordVectors, by_form: bool) -> dict[tuple, tuple[np.ndarray, str]]:
