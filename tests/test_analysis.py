@@ -231,8 +231,35 @@ def test_toy_trace_analysis_end_to_end(tiny_toy, tmp_path):
   ja_only = feats_final[feats_final.language_truth == "ja"]
   assert len(ja_only) and (ja_only.frequency_ja > ja_only.frequency_en).mean() > 0.9
   _check_paper_table(out, feats)
+  _check_findings(out, feats)
   _check_overlap_and_lineage(out, work, feats, final)
   _check_report_in_chromium(out, feats_final, tmp_path)
+
+
+def _check_findings(out, feats):
+  """findings.json: every checkpoint's shares (from the features table) with intervals around
+  them, FVU, dead fraction, the model-level truth, and the three verdicts."""
+  import json
+  found = json.loads((out / "findings.json").read_text())
+  assert [e["checkpoint"] for e in found["checkpoints"]] == ["step0", "step10", "step30"]
+  assert [e["control"] for e in found["checkpoints"]] == [True, False, False]
+  for e in found["checkpoints"]:
+    rows = feats[(feats.checkpoint == e["checkpoint"]) & (feats.seed == 0)]
+    labelled = rows[~rows.language.isin(["none"])]
+    for x in ("en", "ja", "bilingual"):
+      share, lo, hi = e["language_shares"][x]
+      assert share == pytest.approx((labelled.language == x).mean()) and lo <= share <= hi
+    assert set(e["granularity_shares"]) == {"token", "concept_synonym", "concept_semantic",
+                                            "uninterpretable"}
+    assert 0 <= e["fvu"] < 1 and 0 <= e["dead_fraction"] <= 1
+    assert 0 <= e["model_alignment"] <= 1 and e["model_alignment_null"] > 0
+  assert set(found["verdicts"]) == {"language_specific_first", "token_level_first",
+                                    "sae_follows_model"}
+  for v in found["verdicts"].values():
+    assert v["answer"] in (True, False, None)
+  assert found["verdicts"]["language_specific_first"]["first"] == "step10"
+  page = (out / "report.html").read_text(encoding="utf-8")
+  assert page.index("Findings (findings.json)") < page.index("Feature populations")
 
 
 def _check_paper_table(out, feats):

@@ -194,6 +194,7 @@ def _present(out: Path, title: str, described: list[SAEFeatures], overlap: Overl
   frames = {"features": tables.features_table(described, cfg, ground_truth),
             "summary": tables.summary_table(described, cfg, ground_truth),
             "eval": tables.eval_table(records, evals),
+            "curves": tables.curves_table(records),
             "paper": tables.paper_labels_table(described)}
   threshold = overlap.threshold if overlap is not None else THRESHOLD
   if overlap is not None:

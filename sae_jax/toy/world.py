@@ -77,6 +77,9 @@ _KANA = ("か", "き", "く", "け", "こ", "さ", "し", "す", "せ", "そ", "
          "れ", "ろ", "や", "ゆ", "よ", "わ", "は", "ひ", "ふ", "へ", "ほ")
 
 
+_DRAWN: dict[tuple, list] = {}  # (WorldConfig, n, seed) -> documents, the last few draws
+
+
 @dataclasses.dataclass(frozen=True)
 class WorldConfig:
   """Size and mix of the world (the defaults make 232 concepts, about 950 words)."""
@@ -317,8 +320,16 @@ class World:
     return doc
 
   def documents(self, n: int, seed: int) -> list[Document]:
-    rng = np.random.default_rng([self.cfg.seed, seed])
-    return [self.sample_document(rng) for _ in range(n)]
+    """``n`` documents drawn with ``seed`` (the same for the same world config, n and seed:
+    the last few draws are kept, since a trace draws its training stream at every checkpoint).
+    """
+    key = (self.cfg, n, seed)
+    if key not in _DRAWN:
+      rng = np.random.default_rng([self.cfg.seed, seed])
+      _DRAWN[key] = [self.sample_document(rng) for _ in range(n)]
+      while len(_DRAWN) > 4:
+        _DRAWN.pop(next(iter(_DRAWN)))
+    return list(_DRAWN[key])
 
   def entropy(self, docs: list[Document]) -> float:
     """Mean next-token entropy (nats) over the predicted tokens (all but <bos>)."""
