@@ -141,11 +141,14 @@ def verdicts(entries: list[dict]) -> dict:
 
 
 def _cell(v) -> str:
-  if isinstance(v, list) and len(v) == 3:
+  """A value as the report shows it: [share, lo, hi] as "share [lo, hi]", floats to 3 places."""
+  if isinstance(v, list) and len(v) == 3 and all(isinstance(x, float) for x in v):
     return f"{v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]" if not math.isnan(v[0]) else ""
+  if isinstance(v, list):
+    return "[" + ", ".join(_cell(x) for x in v) + "]"
   if isinstance(v, float):
     return "" if math.isnan(v) else f"{v:.3f}"
-  return "" if v is None else html.escape(str(v))
+  return "" if v is None else str(v)
 
 
 def findings_html(findings: dict | None) -> str:
@@ -155,8 +158,7 @@ def findings_html(findings: dict | None) -> str:
   items = []
   for name, v in findings["verdicts"].items():
     answer = {True: "yes", False: "no", None: "undecided"}[v.get("answer")]
-    nums = ", ".join(f"{k}={_cell(x) if not isinstance(x, list) or len(x) == 3 else x}"
-                     for k, x in v.items() if k != "answer")
+    nums = ", ".join(f"{k}={_cell(x)}" for k, x in v.items() if k != "answer")
     items.append(f"<li><b>{html.escape(name)}: {answer}</b> <small>{html.escape(nums)}</small>"
                  "</li>")
   cols = (["checkpoint", "step", "n_live", "fvu", "dead_fraction", "model_alignment",
@@ -169,7 +171,8 @@ def findings_html(findings: dict | None) -> str:
         e["language_shares_truth"][x] for x in LANGUAGES] + [
         e["granularity_shares"][x] for x in GRANULARITIES]
     style = ' style="color:#888"' if e["control"] else ""
-    rows.append(f"<tr{style}>" + "".join(f"<td>{_cell(c)}</td>" for c in cells) + "</tr>")
+    rows.append(f"<tr{style}>" + "".join(f"<td>{html.escape(_cell(c))}</td>" for c in cells)
+                + "</tr>")
   table = ('<table class="tbl"><thead><tr>' + "".join(f"<th>{html.escape(h)}</th>" for h in head)
            + "</tr></thead><tbody>" + "".join(rows) + "</tbody></table>")
   return ("<h2>Findings (findings.json)</h2><ul>" + "".join(items) + "</ul>" + table +
