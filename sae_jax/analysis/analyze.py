@@ -189,8 +189,6 @@ def _present(out: Path, title: str, described: list[SAEFeatures], overlap: Overl
   written."""
   records = [d.record for d in described]
   evals = {r.key: store.read_json(r.run.eval) for r in records if r.run.eval.exists()}
-  found = findings.build_findings(described, evals, alignment)
-  store.atomic_write_json(out / outputs.FINDINGS, found)
   frames = {"features": tables.features_table(described, cfg, ground_truth),
             "summary": tables.summary_table(described, cfg, ground_truth),
             "eval": tables.eval_table(records, evals),
@@ -204,6 +202,8 @@ def _present(out: Path, title: str, described: list[SAEFeatures], overlap: Overl
     frames["nulls"] = tables.nulls_table(overlap)
     frames["thresholds"] = tables.thresholds_table(overlap)
     frames["calibration"] = tables.calibration_table(overlap)
+  found = findings.build_findings(described, evals, alignment, frames["curves"])
+  store.atomic_write_json(out / outputs.FINDINGS, found)
   written = outputs.write_tables(out, frames)
   written[outputs.FINDINGS] = out / outputs.FINDINGS
   figures = plots.write_plots(frames, out / outputs.PLOTS, threshold,

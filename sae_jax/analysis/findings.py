@@ -163,11 +163,13 @@ def findings_html(findings: dict | None) -> str:
                  "</li>")
   cols = (["checkpoint", "step", "n_live", "fvu", "dead_fraction", "model_alignment",
            "model_alignment_null", "translation_similarity", "synonym_similarity"])
-  head = cols + [f"lang {x}" for x in LANGUAGES] + [f"truth {x}" for x in LANGUAGES] + [
+  head = cols + ["fvu change, last 20 % of training"] + [f"lang {x}" for x in LANGUAGES] + [f"truth {x}" for x in LANGUAGES] + [
       f"gran {x}" for x in GRANULARITIES]
   rows = []
   for e in findings["checkpoints"]:
-    cells = [e.get(c) for c in cols] + [e["language_shares"][x] for x in LANGUAGES] + [
+    cells = [e.get(c) for c in cols] + [
+        (e.get("training_curve") or {}).get("fvu_change_last_20pct")] + [
+        e["language_shares"][x] for x in LANGUAGES] + [
         e["language_shares_truth"][x] for x in LANGUAGES] + [
         e["granularity_shares"][x] for x in GRANULARITIES]
     style = ' style="color:#888"' if e["control"] else ""
@@ -181,12 +183,30 @@ def findings_html(findings: dict | None) -> str:
           "concept probe (balanced accuracy; null = chance), independent of any SAE.</small></p>")
 
 
+def flattening(curves, checkpoint: str, hook: str) -> dict:
+  """How flat an SAE's training curves ended (seed 0): FVU and dead fraction at 80 % of its
+  training steps and at the end, and the FVU's relative change between them."""
+  if curves is None or curves.empty:
+    return {}
+  rows = curves[(curves.checkpoint == checkpoint) & (curves.hook == hook) & (curves.seed == 0)]
+  if len(rows) < 2:
+    return {}
+  steps = rows.train_step.to_numpy()
+  at = rows.iloc[int(np.argmin(np.abs(steps - 0.8 * steps.max())))]
+  end = rows.iloc[-1]
+  return {"fvu_at_80pct": float(at.fvu), "fvu_end": float(end.fvu),
+          "fvu_change_last_20pct": float((end.fvu - at.fvu) / max(at.fvu, 1e-12)),
+          "dead_at_80pct": float(at.dead_fraction), "dead_end": float(end.dead_fraction)}
+
+
 def build_findings(described: list[SAEFeatures], evals: dict[str, dict],
-                   alignment: dict[tuple[str, str], dict]) -> dict:
+                   alignment: dict[tuple[str, str], dict], curves=None) -> dict:
   """findings.json: every checkpoint's entry (seed 0, each hook) and the first hook's verdicts
-  (``verdicts_by_hook`` holds every hook's)."""
-  entries = [checkpoint_entry(d, evals.get(d.record.key, {}),
-                              alignment.get((d.record.checkpoint, d.record.hook)))
+  (``verdicts_by_hook`` holds every hook's). ``curves``: the training curves table (tables.py),
+  for how flat FVU and dead fraction ended."""
+  entries = [{**checkpoint_entry(d, evals.get(d.record.key, {}),
+                                 alignment.get((d.record.checkpoint, d.record.hook))),
+              "training_curve": flattening(curves, d.record.checkpoint, d.record.hook)}
              for d in described if d.record.seed == 0]
   hooks = list(dict.fromkeys(e["hook"] for e in entries))
   by_hook = {h: verdicts([e for e in entries if e["hook"] == h]) for h in hooks}
