@@ -48,32 +48,39 @@ def test_planted_alignment_reads_high_and_a_random_model_at_the_null(world):
                                                       "resid_post.0", n_docs=300, batch=256))
   planted, rand = read(True), read(False)
   assert planted["concepts"] > 30 and planted["probe_n"] > 1000
-  assert planted["probe_ci"][0] > 0.9 and planted["probe_null"] == 1 / planted["concepts"]
+  chance = 1 / planted["concepts"]
+  assert planted["probe_ci"][0] > 0.9 and planted["probe_p"] < 0.01
+  assert abs(planted["probe_null"] - chance) < 0.5 * chance  # the null's mean is chance
   assert planted["translation_similarity"]["lo"] > 0.5
   assert planted["synonym_similarity"]["lo"] > 0.5
-  # A random model: its embeddings of translations are unrelated, so the probe reads the null
-  # (chance) inside its interval, and no similarity gap is there.
-  assert rand["probe_ci"][0] <= rand["probe_null"] <= rand["probe_ci"][1], rand
+  # A random model: its embeddings of translations are unrelated, so the probe reads inside
+  # the null's 95 % range, and no similarity gap is there.
+  lo, hi = rand["probe_null_range"]
+  assert lo <= rand["probe_accuracy"] <= hi and rand["probe_p"] > 0.025, rand
   for kind in ("translation_similarity", "synonym_similarity"):
     assert rand[kind]["lo"] <= 0 <= rand[kind]["hi"], (kind, rand[kind])
 
 
-def test_probe_on_vectors_alone():
-  """Hand-made vectors: concept c is the same direction in both languages (aligned), or an
-  independent one (not)."""
-  rng = np.random.default_rng(3)
-  n_c, d, per = 20, 16, 30
+def _vectors(seed, aligned, n_c=20, d=16, per=30):
+  """Concept c is the same direction in both languages (aligned), or an independent one."""
+  rng = np.random.default_rng(seed)
   base = rng.normal(size=(n_c, d))
+  ja_dirs = base if aligned else rng.normal(size=(n_c, d))
   concept = np.tile(np.arange(n_c), 2 * per)
   lang = np.repeat(np.asarray(["en", "ja"], dtype=object), n_c * per)
-  other = rng.normal(size=(n_c, d))
-  make = lambda ja_dirs: np.where((lang == "en")[:, None], base[concept], ja_dirs[concept]) + \
+  x = np.where((lang == "en")[:, None], base[concept], ja_dirs[concept]) + \
       0.5 * rng.normal(size=(len(concept), d))
-  cat = np.asarray(["a"] * len(concept), dtype=object)
-  form = np.zeros(len(concept), np.int64)
-  aligned = cross_language_probe(WordVectors(make(base), concept, form, cat, lang))
-  apart = cross_language_probe(WordVectors(make(other), concept, form, cat, lang))
-  assert aligned.lo > 0.9 and aligned.null == 1 / n_c
-  assert apart.lo <= apart.null <= apart.hi
-  gap = similarity_gap(WordVectors(make(base), concept, form, cat, lang), "translation")
-  assert gap["lo"] > 0.5 and gap["pairs"] == n_c
+  return WordVectors(x, concept, np.zeros(len(concept), np.int64),
+                     np.asarray(["a"] * len(concept), dtype=object), lang)
+
+
+def test_probe_on_vectors_alone():
+  aligned = cross_language_probe(_vectors(3, True))
+  assert aligned.lo > 0.9 and aligned.p < 0.01 and aligned.null_hi < 0.3
+  gap = similarity_gap(_vectors(3, True), "translation")
+  assert gap["lo"] > 0.5 and gap["pairs"] == 20
+  # Unaligned: the null is calibrated, so p < 0.05 about 1 time in 20 (at most 4 of 20 draws
+  # here: a chance of 0.3 % under a calibrated null), and the mean reads chance.
+  apart = [cross_language_probe(_vectors(s, False), n_null=200) for s in range(20)]
+  assert sum(r.p < 0.05 for r in apart) <= 4
+  assert abs(np.mean([r.accuracy for r in apart]) - 1 / 20) < 0.02

@@ -262,7 +262,8 @@ def _check_findings(out, feats):
     assert set(e["granularity_shares"]) == {"token", "concept_synonym", "concept_semantic",
                                             "uninterpretable"}
     assert 0 <= e["fvu"] < 1 and 0 <= e["dead_fraction"] <= 1
-    assert 0 <= e["model_alignment"] <= 1 and e["model_alignment_null"] > 0
+    lo, hi = e["model_alignment_ci"]
+    assert -1 <= lo <= e["model_alignment"] <= hi <= 1 and 0 <= e["probe_accuracy"] <= 1
   assert set(found["verdicts"]) == {"language_specific_first", "token_level_first",
                                     "sae_follows_model"}
   for v in found["verdicts"].values():

@@ -9,8 +9,8 @@ first (the language direction itself is not alignment).
 
 * ``cross_language_probe``: a ridge classifier of the concept, trained on one language's word
   vectors and tested on the other's (both directions, averaged): its balanced accuracy (mean
-  recall over concepts, so frequent concepts earn nothing) with a 95 % interval, against the
-  null 1 / concepts, which any prediction unrelated to the true concept reads.
+  recall over concepts, so frequent concepts earn nothing) against a permutation null (the
+  concepts relabelled at random; mean 1 / concepts) with its 95 % range and a p-value.
 * ``similarity_gap``: the cosine of a concept's centroid in one language with its centroid in
   the other (translations), or of two synonym forms of one concept in one language (synonyms),
   minus the cosine of matched pairs of different concepts of the same category (the null).
@@ -50,14 +50,19 @@ class WordVectors:
 @dataclasses.dataclass(frozen=True)
 class ProbeResult:
   """Cross-language concept probe: balanced accuracy (the mean over concepts of the share of
-  its test occurrences predicted right) with a 95 % interval; its null, chance = 1 / concepts
-  (what any prediction independent of the true concept reads, frequent concepts or not); the
-  test occurrences; the concepts present in both languages."""
+  its test occurrences predicted right) with a 95 % interval over concepts; its null: the same
+  predictions with the concepts relabelled at random (as a probe trained on permuted concepts
+  predicts), whose mean is chance (1 / concepts) and whose spread counts the predictions'
+  concentration on a few concepts; p: the share of relabellings reading at least as high;
+  the test occurrences; the concepts present in both languages."""
 
   accuracy: float
   lo: float
   hi: float
   null: float
+  null_lo: float
+  null_hi: float
+  p: float
   n: int
   concepts: int
 
@@ -83,32 +88,38 @@ def _recalls(pred: np.ndarray, true: np.ndarray, k: int) -> np.ndarray:
   return np.where(n_c > 0, hit_c / np.maximum(n_c, 1), np.nan)
 
 
-def cross_language_probe(wv: WordVectors, ridge: float = 1e-3) -> ProbeResult:
+def cross_language_probe(wv: WordVectors, ridge: float = 1e-3, n_null: int = 1000,
+                         seed: int = 0) -> ProbeResult:
   """Train on one language, test on the other, both directions (see the module docstring).
 
   A concept's recall is averaged over the two directions; the accuracy is the mean over
-  concepts, its interval the normal one over concepts (the concept, not the occurrence, is
-  the unit that varies: a concept's occurrences are all mapped alike).
+  concepts, its interval the normal one over concepts. The null relabels the predictions by a
+  random permutation of the concepts: exactly what the probe trained on permuted concepts
+  predicts (ridge regression onto one-hot classes is equivariant to relabelling them).
   """
   en, ja = wv.of("en"), wv.of("ja")
   shared = np.intersect1d(en.concept, ja.concept)
+  nan = float("nan")
   if shared.size < 2:
-    return ProbeResult(float("nan"), float("nan"), float("nan"), float("nan"), 0, shared.size)
+    return ProbeResult(nan, nan, nan, nan, nan, nan, nan, 0, int(shared.size))
   index = {int(c): i for i, c in enumerate(shared)}
   sides = []
   for side in (en, ja):
     keep = np.isin(side.concept, shared)
     sides.append((_centred(side.x[keep]), np.asarray([index[int(c)] for c in side.concept[keep]])))
-  recalls, n = [], 0
-  for (x_tr, y_tr), (x_te, y_te) in ((sides[0], sides[1]), (sides[1], sides[0])):
-    pred = _ridge_predict(x_tr, y_tr, x_te, shared.size, ridge)
-    recalls.append(_recalls(pred, y_te, shared.size))
-    n += len(y_te)
-  r = np.mean(recalls, axis=0)
+  k = shared.size
+  runs = [(_ridge_predict(x_tr, y_tr, x_te, k, ridge), y_te)
+          for (x_tr, y_tr), (x_te, y_te) in ((sides[0], sides[1]), (sides[1], sides[0]))]
+  score = lambda relabel: np.mean([_recalls(relabel[p], y, k) for p, y in runs], axis=0)
+  r = score(np.arange(k))
   acc = float(r.mean())
   half = 1.96 * float(r.std(ddof=1)) / np.sqrt(r.size)
+  rng = np.random.default_rng(seed)
+  null = np.asarray([score(rng.permutation(k)).mean() for _ in range(n_null)])
   return ProbeResult(acc, float(max(acc - half, 0.0)), float(min(acc + half, 1.0)),
-                     1 / shared.size, n, int(shared.size))
+                     float(null.mean()), float(np.quantile(null, 0.025)),
+                     float(np.quantile(null, 0.975)), float((null >= acc - 1e-12).mean()),
+                     sum(len(y) for _, y in runs), int(k))
 
 
 def _centroids(wv: WordVectors, by_form: bool) -> dict[tuple, tuple[np.ndarray, str]]:
@@ -186,6 +197,7 @@ def model_alignment(wv: WordVectors) -> dict:
   """The model-level ground truth of one checkpoint and hook (JSON-ready)."""
   probe = cross_language_probe(wv)
   return {"probe_accuracy": probe.accuracy, "probe_ci": [probe.lo, probe.hi],
-          "probe_null": probe.null, "probe_n": probe.n, "concepts": probe.concepts,
+          "probe_null": probe.null, "probe_null_range": [probe.null_lo, probe.null_hi],
+          "probe_p": probe.p, "probe_n": probe.n, "concepts": probe.concepts,
           "translation_similarity": similarity_gap(wv, "translation"),
           "synonym_similarity": similarity_gap(wv, "synonym")}

@@ -4,7 +4,11 @@ Per checkpoint (the trace's own SAEs, seed 0; step 0, the random model, flagged 
 control): the shares of ``en`` / ``ja`` / ``bilingual`` (the paper's rule; beside them the same
 rule on the per-token truth where the world gives one) and of the paper's four granularity
 classes among live features, each ``[share, lo, hi]`` with a Wilson 95 % interval; the SAE's
-FVU and dead fraction; and the model-level ground truth (alignment.py), which no SAE enters.
+FVU and dead fraction; and the model-level ground truth (alignment.py), which no SAE enters:
+``model_alignment`` is the translation similarity gap (a concept's centroid in one language
+against its centroid in the other, minus matched pairs of different concepts of one category;
+0: no alignment) with its 95 % interval, and the cross-language probe's balanced accuracy
+beside it with its permutation null.
 
 The verdicts, over the trained checkpoints (step > 0), each ``{"answer": true|false|null, ...
 the numbers behind it}``:
@@ -15,7 +19,7 @@ the numbers behind it}``:
 * ``token_level_first``: the same for the concept-level share (``concept_synonym`` +
   ``concept_semantic``).
 * ``sae_follows_model``: Spearman's rank correlation, over the trained checkpoints, of the
-  bilingual share with the model's cross-language alignment (probe accuracy); yes when it is
+  bilingual share with the model's cross-language alignment (``model_alignment``); yes when it is
   positive with an exact one-sided permutation p < 0.05, no when it is <= 0, else undecided.
 """
 
@@ -58,15 +62,17 @@ def checkpoint_entry(d: SAEFeatures, ev: dict, alignment: dict | None) -> dict:
   truth, n_truth = shares(lab.language_truth[live], LANGUAGES)
   agree = float((lab.language[live] == lab.language_truth[live]).mean()) if live.size else None
   a = alignment or {}
+  trans = a.get("translation_similarity", {})
   return {"checkpoint": d.record.checkpoint, "step": d.record.step, "hook": d.record.hook,
           "control": d.record.step == 0, "n_live": int(live.size), "d_sae": d.stats.d_sae,
           "n_language_labelled": n_lang, "n_language_truth": n_truth,
           "n_granularity_labelled": n_gran,
           "language_shares": lang, "language_shares_truth": truth,
           "language_agreement_with_truth": agree, "granularity_shares": gran,
-          "model_alignment": a.get("probe_accuracy"), "model_alignment_ci": a.get("probe_ci"),
-          "model_alignment_null": a.get("probe_null"),
-          "translation_similarity": a.get("translation_similarity", {}).get("gap"),
+          "model_alignment": trans.get("gap"),
+          "model_alignment_ci": [trans.get("lo"), trans.get("hi")] if trans else None,
+          "probe_accuracy": a.get("probe_accuracy"), "probe_null": a.get("probe_null"),
+          "probe_null_range": a.get("probe_null_range"), "probe_p": a.get("probe_p"),
           "synonym_similarity": a.get("synonym_similarity", {}).get("gap"),
           "model": alignment, "fvu": ev.get("fvu"), "dead_fraction": ev.get("dead_fraction"),
           "dead_fraction_eval_set": 1 - live.size / max(d.stats.d_sae, 1)}
@@ -162,7 +168,7 @@ def findings_html(findings: dict | None) -> str:
     items.append(f"<li><b>{html.escape(name)}: {answer}</b> <small>{html.escape(nums)}</small>"
                  "</li>")
   cols = (["checkpoint", "step", "n_live", "fvu", "dead_fraction", "model_alignment",
-           "model_alignment_null", "translation_similarity", "synonym_similarity"])
+           "probe_accuracy", "probe_null", "probe_p", "synonym_similarity"])
   head = cols + ["fvu change, last 20 % of training"] + [f"lang {x}" for x in LANGUAGES] + [f"truth {x}" for x in LANGUAGES] + [
       f"gran {x}" for x in GRANULARITIES]
   rows = []
@@ -179,8 +185,11 @@ def findings_html(findings: dict | None) -> str:
            + "</tr></thead><tbody>" + "".join(rows) + "</tbody></table>")
   return ("<h2>Findings (findings.json)</h2><ul>" + "".join(items) + "</ul>" + table +
           "<p><small>Shares among live features: share [Wilson 95 % interval]. Grey: step 0, "
-          "the random model (the control). model alignment: the model's own cross-language "
-          "concept probe (balanced accuracy; null = chance), independent of any SAE.</small></p>")
+          "the random model (the control). The model's own truth, independent of any SAE: "
+          "model alignment = cosine of a concept's centroids across languages minus that of "
+          "different concepts of one category (0: none); probe = a concept probe trained on one "
+          "language, tested on the other (balanced accuracy; null: relabelled concepts, p); "
+          "synonym similarity = the same gap for two forms of one concept.</small></p>")
 
 
 def flattening(curves, checkpoint: str, hook: str) -> dict:
