@@ -38,11 +38,11 @@ class LMConfig:
   n_heads: int = 4
   d_mlp: int = 192
   batch_size: int = 32
-  steps: int = 400
+  steps: int = 300
   lr: float = 5e-3
   warmup_steps: int = 40
   weight_decay: float = 0.01
-  train_docs: int = 12_800  # steps x batch_size: every document seen once
+  train_docs: int = 9_600  # steps x batch_size: every document seen once
   eval_docs: int = 1_000
   seed: int = 0
 
