@@ -18,8 +18,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # 5 x 64 = 320 latents for the default world's 927 words.
   c.expansion = 8 if tiny else 5
   c.sae = dict(architecture="topk", d_in=1, d_sae=8, k=8, normalize="unit_norm")
+  # Enough tokens that FVU and dead fraction flatten (analysis/plots/training_curves.png); the
+  # dead window is a sixth of training, so the dead fraction is measured (and AuxK revives
+  # latents) through it.
   c.train = dict(batch_size=1024, total_tokens=(40 if tiny else 300) * 1024, eval_tokens=2048,
-                 dead_tokens=200_000 if tiny else 50_000, encoder_init="linear", optim=dict(lr=2e-3, warmup_steps=20),
+                 dead_tokens=200_000 if tiny else 50_000, encoder_init="linear",
+                 optim=dict(lr=2e-3, warmup_steps=20),
                  run=dict(log_every=20, checkpoint_every=1000))
   c.data = dict(source="toy", path="toy_model", max_docs=2500 if tiny else 15000, ctx_len=48,
                 batch_size=64, buffer_batches=16)
