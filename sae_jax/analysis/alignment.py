@@ -13,8 +13,9 @@ first (the language direction itself is not alignment).
   concepts relabelled at random; mean 1 / concepts) with its 95 % range and a p-value.
 * ``similarity_gap``: the cosine of a concept's centroid in one language with its centroid in
   the other (translations), or of two synonym forms of one concept in one language (synonyms),
-  minus the cosine of matched pairs of different concepts of the same category (the null).
-  Synonyms above the null: concept-like; at the null: form-like.
+  minus the cosine of matched pairs of different concepts of the same category (the null),
+  per concept, averaged with a 95 % interval over concepts. Synonyms above the null:
+  concept-like; at the null: form-like.
 """
 
 from __future__ import annotations
@@ -137,37 +138,47 @@ def _centroids(wv: WordVectors, by_form: bool) -> dict[tuple, tuple[np.ndarray, 
           for k, s, n, i in zip(uniq, sums, norms, first)}
 
 
-def _gap(pairs: list[float], nulls: list[float]) -> dict:
-  """Mean pair cosine minus the null's, with a normal 95 % interval over the pairs."""
-  if not pairs or not nulls:
-    return {"gap": float("nan"), "lo": float("nan"), "hi": float("nan"), "pairs": len(pairs),
-            "pair_cosine": float("nan"), "null_cosine": float("nan")}
-  p, q = np.asarray(pairs), np.asarray(nulls)
-  gap = float(p.mean() - q.mean())
-  half = 1.96 * float(np.sqrt(p.var(ddof=1) / len(p) + q.var(ddof=1) / len(q))) if (
-      len(p) > 1 and len(q) > 1) else float("nan")
-  return {"gap": gap, "lo": gap - half, "hi": gap + half, "pairs": len(p),
-          "pair_cosine": float(p.mean()), "null_cosine": float(q.mean())}
+def _gap(diffs: list[float], pairs: list[float], nulls: list[float]) -> dict:
+  """The mean per-concept difference (pair cosine minus its null) with a normal 95 % interval
+  over concepts (the unit that varies: pairs sharing a centroid are not independent)."""
+  nan = float("nan")
+  if not diffs:
+    return {"gap": nan, "lo": nan, "hi": nan, "pairs": 0, "pair_cosine": nan,
+            "null_cosine": nan}
+  d = np.asarray(diffs)
+  gap = float(d.mean())
+  half = 1.96 * float(d.std(ddof=1)) / np.sqrt(d.size) if d.size > 1 else nan
+  return {"gap": gap, "lo": gap - half, "hi": gap + half, "pairs": int(d.size),
+          "pair_cosine": float(np.mean(pairs)), "null_cosine": float(np.mean(nulls))}
 
 
 def similarity_gap(wv: WordVectors, kind: str) -> dict:
-  """``kind`` "translation": a concept's centroids across languages; "synonym": two forms of
-  one concept within a language. Against pairs of different concepts of one category."""
-  pairs, nulls = [], []
+  """``kind`` "translation": a concept's centroids across languages; "synonym": the forms of
+  one concept within a language. Each concept's pair cosine minus its matched null (its
+  centroids against those of the other concepts of its category)."""
+  diffs, pairs, nulls = [], [], []
+
+  def add(pair: list[float], null: list[float]) -> None:
+    if pair and null:
+      diffs.append(float(np.mean(pair)) - float(np.mean(null)))
+      pairs.append(float(np.mean(pair)))
+      nulls.append(float(np.mean(null)))
+
   if kind == "translation":
     a, b = _centroids(wv.of("en"), False), _centroids(wv.of("ja"), False)
     for (c,), (v, cat) in a.items():
-      for (c2,), (u, cat2) in b.items():
-        if cat2 == cat:
-          (pairs if c2 == c else nulls).append(float(v @ u))
+      same = [(c2, u) for (c2,), (u, cat2) in b.items() if cat2 == cat]
+      add([float(v @ u) for c2, u in same if c2 == c], [float(v @ u) for c2, u in same if c2 != c])
   else:
     for lang in ("en", "ja"):
-      cents = list(_centroids(wv.of(lang), True).items())
-      for i, ((c, f), (v, cat)) in enumerate(cents):
-        for (c2, f2), (u, cat2) in cents[i + 1:]:
-          if cat2 == cat:
-            (pairs if c2 == c else nulls).append(float(v @ u))
-  return _gap(pairs, nulls)
+      cents = _centroids(wv.of(lang), True)
+      for c in dict.fromkeys(k[0] for k in cents):
+        mine = [(v, cat) for (c2, _), (v, cat) in cents.items() if c2 == c]
+        others = [v for (c2, _), (v, cat) in cents.items() if c2 != c and cat == mine[0][1]]
+        pair = [float(mine[i][0] @ mine[j][0]) for i in range(len(mine))
+                for j in range(i + 1, len(mine))]
+        add(pair, [float(v @ u) for v, _ in mine for u in others])
+  return _gap(diffs, pairs, nulls)
 
 
 def word_vectors(model, world: World, hook: str, n_docs: int = 600, seed: int = 424242,
