@@ -72,6 +72,10 @@ def test_verdicts_follow_their_numbers():
       (10, 0.3, 0.3, 0.05), (30, 0.2, 0.2, 0.2), (100, 0.1, 0.1, 0.4), (300, 0.05, 0.05, 0.6))]
   v = verdicts(falling)
   assert [v[k]["answer"] for k in v] == [False, False, False]
+  # A model that never aligns (every interval covers 0) leaves nothing to follow: undecided.
+  flat = [{**e, "model_alignment_ci": [-0.01, 0.01]} for e in falling]
+  v = verdicts(flat)
+  assert v["sae_follows_model"]["answer"] is None and v["sae_follows_model"]["model_never_aligns"]
   # Few features: a rise that the intervals cannot tell from none is undecided.
   few = [_entry(10, 0.1, 0.1, 0.1, n=20), _entry(300, 0.2, 0.2, 0.2, n=20)]
   v = verdicts(few)

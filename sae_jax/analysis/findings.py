@@ -20,7 +20,8 @@ the numbers behind it}``:
   ``concept_semantic``).
 * ``sae_follows_model``: Spearman's rank correlation, over the trained checkpoints, of the
   bilingual share with the model's cross-language alignment (``model_alignment``); yes when it is
-  positive with an exact one-sided permutation p < 0.05, no when it is <= 0, else undecided.
+  positive with an exact one-sided permutation p < 0.05, no when it is <= 0, else undecided;
+  undecided too when the model never aligns (its interval covers 0 at every checkpoint).
 """
 
 from __future__ import annotations
@@ -132,11 +133,17 @@ def verdicts(entries: list[dict]) -> dict:
   model = [e["model_alignment"] for e in trained]
   follows = {"answer": None, "sae_bilingual_share": sae, "model_alignment": model,
              "checkpoints": [e["checkpoint"] for e in trained]}
+  cis = [e.get("model_alignment_ci") for e in trained]
+  # A model whose alignment never leaves its null (every interval covers 0) has no timeline
+  # for the SAE to follow: the rank correlation is then of noise, and the answer undecided.
+  flat = all(ci and ci[0] is not None and ci[0] <= 0 <= ci[1] for ci in cis)
   if all(m is not None and not math.isnan(m) for m in model) and len(trained) >= 3:
     rho, p = spearman(sae, model)
-    follows.update(rank_correlation=rho, p_one_sided=p)
-    if not math.isnan(rho):
+    follows.update(rank_correlation=rho, p_one_sided=p, model_never_aligns=flat)
+    if not math.isnan(rho) and not flat:
       follows["answer"] = True if rho > 0 and p < ALPHA else False if rho <= 0 else None
+    elif flat:
+      follows["reason"] = "the model's alignment interval covers 0 at every checkpoint"
     concept = [sum(e["granularity_shares"][x][0] for x in CONCEPT_LEVEL) for e in trained]
     syn = [e["synonym_similarity"] for e in trained]
     if all(s is not None for s in syn):
