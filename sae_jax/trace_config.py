@@ -96,7 +96,8 @@ class TraceConfig(_JsonMixin):
     hooks: activation sites (e.g. ``resid_post.11``, the paper's layer 12).
     missing_revision: ``stop`` or ``skip`` when a revision cannot be found.
     toy: train the toy world's model into ``model`` first if it is not there yet.
-    toy_size: ``default`` (<= 5 min on 2 cores) or ``tiny`` (seconds).
+    toy_size: ``default`` (about 390 CPU-seconds in all, the SAEs and analysis included) or
+      ``tiny`` (seconds).
     expansion: latents per model dimension: ``d_sae`` = ``expansion`` * d_in (0: keep
       ``sae.d_sae``); ``sae.d_in`` is always taken from the model.
     seed_baseline, baseline_seeds: at these revisions also train ``baseline_seeds`` SAEs that

@@ -16,6 +16,8 @@ from sae_jax import store
 from sae_jax.analysis import (AnalysisConfig, EvalSet, StatsAccumulator, feature_stats,
                               granularity_labels, language_labels, load_lexicon, script_of)
 from sae_jax.errors import ConfigError, DataError
+from sae_jax.toy.lm import TINY_WORLD
+from sae_jax.toy.world import World
 
 # A little vocabulary: synonyms (dog/hound), a translation (いぬ), a category (cat), a digit.
 VOCAB = ["<pad>", "<bos>", "dog", "hound", "いぬ", "cat", "apple", "the", "42", "ねこ", "."]
@@ -211,14 +213,22 @@ def test_toy_trace_analysis_end_to_end(tiny_toy, tmp_path):
   import pandas as pd
   summary = pd.read_csv(out / "summary.csv")
   final = summary[(summary.checkpoint == "step30") & (summary.seed == 0)].iloc[0]
-  # The script rule over the strong-firing examples recovers the toy world's per-token truth.
-  # The paper's rule reads the strongest token of examples collected as the authors' code does
-  # (pre-activations on every token, so the strongest may be one where the feature does not
-  # fire): it agrees less (0.87 on this trace), a property of the paper's procedure.
-  assert final.agreement_language_script >= 0.95, final.agreement_language_script
   # The summary against the features table it summarises.
   feats = pd.read_parquet(out / "features.parquet")
   feats_final = feats[(feats.checkpoint == "step30") & (feats.seed == 0)]
+  # The script rule over the strong-firing examples recovers the toy world's per-token truth
+  # where script is language: on the features none of whose top tokens is written alike in
+  # both languages (digits, names, loanwords). Overall it agrees less (0.90 on this trace):
+  # the shared tokens are there so that it can be wrong. The paper's rule reads the strongest
+  # token of examples collected as the authors' code does (pre-activations on every token, so
+  # the strongest may be one where the feature does not fire): a property of its procedure.
+  shared = World(TINY_WORLD).shared_forms
+  tops = feats_final.top_tokens.str.split("; ").map(lambda ts: {t.rsplit(" (", 1)[0] for t in ts})
+  plain = feats_final[~tops.map(lambda ts: bool(ts & shared))]
+  assert len(plain) > 0.5 * len(feats_final)
+  assert (plain.language_script == plain.language_truth).mean() >= 0.95
+  assert final.agreement_language_script == pytest.approx(
+      (feats_final.language_script == feats_final.language_truth).mean(), abs=1e-12)
   assert len(feats_final) == final.n_live and feats_final.in_sample.sum() == final.sample_size
   assert final.sample_size == min(100, final.n_live)
   assert final.agreement_language == pytest.approx(
@@ -231,8 +241,36 @@ def test_toy_trace_analysis_end_to_end(tiny_toy, tmp_path):
   ja_only = feats_final[feats_final.language_truth == "ja"]
   assert len(ja_only) and (ja_only.frequency_ja > ja_only.frequency_en).mean() > 0.9
   _check_paper_table(out, feats)
+  _check_findings(out, feats)
   _check_overlap_and_lineage(out, work, feats, final)
   _check_report_in_chromium(out, feats_final, tmp_path)
+
+
+def _check_findings(out, feats):
+  """findings.json: every checkpoint's shares (from the features table) with intervals around
+  them, FVU, dead fraction, the model-level truth, and the three verdicts."""
+  import json
+  found = json.loads((out / "findings.json").read_text())
+  assert [e["checkpoint"] for e in found["checkpoints"]] == ["step0", "step10", "step30"]
+  assert [e["control"] for e in found["checkpoints"]] == [True, False, False]
+  for e in found["checkpoints"]:
+    rows = feats[(feats.checkpoint == e["checkpoint"]) & (feats.seed == 0)]
+    labelled = rows[~rows.language.isin(["none"])]
+    for x in ("en", "ja", "bilingual"):
+      share, lo, hi = e["language_shares"][x]
+      assert share == pytest.approx((labelled.language == x).mean()) and lo <= share <= hi
+    assert set(e["granularity_shares"]) == {"token", "concept_synonym", "concept_semantic",
+                                            "uninterpretable"}
+    assert 0 <= e["fvu"] < 1 and 0 <= e["dead_fraction"] <= 1
+    lo, hi = e["model_alignment_ci"]
+    assert -1 <= lo <= e["model_alignment"] <= hi <= 1 and 0 <= e["probe_accuracy"] <= 1
+  assert set(found["verdicts"]) == {"language_specific_first", "token_level_first",
+                                    "sae_follows_model"}
+  for v in found["verdicts"].values():
+    assert v["answer"] in (True, False, None)
+  assert found["verdicts"]["language_specific_first"]["first"] == "step10"
+  page = (out / "report.html").read_text(encoding="utf-8")
+  assert page.index("Findings (findings.json)") < page.index("Feature populations")
 
 
 def _check_paper_table(out, feats):

@@ -8,7 +8,7 @@ import torch
 
 import sae_jax as sj
 from sae_jax.toy.lm import TINY_LM, TINY_WORLD, checkpoint_steps, train_toy_lm
-from sae_jax.toy.world import World, WorldConfig
+from sae_jax.toy.world import DIGITS, World, WorldConfig
 
 
 def test_same_seed_same_world_different_seed_different():
@@ -24,9 +24,16 @@ def test_default_world_inventory():
   nouns = [c for c in w.concepts if c.pos == "noun"]
   assert len(w.concepts) >= 200 and len({c.category for c in nouns}) == 7
   assert any(len(c.en) > 1 for c in w.concepts) and any(len(c.ja) > 1 for c in w.concepts)
-  for c in w.concepts:  # English in Latin script, Japanese in kana
+  for c in w.concepts:  # English in Latin script; Japanese in kana, or shared (Latin)
     assert all(f.isascii() for f in c.en)
-    assert all(all("\u3040" <= ch <= "\u30ff" for ch in f) for f in c.ja)
+    assert all(all("\u3040" <= ch <= "\u30ff" for ch in f) or f in w.shared_forms
+               for f in c.ja)
+  # Shared forms: names (one form, alike in both languages) and loanwords (a Japanese synonym
+  # that is the English form), so a token's script does not always tell its language.
+  names = [c for c in w.concepts if c.name.startswith("name_")]
+  assert len(names) == w.cfg.n_names and all(c.en == c.ja and c.en[0][0].isupper() for c in names)
+  loans = [c for c in w.concepts if c.en[0] in c.ja and c not in names]
+  assert 0.05 < len(loans) / len(w.concepts) < 0.3
 
 
 def test_labels_line_up_with_tokens_and_probabilities_are_exact():
@@ -40,7 +47,9 @@ def test_labels_line_up_with_tokens_and_probabilities_are_exact():
         c = w.concepts[cid]
         assert getattr(c, lang)[form] == tok
       else:
-        assert tok in (".", "the", "は", "を")
+        assert tok in (".", "the", "は", "を") + DIGITS
+      # A token's truth is its sentence's language, whatever its script.
+      assert lang in ("en", "ja", "shared")
     if d.doc_type == "parallel":  # each Japanese sentence translates the English before it
       sents, cur = [], []
       for tok, cid in zip(d.tokens[1:], d.concept[1:]):
@@ -52,16 +61,27 @@ def test_labels_line_up_with_tokens_and_probabilities_are_exact():
   # An English sentence opens "the": the next token is an adjective (probability p_adjective,
   # uniform over adjectives) or a subject noun (uniform over subjects), uniform over the
   # concept's forms; the recorded log-probabilities are exactly these.
-  pa, checked = w.cfg.p_adjective, 0
+  # A digit comes first with probability p_number (uniform over the digits); without one the
+  # next word's probability carries the 1 - p_number.
+  pa, pn, checked, digits = w.cfg.p_adjective, w.cfg.p_number, 0, 0
   for d in docs:
     for t in range(1, len(d.tokens) - 1):
       if d.tokens[t] == "the" and d.tokens[t - 1] in ("<bos>", "."):
+        if d.tokens[t + 1] in DIGITS:
+          assert d.logprob[t + 1] == pytest.approx(np.log(pn / len(DIGITS)), abs=1e-12)
+          assert d.language[t + 1] == "en"
+          digits += 1
+          continue
         c = w.concepts[d.concept[t + 1]]
-        p = (pa / len(w.adjectives) if c.pos == "adj" else (1 - pa) / len(w.subjects))
+        p = (1 - pn) * (pa / len(w.adjectives) if c.pos == "adj" else (1 - pa) / len(w.subjects))
         assert c in (w.adjectives if c.pos == "adj" else w.subjects)
         assert d.logprob[t + 1] == pytest.approx(np.log(p / len(c.en)), abs=1e-12)
         checked += 1
-  assert checked > 300
+  assert checked > 300 and digits > 10
+  # Latin-script words inside Japanese sentences are Japanese by the truth.
+  latin_in_ja = [(tok, lang) for d in docs if d.doc_type == "ja"
+                 for tok, lang in zip(d.tokens[1:], d.language[1:]) if tok.isascii() and tok != "."]
+  assert latin_in_ja and all(lang == "ja" for _, lang in latin_in_ja)
   # The entropy is the mean negative log-probability of every token after <bos>.
   lps = [lp for d in docs for lp in d.logprob[1:]]
   assert w.entropy(docs) == pytest.approx(-sum(lps) / len(lps), rel=1e-12)
@@ -75,7 +95,8 @@ def test_tokenizer_round_trip():
 
 
 def test_checkpoint_steps_are_log_spaced_from_zero():
-  assert checkpoint_steps(1500) == [0, 1, 3, 10, 30, 100, 300, 1000, 1500]
+  # No step 1: the first update runs at learning rate 0 (warm-up), so step 1 is step 0.
+  assert checkpoint_steps(1500) == [0, 3, 10, 30, 100, 300, 1000, 1500]
 
 
 @pytest.fixture(scope="module")

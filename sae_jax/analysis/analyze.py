@@ -12,6 +12,9 @@ model checkpoints it names; writes ``<workdir>/analysis/`` (layout: outputs.py):
     merges.*, nulls.*                 merges and splits; the random-model and token nulls
     thresholds.*, calibration.*       the threshold sweep; the seed pairs' calibration
     plots/*.png, report.html          figures and the offline feature browser
+    findings.json                     the study's answer per checkpoint and its verdicts
+                                      (findings.py), shown first in the report; with the
+                                      model-level ground truth of a toy model (alignment.py)
 
 The steps: statistics per checkpoint (codes.py, one model forward per batch for all its SAEs),
 what each SAE's features are (describe.py), overlap and lineage (lineage.py), then the
@@ -30,7 +33,8 @@ from typing import Callable
 from absl import logging
 
 from sae_jax import console, paths, store
-from sae_jax.analysis import outputs, plots, report, tables
+from sae_jax.analysis import findings, outputs, plots, report, tables
+from sae_jax.analysis.alignment import model_alignment, word_vectors
 from sae_jax.analysis.codes import feature_stats_many
 from sae_jax.analysis.config import AnalysisConfig
 from sae_jax.analysis.describe import SAEFeatures, describe_sae
@@ -38,7 +42,7 @@ from sae_jax.analysis.evalset import EvalSet, build_eval_set
 from sae_jax.analysis.examples import read_examples
 from sae_jax.analysis.granularity import GranularityConfig
 from sae_jax.analysis.labels import label_examples
-from sae_jax.analysis.lexicon import Lexicon, load_lexicon, toy_lexicon
+from sae_jax.analysis.lexicon import Lexicon, load_lexicon, toy_lexicon, toy_world
 from sae_jax.analysis.lineage import THRESHOLD, OverlapResult, analyze_overlap
 from sae_jax.analysis.stats import FeatureStats
 from sae_jax.trace_config import TraceConfig
@@ -79,7 +83,7 @@ def analyze(workdir: str | Path, cfg: AnalysisConfig = AnalysisConfig(),
   lexicon = _lexicon(cfg, trace_cfg)  # before the long part: a bad lexicon fails fast
   out.mkdir(parents=True, exist_ok=True)
   t0 = time.perf_counter()
-  evalset, stats = _all_stats(trace_cfg, records, saes, cfg, out, log_fn)
+  evalset, stats, alignment = _all_stats(trace_cfg, records, saes, cfg, out, log_fn)
   described = [describe_sae(r, stats[r.key], evalset, lexicon, cfg) for r in records]
   overlap = None
   if cfg.overlap:
@@ -87,7 +91,7 @@ def analyze(workdir: str | Path, cfg: AnalysisConfig = AnalysisConfig(),
                               {d.record.key: d.labels for d in described}, log_fn=log_fn,
                               cfg=cfg.matching, tokens=evalset.ids[evalset.mask])
   written = _present(out, paths.as_path(workdir).name, described, overlap, evalset, cfg,
-                     lexicon is not None and lexicon.ground_truth)
+                     lexicon is not None and lexicon.ground_truth, alignment)
   store.atomic_write_json(done, {"fingerprint": fingerprint,
                                  "written": sorted(str(p.relative_to(out))
                                                    for p in written.values())})
@@ -136,13 +140,17 @@ def _fingerprint(records: list[SAERecord], cfg: AnalysisConfig) -> dict:
 
 
 def _all_stats(trace_cfg: TraceConfig, records: list[SAERecord], saes: dict,
-               cfg: AnalysisConfig, out: Path, log_fn) -> tuple[EvalSet, dict[str, FeatureStats]]:
-  """The evaluation set (drawn with the first checkpoint's tokenizer) and every SAE's
-  statistics, one checkpoint's model at a time."""
+               cfg: AnalysisConfig, out: Path, log_fn
+               ) -> tuple[EvalSet, dict[str, FeatureStats], dict[tuple[str, str], dict]]:
+  """The evaluation set (drawn with the first checkpoint's tokenizer), every SAE's statistics
+  and, for a toy model, the model-level ground truth per (checkpoint, hook); one checkpoint's
+  model at a time."""
   t0 = time.perf_counter()
   checkpoints = list(dict.fromkeys(r.checkpoint for r in records))
   evalset = None
   stats: dict[str, FeatureStats] = {}
+  alignment: dict[tuple[str, str], dict] = {}
+  world = toy_world(trace_cfg.model) if paths.as_path(trace_cfg.model).is_dir() else None
   for n, rev in enumerate(checkpoints):
     these = [r for r in records if r.checkpoint == rev]
     model = load_model(trace_cfg.model, revision=rev, dtype=trace_cfg.extract.dtype)
@@ -153,9 +161,12 @@ def _all_stats(trace_cfg: TraceConfig, records: list[SAERecord], saes: dict,
       raise DataError(f"checkpoint {rev} has another tokenizer than {checkpoints[0]}; the "
                       "evaluation set must be the same tokens for every checkpoint")
     stats.update(_checkpoint_stats(model, these, saes, evalset, cfg, out, log_fn))
+    if world is not None:  # the model's own truth, independent of its SAEs
+      for hook in dict.fromkeys(r.hook for r in these):
+        alignment[(rev, hook)] = model_alignment(word_vectors(model, world, hook))
     console.live(log_fn)(f"[{n + 1}/{len(checkpoints)}] analysed {rev} ({len(these)} SAE(s), "
                          f"{time.perf_counter() - t0:.0f}s)")
-  return evalset, stats
+  return evalset, stats, alignment
 
 
 def _checkpoint_stats(model, records: list[SAERecord], saes: dict, evalset: EvalSet,
@@ -172,13 +183,16 @@ def _checkpoint_stats(model, records: list[SAERecord], saes: dict, evalset: Eval
 
 
 def _present(out: Path, title: str, described: list[SAEFeatures], overlap: OverlapResult | None,
-             evalset: EvalSet, cfg: AnalysisConfig, ground_truth: bool) -> dict[str, Path]:
-  """Tables, figures and the report of the results; {name: path} of the files written."""
+             evalset: EvalSet, cfg: AnalysisConfig, ground_truth: bool,
+             alignment: dict[tuple[str, str], dict]) -> dict[str, Path]:
+  """Tables, figures, findings.json and the report of the results; {name: path} of the files
+  written."""
   records = [d.record for d in described]
   evals = {r.key: store.read_json(r.run.eval) for r in records if r.run.eval.exists()}
   frames = {"features": tables.features_table(described, cfg, ground_truth),
             "summary": tables.summary_table(described, cfg, ground_truth),
             "eval": tables.eval_table(records, evals),
+            "curves": tables.curves_table(records),
             "paper": tables.paper_labels_table(described)}
   threshold = overlap.threshold if overlap is not None else THRESHOLD
   if overlap is not None:
@@ -188,12 +202,15 @@ def _present(out: Path, title: str, described: list[SAEFeatures], overlap: Overl
     frames["nulls"] = tables.nulls_table(overlap)
     frames["thresholds"] = tables.thresholds_table(overlap)
     frames["calibration"] = tables.calibration_table(overlap)
+  found = findings.build_findings(described, evals, alignment, frames["curves"])
+  store.atomic_write_json(out / outputs.FINDINGS, found)
   written = outputs.write_tables(out, frames)
+  written[outputs.FINDINGS] = out / outputs.FINDINGS
   figures = plots.write_plots(frames, out / outputs.PLOTS, threshold,
                               overlap.checkpoints if overlap is not None else None)
   written.update({f"{outputs.PLOTS}/{name}.png": path for name, path in figures.items()})
   written[outputs.REPORT] = report.write_report(
       out / outputs.REPORT, title, frames, list(figures), described, evalset, cfg,
       functools.partial(outputs.load_codes, out),
-      overlap.links if overlap is not None else {}, threshold, overlap)
+      overlap.links if overlap is not None else {}, threshold, overlap, found)
   return written

@@ -102,19 +102,29 @@ def load_lexicon(path: str | Path) -> Lexicon:
   return Lexicon(entries, str(path))
 
 
-def toy_lexicon(model_dir: str | Path) -> Lexicon | None:
-  """The toy world's lexicon (its ground truth), or None if ``model_dir`` is not a toy model."""
+def toy_world(model_dir: str | Path) -> World | None:
+  """The toy world a toy model was trained on (from its ``world.json``), or None."""
   summary_path = paths.as_path(model_dir) / "world.json"
   if not summary_path.exists():
     return None
   summary = store.read_json(summary_path)
-  world = World(WorldConfig(**{k: tuple(v) if isinstance(v, list) else v
-                               for k, v in summary["world"].items()}))
+  return World(WorldConfig(**{k: tuple(v) if isinstance(v, list) else v
+                              for k, v in summary["world"].items()}))
+
+
+def toy_lexicon(model_dir: str | Path) -> Lexicon | None:
+  """The toy world's lexicon (its ground truth), or None if ``model_dir`` is not a toy model.
+
+  A form written alike in both languages (a name, a loanword) has no language of its own."""
+  world = toy_world(model_dir)
+  if world is None:
+    return None
   entries = {}
   for c in world.concepts:
     for lang in ("en", "ja"):
       for form in getattr(c, lang):
-        entries[form] = Entry(str(c.id), c.category, lang)
-  # Function words (the, は, を, .) carry no concept: left out, so a feature on them is
-  # token-level or "other", never a semantic category of its own.
-  return Lexicon(entries, f"{TOY_SOURCE} {summary_path}")
+        entries[form] = Entry(str(c.id), c.category,
+                              None if form in world.shared_forms else lang)
+  # Function words (the, は, を, .) and digits carry no concept: left out, so a feature on them
+  # is token-level or "other", never a semantic category of its own.
+  return Lexicon(entries, f"{TOY_SOURCE} {paths.as_path(model_dir) / 'world.json'}")

@@ -3,6 +3,7 @@
     features / summary / eval / overlap / lineage .parquet + .csv   the tables (tables.py)
     codes/<checkpoint>/<hook>[@seed<n>].npz   each SAE's top-k codes over the evaluation set
     plots/<name>.png, report.html            figures and the feature browser
+    findings.json                            the study's answer (findings.py)
     DONE.json                                what the finished analysis was made of and wrote
 """
 
@@ -17,6 +18,7 @@ from sae_jax.store import SAERecord
 
 DONE = "DONE.json"
 REPORT = "report.html"
+FINDINGS = "findings.json"
 PLOTS = "plots"
 
 

@@ -97,6 +97,22 @@ def eval_metrics(ev, path: Path) -> Path:
   return save(fig, path)
 
 
+def training_curves(curves, path: Path) -> Path:
+  """FVU and dead fraction over each SAE's training (seed 0), one line per checkpoint."""
+  plt = pyplot()
+  base = curves[curves.seed == 0]
+  fig, axes = plt.subplots(1, 2, figsize=(7.5, 3.2), squeeze=False)
+  for ax, field in zip(axes[0], ("fvu", "dead_fraction")):
+    for (ckpt, hook), rows in base.groupby(["checkpoint", "hook"], sort=False):
+      ax.plot(rows.train_step, rows[field], label=f"{ckpt} {hook}", lw=1)
+    ax.set_title(f"{field} over SAE training", fontsize=10)
+    ax.set_xlabel("SAE training step", fontsize=8)
+  axes[0][0].set_yscale("log")
+  axes[0][1].legend(fontsize=6)
+  fig.tight_layout()
+  return save(fig, path)
+
+
 def overlap_curves(overlap, threshold: float, path: Path, nulls=None) -> Path:
   """Left: the overlap with the next and the final checkpoint, the seed baseline at each
   checkpoint and the nulls (the final SAE against the random model's; what token identity
@@ -181,6 +197,9 @@ def write_plots(tables: dict, plots_dir: Path, threshold: float | None = None,
                                              plots_dir / "granularity_composition.png"),
       "firing_frequency": firing_frequency(features, plots_dir / "firing_frequency.png"),
       "eval_metrics": eval_metrics(tables["eval"], plots_dir / "eval_metrics.png")}
+  curves = tables.get("curves")
+  if curves is not None and not curves.empty:
+    out["training_curves"] = training_curves(curves, plots_dir / "training_curves.png")
   overlap, lineage_df = tables.get("overlap"), tables.get("lineage")
   if overlap is not None and not overlap.empty:
     out["overlap"] = overlap_curves(overlap, threshold, plots_dir / "overlap.png",

@@ -18,6 +18,7 @@ from sae_jax import store
 from sae_jax.analysis.config import AnalysisConfig
 from sae_jax.analysis.describe import SAEFeatures
 from sae_jax.analysis.evalset import EvalSet
+from sae_jax.analysis.findings import findings_html
 from sae_jax.analysis.granularity import GRANULARITIES
 from sae_jax.analysis.labels import GRANULARITY_LABELS, LANGUAGE_LABELS
 from sae_jax.analysis.lexicon import clean_token
@@ -241,12 +242,15 @@ def _options(labels) -> str:
 
 def write_report(path: Path, title: str, tables: dict, plots: list[str], saes: list[SAEFeatures],
                  evalset: EvalSet, cfg: AnalysisConfig, codes_of: Callable[[SAERecord], Codes],
-                 links: dict | None = None, threshold: float = 0.5, overlap=None) -> Path:
-  """Write report.html: ``tables`` ({name: DataFrame}: summary, eval, features[, overlap,
-  lineage]), the figures ``plots`` (names of plots/<name>.png), one card set per SAE."""
+                 links: dict | None = None, threshold: float = 0.5, overlap=None,
+                 found: dict | None = None) -> Path:
+  """Write report.html: ``found`` (findings.json: the study's answer) first, then ``tables``
+  ({name: DataFrame}: summary, eval, features[, overlap, lineage]), the figures ``plots``
+  (names of plots/<name>.png), one card set per SAE."""
   cards = _cards(tables["features"], saes, evalset, cfg, codes_of, links or {})
   fill = {
-      "__TITLE__": html.escape(title), "__SUMMARY__": table_html(tables["summary"],
+      "__TITLE__": html.escape(title), "__FINDINGS__": findings_html(found),
+      "__SUMMARY__": table_html(tables["summary"],
                                                                  SUMMARY_COLUMNS),
       "__PAPER__": paper_html(tables.get("paper")),
       "__EVAL__": table_html(tables["eval"], ["checkpoint", "hook", "seed"] + list(EVAL_FIELDS)),
@@ -281,6 +285,7 @@ line-height:1.7} .tok{padding:1px 2px;border-radius:3px} .max{outline:2px solid 
 font-size:12px} select,input{margin-right:.6em}
 </style></head><body>
 <h1>sae_jax analysis: __TITLE__</h1>
+__FINDINGS__
 <h2>Feature populations per checkpoint</h2>__SUMMARY__
 __PAPER__
 <h2>SAE quality per checkpoint</h2>__EVAL__

@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -179,6 +180,22 @@ def eval_table(records: list[SAERecord], evals: dict[str, dict]) -> pd.DataFrame
   return _frame([{**_sae_columns(r),
                         **{k: evals.get(r.key, {}).get(k, float("nan")) for k in EVAL_FIELDS}}
                        for r in records])
+
+
+def curves_table(records: list[SAERecord]) -> pd.DataFrame:
+  """One row per logged training step of each SAE (its metrics.jsonl, train split): FVU and
+  dead fraction over training, to show they have flattened."""
+  rows = []
+  for r in records:
+    path = r.run.metrics
+    if not path.exists():
+      continue
+    for line in path.read_text().splitlines():
+      m = json.loads(line) if line.strip() else {}
+      if m.get("split", "train") == "train" and "fvu" in m:
+        rows.append({**_sae_columns(r), "train_step": m["step"], "fvu": m["fvu"],
+                     "dead_fraction": m.get("dead_fraction", float("nan"))})
+  return _frame(rows)
 
 
 def overlap_table(result: OverlapResult) -> pd.DataFrame:

@@ -1,6 +1,6 @@
 r"""Train the toy world's target model and write its checkpoints (one directory per revision).
 
-  sae-jax train-toy-lm --workdir=/tmp/toy            # default: <= 5 min on 2 cores
+  sae-jax train-toy-lm --workdir=/tmp/toy            # default: ~2 CPU-minutes
   sae-jax train-toy-lm --workdir=/tmp/toy --tiny     # seconds, for a smoke run
 """
 

@@ -33,17 +33,18 @@ from sae_jax.toy.world import PAD, World, WorldConfig
 class LMConfig:
   """The toy target model and its training run."""
 
-  d_model: int = 128
-  n_layers: int = 4
+  # Sized for the default trace (model, SAEs and analysis) within 10 minutes on 2 CPU cores.
+  d_model: int = 64
+  n_layers: int = 3
   n_heads: int = 4
-  d_mlp: int = 384
-  batch_size: int = 64
-  steps: int = 1500
-  lr: float = 3e-3
-  warmup_steps: int = 100
+  d_mlp: int = 192
+  batch_size: int = 32
+  steps: int = 300
+  lr: float = 5e-3
+  warmup_steps: int = 40
   weight_decay: float = 0.01
-  train_docs: int = 100_000
-  eval_docs: int = 2_000
+  train_docs: int = 9_600  # steps x batch_size: every document seen once
+  eval_docs: int = 1_000
   seed: int = 0
 
 
@@ -53,11 +54,12 @@ TINY_LM = LMConfig(d_model=64, n_layers=2, n_heads=4, d_mlp=160, steps=400, trai
 
 
 def checkpoint_steps(total: int) -> list[int]:
-  """0, then 1-3-10 log spacing up to ``total``, and ``total``."""
+  """0, then 3-10 log spacing up to ``total``, and ``total``. No step 1: the first update runs
+  at learning rate 0 (the warm-up starts there), so step 1 would be step 0 again."""
   steps = {0, total}
   k = 1
   while k < total:
-    steps.update(s for s in (k, 3 * k) if s < total)
+    steps.update(s for s in (k, 3 * k) if 1 < s < total)
     k *= 10
   return sorted(steps)
 
