@@ -22,6 +22,7 @@ from jax.sharding import Mesh
 
 from sae_jax import console, distributed, evals, sharding, store
 from sae_jax.config import SAEConfig, TrainConfig
+from sae_jax.data.device_mix import device_batches
 from sae_jax.errors import ConfigError, DataError
 from sae_jax.saes import registry
 from sae_jax.saes.sae import SAE
@@ -85,11 +86,14 @@ def train_saes(activations, jobs: list[SAEJob], mesh: Mesh | None = None, *,
   if not active:
     return [r.done_sae for r in runs]
   tcfg = jobs[0].train_config
-  stream = BatchStream(activations, tcfg.batch_size, jobs[0].sae_config.d_in, tcfg.seed,
-                       tcfg.total_tokens, tcfg.shuffle_batches,
-                       0 if eval_activations is not None else tcfg.eval_tokens,
-                       jax.process_index(), jax.process_count(),
-                       distributed.all_processes if jax.process_count() > 1 else None)
+  holdout = 0 if eval_activations is not None else tcfg.eval_tokens
+  # The producer's rows stay on the devices (mixed there); other sources go through the host.
+  stream = device_batches(activations, mesh, tcfg.batch_size, tcfg.total_tokens, holdout)
+  if stream is None:
+    stream = BatchStream(activations, tcfg.batch_size, jobs[0].sae_config.d_in, tcfg.seed,
+                         tcfg.total_tokens, tcfg.shuffle_batches, holdout,
+                         jax.process_index(), jax.process_count(),
+                         distributed.all_processes if jax.process_count() > 1 else None)
   try:
     Trainer(active, stream, mesh, eval_activations, log_fn).fit()
   finally:

@@ -154,7 +154,8 @@ class TrainStep:
     rows cost less than the dense block."""
     if not self.k_aux:
       return 0, 0
-    n = int(self._num_dead(state.tokens_since_fired))
+    # Explicit: the one scalar a step reads back (allowed under jax.transfer_guard).
+    n = int(jax.device_get(self._num_dead(state.tokens_since_fired)))
     if n == 0:
       return 0, 0
     pow2 = 1 << (n - 1).bit_length()
