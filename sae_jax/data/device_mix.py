@@ -72,7 +72,11 @@ class DeviceStream:
     self.n_rounds = -(-self.n_steps // self.steps_per_round)
     b, t = self.batches.cfg.batch_size, self.batches.cfg.ctx_len
     self.capacity = bb * b * t
-    self.ids_sharding = sharding.sharding_for_shape(mesh, ("batch", "length"), (procs * b, t))
+    self.step_shape = (procs * b, t)  # one forward step's global [P * B, T] token batch
+    self.ids_sharding = sharding.sharding_for_shape(mesh, ("batch", "length"), self.step_shape)
+    if procs > 1 and getattr(self.model, "mesh", None) is None:
+      raise ConfigError("on several processes the model must be loaded onto the mesh "
+                        "(sj.load_model(..., mesh=mesh)) for the on-device data path")
     self._sizes: dict[int, int] = {}
     self._compiled: dict[int, tuple] = {}
 
@@ -115,10 +119,17 @@ class DeviceStream:
     """Round r's forward steps: {hook: [P * B, T, D]} each, padded to a whole round."""
     lo = r * self.steps_per_round
     hi = min(lo + self.steps_per_round, self.n_steps)
-    put = lambda a: distributed.to_global(a, self.ids_sharding)
+    on_mesh = getattr(self.model, "mesh", None) is not None
+    if on_mesh:
+      put = lambda a: distributed.to_global(a, self.ids_sharding)
+    else:  # a model on one device: the forward there, its outputs moved to the mesh (explicit)
+      put = jax.device_put
+      acts_sharding = sharding.sharding_for_shape(self.mesh, ("batch", "length", "embed"),
+                                                  self.step_shape + (self.d_model,))
     out = []
     for _, (ids, mask) in prefetch((self.batches[i] for i in range(lo, hi)), put):
-      out.append(self.model.activations(ids, list(self.hooks), attention_mask=mask))
+      acts = self.model.activations(ids, list(self.hooks), attention_mask=mask)
+      out.append(acts if on_mesh else jax.device_put(acts, acts_sharding))
     return out + [out[-1]] * (self.steps_per_round - len(out))  # never indexed
 
   def _row_sharding(self, n: int):
