@@ -79,6 +79,7 @@ class DeviceStream:
                         "(sj.load_model(..., mesh=mesh)) for the on-device data path")
     self._sizes: dict[int, int] = {}
     self._compiled: dict[int, tuple] = {}
+    self._last_plan: tuple[int, RoundPlan] | None = None
 
   @property
   def d_model(self) -> int:
@@ -91,6 +92,8 @@ class DeviceStream:
 
   def plan(self, r: int) -> RoundPlan:
     """Round r's kept rows in mixed order (host data: the token ids of every process)."""
+    if self._last_plan is not None and self._last_plan[0] == r:
+      return self._last_plan[1]
     keep = np.concatenate([keep_mask(self.batches.global_batch(g), self.special_ids).reshape(-1)
                            for g in self._globals(r)])
     kept = np.flatnonzero(keep).astype(np.int32)
@@ -98,7 +101,8 @@ class DeviceStream:
     index = np.zeros(self.capacity, np.int32)
     index[:len(kept)] = kept[perm]
     self._sizes[r] = len(kept)
-    return RoundPlan(index, len(kept))
+    self._last_plan = r, RoundPlan(index, len(kept))
+    return self._last_plan[1]
 
   def round_size(self, r: int) -> int:
     """Kept rows in round r (from the token ids; no forward)."""
@@ -235,9 +239,13 @@ class DeviceBatches:
 
 
 def device_batches(source, mesh: Mesh, batch_size: int, total_tokens: int | None,
-                   holdout: int) -> DeviceBatches | None:
+                   holdout: int, d_in: int | None = None) -> DeviceBatches | None:
   """The on-device path for a producer's rows (``sj.data.hook_rows`` / ``multi_hook_rows``);
-  None for any other source (arrays, caches, iterables: the host's BatchStream reads those)."""
+  None for any other source (arrays, caches, iterables: the host's BatchStream reads those).
+  ``d_in``: the SAEs' width, checked against the model's."""
+  stream = getattr(source, "stream", None)
+  if d_in is not None and isinstance(stream, ActivationStream) and stream.d_model != d_in:
+    raise DataError(f"activations have width {stream.d_model} but the SAE has d_in={d_in}")
   if isinstance(source, HookRows):
     return DeviceBatches(DeviceStream(source.stream, mesh), batch_size, total_tokens, holdout,
                          source.hook)

@@ -88,7 +88,8 @@ def train_saes(activations, jobs: list[SAEJob], mesh: Mesh | None = None, *,
   tcfg = jobs[0].train_config
   holdout = 0 if eval_activations is not None else tcfg.eval_tokens
   # The producer's rows stay on the devices (mixed there); other sources go through the host.
-  stream = device_batches(activations, mesh, tcfg.batch_size, tcfg.total_tokens, holdout)
+  stream = device_batches(activations, mesh, tcfg.batch_size, tcfg.total_tokens, holdout,
+                          jobs[0].sae_config.d_in)
   if stream is None:
     stream = BatchStream(activations, tcfg.batch_size, jobs[0].sae_config.d_in, tcfg.seed,
                          tcfg.total_tokens, tcfg.shuffle_batches, holdout,
