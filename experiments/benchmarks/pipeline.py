@@ -120,18 +120,10 @@ def _host_round_doc(host, r: int, mixed: bool = True):
 
 def main(argv):
   del argv
-  import jax
-  import numpy as np
-
   import sae_jax as sj
-  from sae_jax import distributed, sharding
-  from sae_jax.data.activations import ActivationStream, HookRows, prefetch
-  from sae_jax.data.device_mix import DeviceBatches, DeviceStream
+  from sae_jax import sharding
   from sae_jax.toy.lm import LMConfig, train_toy_lm
   from sae_jax.toy.world import WorldConfig
-  from sae_jax.train.data import BatchStream
-  from sae_jax.train.state import init_train_state
-  from sae_jax.train.step import make_train_step
 
   mesh = sharding.make_mesh(sj.MeshConfig(data=FLAGS.mesh_data, model=FLAGS.mesh_model))
   with tempfile.TemporaryDirectory() as d:
@@ -143,59 +135,79 @@ def main(argv):
     cfg = sj.DataConfig(source="toy", path=d, max_docs=FLAGS.docs, batch_size=FLAGS.batch,
                         ctx_len=40, buffer_batches=16)
     batches = sj.data.token_batches(model, cfg)
-    host = ActivationStream(model, batches, [hook], cfg.buffer_batches, cfg.seed)
-    dev = DeviceStream(host, mesh)
-    kept = sum(dev.round_size(r) for r in range(dev.n_rounds))
-    b = FLAGS.sae_batch
-    n_steps = kept // b
-    common = {"hook": hook, "d_model": FLAGS.d_model, "n_layers": FLAGS.n_layers,
-              "batch": FLAGS.batch, "forward_batches": len(batches), "kept_tokens": kept,
-              "mesh": dict(mesh.shape), "backend": jax.devices()[0].platform,
-              "devices": jax.device_count(), "cores": os.cpu_count()}
-    sae_cfg = sj.SAEConfig(architecture="topk", d_in=FLAGS.d_model,
-                           d_sae=FLAGS.expansion * FLAGS.d_model, k=16)
-    tcfg = sj.TrainConfig(batch_size=b, auxk_coef=0.0)
-    step = make_train_step(sae_cfg, tcfg, mesh)
-    first = next(iter(DeviceBatches(dev, b, None, hook=hook)))
-    state = [init_train_state(sae_cfg, tcfg, mesh, first)]
-
-    def forward():
-      put = lambda a: distributed.to_global(a, dev.ids_sharding)
-      out = None
-      for _, (ids, mask) in prefetch((batches[i] for i in range(len(batches))), put):
-        out = model.activations(ids, [hook], attention_mask=mask)
-      jax.block_until_ready(out)
-
-    def consume(source, train: bool):
-      def run():
-        x = None
-        for x in source():
-          if train:
-            state[0], _ = step(state[0], x)
-        jax.block_until_ready(state[0] if train else x)
-      return run
-
-    device = lambda: DeviceBatches(dev, b, None, hook=hook)
-    host_rows = lambda: (distributed.to_global(x, step.x_sharding) for x in BatchStream(
-        HookRows(host, hook), b, FLAGS.d_model, 0, None))
-    for fn in (forward, consume(device, True), consume(host_rows, True)):
-      fn()  # compile every program once before timing
-    t_fwd = _best(forward, FLAGS.repeats)
-    print(json.dumps({"name": "forward", **common, "tokens_per_s": round(kept / t_fwd, 1)}),
-          flush=True)
-    t_step = _best(lambda: jax.block_until_ready(step(state[0], first)), 5)
-    print(json.dumps({"name": "sae_step", **common, "sae_batch": b,
-                      "tokens_per_s": round(b / t_step, 1)}), flush=True)
-    for name, src, train in (("device_mix", device, False), ("device_train", device, True),
-                             ("host_mix", host_rows, False), ("host_train", host_rows, True)):
-      t = _best(consume(src, train), FLAGS.repeats)
-      tokens = n_steps * b
-      print(json.dumps({"name": name, **common, "sae_batch": b, "sae_steps": n_steps,
-                        "tokens_per_s": round(tokens / t, 1),
-                        "ratio_to_forward": round((t_fwd * tokens / kept) / t, 3)}), flush=True)
-    mixing_lines(model, cfg, hook, mesh, b, common)
+    common = time_paths(model, batches, cfg, hook, mesh)
+    mixing_lines(model, cfg, hook, mesh, FLAGS.sae_batch, common)
     if FLAGS.cache:
-      cache_lines(d, model, batches, hook, kept, common)
+      cache_lines(d, model, batches, hook, common["kept_tokens"], common)
+
+
+def time_paths(model, batches, cfg, hook, mesh) -> dict:
+  """The forward, the SAE step, and both data paths with and without it; returns the fields
+  every line shares."""
+  import jax
+
+  import sae_jax as sj
+  from sae_jax import distributed
+  from sae_jax.data.activations import ActivationStream, HookRows, prefetch
+  from sae_jax.data.device_mix import DeviceBatches, DeviceStream
+  from sae_jax.train.data import BatchStream
+  from sae_jax.train.state import init_train_state
+  from sae_jax.train.step import make_train_step
+
+  host = ActivationStream(model, batches, [hook], cfg.buffer_batches, cfg.seed)
+  dev = DeviceStream(host, mesh)
+  kept, b = sum(dev.round_size(r) for r in range(dev.n_rounds)), FLAGS.sae_batch
+  common = {"hook": hook, "d_model": FLAGS.d_model, "n_layers": FLAGS.n_layers,
+            "batch": FLAGS.batch, "forward_batches": len(batches), "kept_tokens": kept,
+            "mesh": dict(mesh.shape), "backend": jax.devices()[0].platform,
+            "devices": jax.device_count(), "cores": os.cpu_count()}
+  sae_cfg = sj.SAEConfig(architecture="topk", d_in=FLAGS.d_model,
+                         d_sae=FLAGS.expansion * FLAGS.d_model, k=16)
+  tcfg = sj.TrainConfig(batch_size=b, auxk_coef=0.0)
+  step = make_train_step(sae_cfg, tcfg, mesh)
+  first = next(iter(DeviceBatches(dev, b, None, hook=hook)))
+  state = [init_train_state(sae_cfg, tcfg, mesh, first)]
+
+  def forward():
+    put = lambda a: distributed.to_global(a, dev.ids_sharding)
+    out = None
+    for _, (ids, mask) in prefetch((batches[i] for i in range(len(batches))), put):
+      out = model.activations(ids, [hook], attention_mask=mask)
+    jax.block_until_ready(out)
+
+  def consume(source, train: bool):
+    def run():
+      x = None
+      for x in source():
+        if train:
+          state[0], _ = step(state[0], x)
+      jax.block_until_ready(state[0] if train else x)
+    return run
+
+  device = lambda: DeviceBatches(dev, b, None, hook=hook)
+  host_rows = lambda: (distributed.to_global(x, step.x_sharding) for x in BatchStream(
+      HookRows(host, hook), b, FLAGS.d_model, 0, None))
+  for fn in (forward, consume(device, True), consume(host_rows, True)):
+    fn()  # compile every program once before timing
+  t_fwd = _best(forward, FLAGS.repeats)
+  print(json.dumps({"name": "forward", **common, "tokens_per_s": round(kept / t_fwd, 1)}),
+        flush=True)
+  def one_step():
+    state[0], _ = step(state[0], first)  # the state is donated: keep the new one
+    jax.block_until_ready(state[0])
+
+  one_step()
+  t_step = _best(one_step, 5)
+  print(json.dumps({"name": "sae_step", **common, "sae_batch": b,
+                    "tokens_per_s": round(b / t_step, 1)}), flush=True)
+  tokens = (kept // b) * b
+  for name, src, train in (("device_mix", device, False), ("device_train", device, True),
+                           ("host_mix", host_rows, False), ("host_train", host_rows, True)):
+    t = _best(consume(src, train), FLAGS.repeats)
+    print(json.dumps({"name": name, **common, "sae_batch": b, "sae_steps": kept // b,
+                      "tokens_per_s": round(tokens / t, 1),
+                      "ratio_to_forward": round((t_fwd * tokens / kept) / t, 3)}), flush=True)
+  return common
 
 
 def cache_lines(d, model, batches, hook, kept, common):
