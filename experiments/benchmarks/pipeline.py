@@ -33,6 +33,11 @@ import time
 
 from absl import app, flags
 
+# Not this folder on the path: transformers probes for a ``kernels`` package, and the sibling
+# kernels.py (another benchmark, with its own flags) would be imported in its place.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("d_model", 256, "toy LM width")
 flags.DEFINE_integer("n_layers", 6, "toy LM depth")
@@ -188,6 +193,7 @@ def time_paths(model, batches, cfg, hook, mesh) -> dict:
   host_rows = lambda: (distributed.to_global(x, step.x_sharding) for x in BatchStream(
       HookRows(host, hook), b, FLAGS.d_model, 0, None))
   for fn in (forward, consume(device, True), consume(host_rows, True)):
+    print("warm-up", fn.__qualname__, file=sys.stderr, flush=True)
     fn()  # compile every program once before timing
   t_fwd = _best(forward, FLAGS.repeats)
   print(json.dumps({"name": "forward", **common, "tokens_per_s": round(kept / t_fwd, 1)}),

@@ -41,16 +41,6 @@ class RoundPlan(NamedTuple):
   n: int  # kept rows (the valid prefix of ``index``)
 
 
-def host_rows(a: jax.Array) -> np.ndarray:
-  """This process's rows of a global array sharded on its first axis (a copy on the host)."""
-  if a.is_fully_addressable:
-    return np.asarray(jax.device_get(a))
-  first = {}
-  for s in a.addressable_shards:  # replicas over "model" hold the same rows: keep one
-    first.setdefault(s.index[0].start or 0, s)
-  return np.concatenate([np.asarray(jax.device_get(first[k].data)) for k in sorted(first)])
-
-
 class DeviceStream:
   """Mixed activation rows of one or more hooks, kept on ``mesh``.
 
