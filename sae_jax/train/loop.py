@@ -42,9 +42,11 @@ def train_sae(activations: np.ndarray | Iterable[np.ndarray], sae_config: SAECon
 
   Args:
     activations: an in-memory array (shuffled, repeated up to total_tokens), an iterable of
-      [n_i, d_in] arrays (re-batched, shuffled within a buffer), or a source with
-      ``rows_from(n)`` (``sj.data.hook_rows``, a cache reader) that restarts at any row.
-      Resuming a plain iterable re-reads it from the start: pass a re-iterable one.
+      [n_i, d_in] arrays (re-batched, shuffled within a buffer), a source with
+      ``rows_from(n)`` (a cache reader) that restarts at any row, or the activation producer
+      (``sj.data.hook_rows``), whose rows are mixed on the devices and never reach the host
+      (``sae_jax.data.device_mix``). Resuming a plain iterable re-reads it from the start:
+      pass a re-iterable one.
     sae_config, train_config: what to train and how.
     workdir: run directory for checkpoints, metrics and the final SAE; a rerun resumes it, and
       a finished one is simply loaded. None: in memory only.
