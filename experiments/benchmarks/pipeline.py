@@ -21,6 +21,10 @@ machine the figures are noisy: each is the best of ``--repeats`` passes.
 
   python experiments/benchmarks/pipeline.py
   python experiments/benchmarks/pipeline.py --mesh_data=2 --mesh_model=4 --d_model=512
+
+``pipeline_results.jsonl``: ``--docs=2000`` on the 8-device CPU mesh (data=8) of a 2-core
+machine shared with three other jobs (load average ~11): the forward reference itself varied
+2x between runs, so read the ratios as "the data path is not the bottleneck", not to 10%.
 """
 
 from __future__ import annotations
