@@ -73,8 +73,9 @@ def is_primary() -> bool:
 
 
 def to_global(local: np.ndarray, sharding) -> jax.Array:
-  """A global [P * n, ...] array from every process's [n, ...] rows (process order)."""
-  if jax.process_count() == 1:
+  """A global [P * n, ...] array from every process's [n, ...] rows (process order); a
+  jax.Array is global already (it is only placed on ``sharding``)."""
+  if jax.process_count() == 1 or isinstance(local, jax.Array):
     return jax.device_put(local, sharding)
   shape = (local.shape[0] * jax.process_count(),) + tuple(local.shape[1:])
   return jax.make_array_from_process_local_data(sharding, local, shape)
@@ -82,8 +83,8 @@ def to_global(local: np.ndarray, sharding) -> jax.Array:
 
 def gather_rows(local):
   """Every process's rows concatenated in process order, on every host (numpy; dict-aware)."""
-  if jax.process_count() == 1:
-    return local
+  if jax.process_count() == 1 or isinstance(local, jax.Array):
+    return local  # a jax.Array is global already
   if isinstance(local, dict):
     return {k: gather_rows(v) for k, v in local.items()}
   return np.asarray(multihost_utils.process_allgather(np.asarray(local), tiled=True))
@@ -94,7 +95,7 @@ def to_host(tree):
   def get(a):
     if isinstance(a, jax.Array) and not a.is_fully_addressable and not a.is_fully_replicated:
       return np.asarray(multihost_utils.process_allgather(a, tiled=True))
-    return np.asarray(a)
+    return np.asarray(jax.device_get(a))  # explicit: allowed under jax.transfer_guard
   return jax.tree.map(get, tree)
 
 

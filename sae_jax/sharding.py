@@ -44,6 +44,9 @@ def make_mesh(cfg: MeshConfig | None = None, devices: Sequence[jax.Device] | Non
   devices = list(jax.devices() if devices is None else devices)
   n = len(devices)
   data, model = cfg.data, cfg.model
+  if data * model > n:  # both set (-1 makes the product negative)
+    raise ConfigError(f"mesh data={data} x model={model} asks for {data * model} devices; "
+                      f"{n} exist")
   if data == -1:
     data = n // model if n % model == 0 else -1
   if model == -1:

@@ -20,16 +20,18 @@ from typing import Callable
 import jax
 import numpy as np
 from absl import logging
+from jax.sharding import Mesh
 
 from sae_jax import data as sj_data
-from sae_jax import console, distributed, evals, formats, paths, store
+
+from sae_jax import console, distributed, evals, formats, paths, sharding, store
 from sae_jax.analysis import AnalysisConfig, MatchConfig, analyze
 from sae_jax.config import SAEConfig, TrainConfig
 from sae_jax.trace_config import TraceConfig
 from sae_jax.data.cache import CacheReader, MultiCacheReader, write_cache
 from sae_jax.errors import CheckpointError, ConfigError
 from sae_jax.models import load_model
-from sae_jax.models.hf import resolve
+from sae_jax.models.hf import read_config, resolve
 from sae_jax.models.hooks import parse_hook
 from sae_jax.saes import registry
 from sae_jax.saes.sae import SAE
@@ -141,12 +143,33 @@ class _Planned:
   run: store.RunDir
 
 
+def trace_mesh(cfg: TraceConfig, devices=None) -> Mesh:
+  """The trace's ("data", "model") mesh over ``devices`` (default: every device of every
+  process), checked against the batch sizes and the process count before any model loads."""
+  mesh = sharding.make_mesh(cfg.mesh, devices)
+  data, procs = mesh.shape["data"], jax.process_count()
+  sharding.check_divisible(cfg.train.batch_size, mesh, "data", "train batch_size")
+  if (cfg.data.batch_size * procs) % data:
+    raise ConfigError(f"data batch_size={cfg.data.batch_size} x {procs} process(es) is not "
+                      f"divisible by the mesh 'data' axis size {data} (a forward batch is split "
+                      "over it)")
+  if data % procs or cfg.data.buffer_batches % procs:
+    raise ConfigError(f"the mesh 'data' axis size {data} and buffer_batches="
+                      f"{cfg.data.buffer_batches} must be multiples of the process count {procs} "
+                      "(every process feeds its own rows to its own devices)")
+  return mesh
+
+
 def trace(cfg: TraceConfig, workdir: str | Path, overwrite: bool = False,
-          log_fn: Callable[[str], None] = logging.info) -> list[dict]:
-  """Run (or finish) the trace into ``workdir``; returns the summary rows."""
+          log_fn: Callable[[str], None] = logging.info, devices=None) -> list[dict]:
+  """Run (or finish) the trace into ``workdir``; returns the summary rows.
+
+  ``devices``: what ``cfg.mesh`` spans (default: every device of every process).
+  """
   paths.check_location(workdir)  # a bucket that cannot be used is said before any work
   paths.check_location(cfg.model, "model")
   validate(cfg)
+  mesh = trace_mesh(cfg, devices)
   st = store.Store(workdir, cfg.model)
   _check_workdir(st, cfg, overwrite)
   st.path.mkdir(parents=True, exist_ok=True)
@@ -158,14 +181,15 @@ def trace(cfg: TraceConfig, workdir: str | Path, overwrite: bool = False,
       st = store.Store(workdir, cfg.model)  # the model directory exists now
     if distributed.is_primary():
       store.atomic_write_json(st.trace_config, cfg.to_dict())
-    rows = _trace_revisions(cfg, st, overwrite, log_fn)
+    rows = _trace_revisions(cfg, st, overwrite, log_fn, mesh)
   finally:
     if isinstance(log_fn, console.Tee):
       log_fn.close()
   return rows
 
 
-def _trace_revisions(cfg: TraceConfig, st: store.Store, overwrite: bool, log_fn) -> list[dict]:
+def _trace_revisions(cfg: TraceConfig, st: store.Store, overwrite: bool, log_fn, mesh: Mesh
+                     ) -> list[dict]:
   """Every revision in training order: train what is unfinished, one line per SAE."""
   revisions = revisions_of(cfg)
   seeded = _seed_revisions(cfg, revisions)
@@ -181,7 +205,7 @@ def _trace_revisions(cfg: TraceConfig, st: store.Store, overwrite: bool, log_fn)
     todo = [p for p in planned if overwrite or not p.run.is_complete()]
     if todo:
       _trace_checkpoint(cfg, st, rev, todo, done_revs[-1] if done_revs else None, overwrite,
-                        log_fn)
+                        log_fn, mesh)
     done_revs.append(rev)
     for p in planned:
       row = _summary_row(st, rev, p)
@@ -229,14 +253,20 @@ def analysis_config(outputs, **overrides) -> AnalysisConfig:
 
 
 def _trace_checkpoint(cfg: TraceConfig, st: store.Store, rev: str, todo: list[_Planned],
-                      previous: str | None, overwrite: bool, log_fn) -> None:
+                      previous: str | None, overwrite: bool, log_fn, mesh: Mesh) -> None:
   """Train the unfinished SAEs of one checkpoint: every hook's SAE from one shared model
-  forward (stream mode) or from the hooks' caches read side by side (cache mode)."""
-  model = load_model(cfg.model, revision=rev, dtype=cfg.extract.dtype)
+  forward on ``mesh``, its activations mixed on the devices (stream mode), or from the hooks'
+  caches read side by side (cache mode)."""
+  _, model_cfg = read_config(resolve(cfg.model, rev))  # the width, without the weights
   for hook in cfg.hooks:
-    parse_hook(hook, model.cfg.n_layers)  # a hook the model lacks: one line, before work
-  sae_cfg = sae_config_for(cfg, model.cfg.d_model)
+    parse_hook(hook, model_cfg.n_layers)  # a hook the model lacks: one line, before work
+  sae_cfg = sae_config_for(cfg, model_cfg.d_model)
   registry.check(sae_cfg)  # k against the real d_sae, before any extraction
+  sharding.check_divisible(sae_cfg.d_sae, mesh, "model", "d_sae")
+  # Cache mode on several hosts: each host writes its own batches with its own model copy.
+  local = cfg.extract.activations == "cache" and jax.process_count() > 1
+  model = load_model(cfg.model, revision=rev, dtype=cfg.extract.dtype,
+                     mesh=None if local else mesh)
   hooks = list(dict.fromkeys(p.hook for p in todo))
   if cfg.extract.activations == "cache":
     caches = write_caches(cfg, model, rev, hooks, st, log_fn)
@@ -250,7 +280,7 @@ def _trace_checkpoint(cfg: TraceConfig, st: store.Store, rev: str, todo: list[_P
                  init_params=warm.get(p.hook) if not p.seed else None,
                  metadata=sae_metadata(cfg, sae_cfg, rev, p.hook, p.seed))
           for p in todo]
-  train_saes(rows, jobs, overwrite=overwrite, log_fn=log_fn)
+  train_saes(rows, jobs, mesh, overwrite=overwrite, log_fn=log_fn)
 
 
 class EvaluateAndExport:
@@ -260,12 +290,17 @@ class EvaluateAndExport:
 
   def __init__(self, cfg: TraceConfig, model, rev: str, log_fn):
     self.cfg, self.model, self.rev, self.log_fn = cfg, model, rev, log_fn
+    # On several hosts a model on the global mesh runs only with every host: process 0
+    # evaluates with a copy of its own (loaded when the first SAE is done).
+    self.eval_model = model if model.mesh is None or jax.process_count() == 1 else None
     self.eval_batches = sj_data.token_batches(
         model, cfg.data.replace(seed=cfg.data.seed + 7919), 0, 1)
 
   def __call__(self, sae: SAE, run: store.RunDir) -> None:
     hook = sae.metadata["hook_name"]
-    lm = evals.spliced_metrics(self.model, sae, hook, self.eval_batches,
+    if self.eval_model is None:
+      self.eval_model = load_model(self.cfg.model, revision=self.rev, dtype=self.cfg.extract.dtype)
+    lm = evals.spliced_metrics(self.eval_model, sae, hook, self.eval_batches,
                                self.cfg.outputs.eval_batches)
     store.atomic_write_json(run.eval, {**sae.metadata.get("eval", {}), **lm})
     for fmt in self.cfg.outputs.exports:

@@ -7,8 +7,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar
 
-from sae_jax.config import (DTYPES, DataConfig, SAEConfig, TrainConfig, _as_tuple, _check,
-                            _JsonMixin, _nest, _split_legacy_options)
+from sae_jax.config import (DTYPES, DataConfig, MeshConfig, SAEConfig, TrainConfig, _as_tuple,
+                            _check, _JsonMixin, _nest, _split_legacy_options)
 
 MISSING_REVISION = ("stop", "skip")
 SEED_BASELINE_WORDS = ("every", "final", "none")  # besides revision labels
@@ -111,6 +111,10 @@ class TraceConfig(_JsonMixin):
     sae, train, data: the SAE, its training, text -> tokens.
     extract: how activations are produced (:class:`ExtractConfig`).
     outputs: exports, spliced evaluation and analysis (:class:`OutputConfig`).
+    mesh: the device mesh of the model's forward and the SAEs (:class:`MeshConfig`; default:
+      every device on "data"; with ``model`` > 1 the SAEs' latents and the model's heads/MLP
+      are split over it). Rerun-safe: it changes where the work runs, not what it computes
+      (beyond float rounding).
   """
 
   model: str = ""
@@ -128,12 +132,13 @@ class TraceConfig(_JsonMixin):
   data: DataConfig = dataclasses.field(default_factory=DataConfig)
   extract: ExtractConfig = dataclasses.field(default_factory=ExtractConfig)
   outputs: OutputConfig = dataclasses.field(default_factory=OutputConfig)
+  mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
 
   # Fields a rerun may change: they change what is added or analysed, not what exists.
   RERUN_SAFE: ClassVar[tuple[str, ...]] = (
       "missing_revision", "seed_baseline", "baseline_seeds", "outputs.analyze",
       "outputs.analysis_eval_tokens", "outputs.lexicon", "outputs.match_threshold",
-      "outputs.false_match_rate", "outputs.min_firings", "outputs.lineage_gap")
+      "outputs.false_match_rate", "outputs.min_firings", "outputs.lineage_gap", "mesh")
 
   def __post_init__(self):
     for name in ("revisions", "hooks", "seed_baseline"):
@@ -148,7 +153,8 @@ class TraceConfig(_JsonMixin):
     _check(self.missing_revision in MISSING_REVISION,
            f"missing_revision={self.missing_revision!r}; allowed: {list(MISSING_REVISION)}")
     for name, sub in (("sae", SAEConfig), ("train", TrainConfig), ("data", DataConfig),
-                      ("extract", ExtractConfig), ("outputs", OutputConfig)):
+                      ("extract", ExtractConfig), ("outputs", OutputConfig),
+                      ("mesh", MeshConfig)):
       _check(isinstance(getattr(self, name), sub),
              f"trace {name}={getattr(self, name)!r} must be a {sub.__name__}")
 
@@ -167,4 +173,6 @@ class TraceConfig(_JsonMixin):
         d[key] = sub.from_dict(d[key])
     d = _nest(d, "extract", ExtractConfig)
     d = _nest(d, "outputs", OutputConfig)
+    if isinstance(d.get("mesh"), dict):  # not _nest: "data" and "model" are trace fields too
+      d["mesh"] = MeshConfig.from_dict(d["mesh"])
     return super().from_dict(d)

@@ -66,15 +66,16 @@ def take_rows(rows: ActivationRows, idx) -> ActivationRows:
                         rows.doc[idx], rows.pos[idx], rows.language[idx])
 
 
-def _prefetch(items, size: int = 2):
-  """Iterate ``items`` with the next ones prepared (device_put) by a background thread."""
+def prefetch(items, put=jax.device_put, size: int = 2):
+  """Iterate TokenBatch ``items`` as (item, (put(ids), put(mask))), the next ones prepared by a
+  background thread (``put``: device_put, or a global array from this host's share)."""
   q: queue.Queue = queue.Queue(maxsize=size)
   sentinel = object()
 
   def work():
     try:
       for item in items:
-        q.put((item, (jax.device_put(item.ids), jax.device_put(item.mask))))
+        q.put((item, (put(item.ids), put(item.mask))))
     except BaseException as e:  # surfaced in the consumer
       q.put(e)
       return
@@ -116,7 +117,7 @@ class ActivationStream:
     """All kept rows of round r, mixed (a pure function of r)."""
     lo, hi = r * self.buffer_batches, min((r + 1) * self.buffer_batches, len(self.batches))
     parts = [batch_rows(self.model, b, self.hooks, self.special_ids, dev)
-             for b, dev in _prefetch(self.batches[i] for i in range(lo, hi))]
+             for b, dev in prefetch(self.batches[i] for i in range(lo, hi))]
     rows = concat_rows(parts)
     perm = np.random.default_rng([self.seed, r]).permutation(len(rows.token))
     return take_rows(rows, perm)

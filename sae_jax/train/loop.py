@@ -22,6 +22,7 @@ from jax.sharding import Mesh
 
 from sae_jax import console, distributed, evals, sharding, store
 from sae_jax.config import SAEConfig, TrainConfig
+from sae_jax.data.device_mix import device_batches
 from sae_jax.errors import ConfigError, DataError
 from sae_jax.saes import registry
 from sae_jax.saes.sae import SAE
@@ -41,9 +42,11 @@ def train_sae(activations: np.ndarray | Iterable[np.ndarray], sae_config: SAECon
 
   Args:
     activations: an in-memory array (shuffled, repeated up to total_tokens), an iterable of
-      [n_i, d_in] arrays (re-batched, shuffled within a buffer), or a source with
-      ``rows_from(n)`` (``sj.data.hook_rows``, a cache reader) that restarts at any row.
-      Resuming a plain iterable re-reads it from the start: pass a re-iterable one.
+      [n_i, d_in] arrays (re-batched, shuffled within a buffer), a source with
+      ``rows_from(n)`` (a cache reader) that restarts at any row, or the activation producer
+      (``sj.data.hook_rows``), whose rows are mixed on the devices and never reach the host
+      (``sae_jax.data.device_mix``). Resuming a plain iterable re-reads it from the start:
+      pass a re-iterable one.
     sae_config, train_config: what to train and how.
     workdir: run directory for checkpoints, metrics and the final SAE; a rerun resumes it, and
       a finished one is simply loaded. None: in memory only.
@@ -85,11 +88,15 @@ def train_saes(activations, jobs: list[SAEJob], mesh: Mesh | None = None, *,
   if not active:
     return [r.done_sae for r in runs]
   tcfg = jobs[0].train_config
-  stream = BatchStream(activations, tcfg.batch_size, jobs[0].sae_config.d_in, tcfg.seed,
-                       tcfg.total_tokens, tcfg.shuffle_batches,
-                       0 if eval_activations is not None else tcfg.eval_tokens,
-                       jax.process_index(), jax.process_count(),
-                       distributed.all_processes if jax.process_count() > 1 else None)
+  holdout = 0 if eval_activations is not None else tcfg.eval_tokens
+  # The producer's rows stay on the devices (mixed there); other sources go through the host.
+  stream = device_batches(activations, mesh, tcfg.batch_size, tcfg.total_tokens, holdout,
+                          jobs[0].sae_config.d_in)
+  if stream is None:
+    stream = BatchStream(activations, tcfg.batch_size, jobs[0].sae_config.d_in, tcfg.seed,
+                         tcfg.total_tokens, tcfg.shuffle_batches, holdout,
+                         jax.process_index(), jax.process_count(),
+                         distributed.all_processes if jax.process_count() > 1 else None)
   try:
     Trainer(active, stream, mesh, eval_activations, log_fn).fit()
   finally:

@@ -143,7 +143,12 @@ class TrainStep:
     self.dense_auxk = _dense_auxk(tcfg.auxk_impl, mesh, self.arch)
 
   def __call__(self, state: TrainState, x: jax.Array) -> tuple[TrainState, dict]:
-    return self.jitted(*self.aux_plan(state))(state, x)
+    out = self.jitted(*self.aux_plan(state))(state, x)
+    if self.mesh.devices.size > 1 and self.mesh.devices.flat[0].platform == "cpu":
+      # XLA:CPU may run this step beside the data path's next program; two programs with
+      # collectives in flight at once can deadlock its rendezvous (sae_jax.data.device_mix).
+      jax.block_until_ready(out)
+    return out
 
   def aux_columns(self, state: TrainState) -> int:
     """AuxK columns this state needs: 0 when no latent is dead, else the configured k_aux
@@ -159,7 +164,8 @@ class TrainStep:
     rows cost less than the dense block."""
     if not self.k_aux:
       return 0, 0
-    n = int(self._num_dead(state.tokens_since_fired))
+    # Explicit: the one scalar a step reads back (allowed under jax.transfer_guard).
+    n = int(jax.device_get(self._num_dead(state.tokens_since_fired)))
     if n == 0:
       return 0, 0
     pow2 = max(1 << (n - 1).bit_length(), MIN_AUX_BUCKET)

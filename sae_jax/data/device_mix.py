@@ -1,0 +1,256 @@
+"""The on-device mixing buffer: sharded forward -> kept, mixed token rows -> SAE batches, with
+the activations never leaving the devices.
+
+A *round* is ``buffer_batches`` global forward batches (global batches ``r * bb`` up to
+``(r + 1) * bb - 1``, whatever the process count: at each forward step every process feeds its
+own batch, and the step's global [P * B, T] array holds them in process order). From the token
+ids alone (host data, every host computes the same) the host decides which rows of a round are
+kept (real tokens that are not BOS, padding or another special token) and in which order: the
+kept rows permuted by ``np.random.default_rng([seed, r])``, the very permutation of the host
+mixer (:class:`sae_jax.data.activations.ActivationStream`), so both paths give the same rows in
+the same order. That [capacity] int32 index array is sent to the devices with ``device_put``
+next to the token batches; nothing comes back.
+
+On the devices a round's activations are gathered in that order behind the ``size`` rows
+carried over from the previous round (the last rows that did not fill a batch), and batches are
+``size``-row slices at a dynamic offset, sharded on "data". Every shape is static (a short last
+round is padded, offsets are device scalars), so the gather and the slice compile once per
+batch size. The stream is global: every process sees the same batches, so a run resumes with
+any process count and a P-process run equals a one-process run.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from sae_jax import distributed, sharding
+from sae_jax.data.activations import (ActivationRows, ActivationStream, HookRows, MultiHookRows,
+                                      keep_mask, prefetch)
+from sae_jax.errors import ConfigError, DataError
+
+
+class RoundPlan(NamedTuple):
+  """Which rows of a round's [capacity] buffer the stream reads, in order."""
+
+  index: np.ndarray  # [capacity] int32 buffer rows, kept and mixed, then zero padding
+  n: int  # kept rows (the valid prefix of ``index``)
+
+
+def settle(x, mesh: Mesh):
+  """Wait for ``x`` on a multi-device CPU mesh (XLA:CPU runs independent programs side by side,
+  and two programs with collectives in flight at once can deadlock its rendezvous); elsewhere
+  a no-op, so accelerators keep dispatching ahead."""
+  if mesh.devices.size > 1 and mesh.devices.flat[0].platform == "cpu":
+    jax.block_until_ready(x)
+  return x
+
+
+class DeviceStream:
+  """Mixed activation rows of one or more hooks, kept on ``mesh``.
+
+  Args:
+    stream: the host mixer's stream (model, this host's TokenBatches, hooks, buffer_batches,
+      seed, special tokens): the device stream reads the same rows in the same order.
+    mesh: the mesh the rows live on (the SAEs'; the model's own when it was loaded onto one).
+  """
+
+  def __init__(self, stream: ActivationStream, mesh: Mesh):
+    self.model, self.batches, self.hooks = stream.model, stream.batches, stream.hooks
+    self.seed, self.special_ids, self.mesh = stream.seed, stream.special_ids, mesh
+    procs, bb = self.batches.process_count, stream.buffer_batches
+    if bb % procs:
+      raise ConfigError(f"buffer_batches={bb} must be a multiple of the process count {procs} "
+                        "(a round is whole forward steps of every process)")
+    self.buffer_batches, self.steps_per_round = bb, bb // procs
+    self.n_steps = len(self.batches)  # forward steps: one batch of every process each
+    self.n_rounds = -(-self.n_steps // self.steps_per_round)
+    b, t = self.batches.cfg.batch_size, self.batches.cfg.ctx_len
+    self.capacity = bb * b * t
+    self.step_shape = (procs * b, t)  # one forward step's global [P * B, T] token batch
+    self.ids_sharding = sharding.sharding_for_shape(mesh, ("batch", "length"), self.step_shape)
+    if procs > 1 and getattr(self.model, "mesh", None) is None:
+      raise ConfigError("on several processes the model must be loaded onto the mesh "
+                        "(sj.load_model(..., mesh=mesh)) for the on-device data path")
+    self._sizes: dict[int, int] = {}
+    self._compiled: dict[int, tuple] = {}
+    self._last_plan: tuple[int, RoundPlan] | None = None
+
+  @property
+  def d_model(self) -> int:
+    return self.model.cfg.d_model
+
+  def _globals(self, r: int) -> range:
+    """The global batches of round r."""
+    top = self.n_steps * self.batches.process_count
+    return range(r * self.buffer_batches, min((r + 1) * self.buffer_batches, top))
+
+  def plan(self, r: int) -> RoundPlan:
+    """Round r's kept rows in mixed order (host data: the token ids of every process)."""
+    if self._last_plan is not None and self._last_plan[0] == r:
+      return self._last_plan[1]
+    keep = np.concatenate([keep_mask(self.batches.global_batch(g), self.special_ids).reshape(-1)
+                           for g in self._globals(r)])
+    kept = np.flatnonzero(keep).astype(np.int32)
+    perm = np.random.default_rng([self.seed, r]).permutation(len(kept))
+    index = np.zeros(self.capacity, np.int32)
+    index[:len(kept)] = kept[perm]
+    self._sizes[r] = len(kept)
+    self._last_plan = r, RoundPlan(index, len(kept))
+    return self._last_plan[1]
+
+  def round_size(self, r: int) -> int:
+    """Kept rows in round r (from the token ids; no forward)."""
+    if r not in self._sizes:
+      self.plan(r)
+    return self._sizes[r]
+
+  def round_meta(self, r: int) -> ActivationRows:
+    """Round r's per-row metadata (token, doc, pos, language) in the stream's order: host
+    arrays permuted with the same index (``acts`` is empty: those rows stay on the devices)."""
+    parts = [self.batches.global_batch(g) for g in self._globals(r)]
+    plan = self.plan(r)
+    take = lambda f: np.concatenate([getattr(p, f).reshape(-1) for p in parts])[
+        plan.index[:plan.n]]
+    return ActivationRows({}, *(take(f) for f in ("ids", "doc", "pos", "language")))
+
+  def _forward(self, r: int) -> list[dict[str, jax.Array]]:
+    """Round r's forward steps: {hook: [P * B, T, D]} each, padded to a whole round."""
+    lo = r * self.steps_per_round
+    hi = min(lo + self.steps_per_round, self.n_steps)
+    on_mesh = getattr(self.model, "mesh", None) is not None
+    if on_mesh:
+      put = lambda a: distributed.to_global(a, self.ids_sharding)
+    else:  # a model on one device: the forward there, its outputs moved to the mesh (explicit)
+      put = jax.device_put
+      acts_sharding = sharding.sharding_for_shape(self.mesh, ("batch", "length", "embed"),
+                                                  self.step_shape + (self.d_model,))
+    out = []
+    for _, (ids, mask) in prefetch((self.batches[i] for i in range(lo, hi)), put):
+      acts = self.model.activations(ids, list(self.hooks), attention_mask=mask)
+      if on_mesh and self.mesh.shape["model"] > 1:
+        settle(acts, self.mesh)  # a tensor-parallel forward has collectives
+      out.append(acts if on_mesh else jax.device_put(acts, acts_sharding))
+    return out + [out[-1]] * (self.steps_per_round - len(out))  # never indexed
+
+  def _row_sharding(self, n: int):
+    return sharding.sharding_for_shape(self.mesh, ("batch", "embed"), (n, self.d_model))
+
+  def _programs(self, size: int):
+    """(zeros, mix, take) compiled for blocks of ``size`` rows."""
+    if size in self._compiled:
+      return self._compiled[size]
+    pool = self._row_sharding(size + self.capacity)
+    block = {h: self._row_sharding(size) for h in self.hooks}
+    zeros = jax.jit(lambda: {h: jnp.zeros((size, self.d_model), jnp.float32)
+                             for h in self.hooks}, out_shardings=block)
+    mix = jax.jit(_mix, out_shardings={h: pool for h in self.hooks})
+    take = jax.jit(lambda p, o: {h: jax.lax.dynamic_slice_in_dim(a, o, size)
+                                 for h, a in p.items()}, out_shardings=block)
+    self._compiled[size] = zeros, mix, take
+    return self._compiled[size]
+
+  def blocks(self, start: int, size: int) -> Iterator[dict[str, jax.Array]]:
+    """Consecutive {hook: [size, D]} blocks of the mixed stream from row ``start`` on (the
+    rounds before the one holding it are only counted)."""
+    zeros, mix, take = self._programs(size)
+    replicated = NamedSharding(self.mesh, P())  # explicit puts: no implicit transfer later
+    offset = lambda o: jax.device_put(np.int32(o), replicated)
+    seen, carry, have = 0, None, 0  # rows before this round; carried rows (the last ``have``)
+    for r in range(self.n_rounds):
+      n = self.round_size(r)
+      if carry is None and seen + n <= start:
+        seen += n
+        continue
+      if carry is None:
+        carry = zeros()
+      skip = max(start - seen, 0)
+      plan = self.plan(r)
+      pool = settle(mix(carry, self._forward(r), jax.device_put(plan.index, replicated)),
+                    self.mesh)
+      o, end = size - have + skip, size + n  # valid rows of the pool: [size - have, end)
+      while o + size <= end:
+        yield settle(take(pool, offset(o)), self.mesh)
+        o += size
+      carry, have = settle(take(pool, offset(end - size)), self.mesh), end - o
+      seen += n
+
+
+def _mix(carry: dict, steps: list[dict], index: jax.Array) -> dict:
+  """{hook: [C + capacity, D]}: the carried rows, then the round's rows gathered by index."""
+  out = {}
+  for h, c in carry.items():
+    rows = jnp.concatenate([s[h].reshape(-1, s[h].shape[-1]) for s in steps])
+    out[h] = jnp.concatenate([c, jnp.take(rows.astype(jnp.float32), index, axis=0)])
+  return out
+
+
+class DeviceBatches:
+  """The trainer's stream over a :class:`DeviceStream`: [batch_size, D] device batches ({hook:
+  rows}, or one hook's rows when ``hook`` is set), sharded on "data", with the position
+  interface of :class:`sae_jax.train.data.BatchStream` (``served`` batches).
+
+  The first ``holdout`` rows are kept out of training as ``eval_rows``; they are copied to the
+  host once (numpy, every process alike) for the reconstruction metrics.
+  """
+
+  is_global = True
+
+  def __init__(self, stream: DeviceStream, batch_size: int, total_tokens: int | None,
+               holdout: int = 0, hook: str | None = None):
+    sharding.check_divisible(batch_size, stream.mesh, "data", "batch_size")
+    self.stream, self.batch_size, self.total_tokens = stream, batch_size, total_tokens
+    self.holdout, self.hook = holdout, hook
+    self.served, self.eval_rows = 0, None
+    self.process_count = stream.batches.process_count
+
+  @property
+  def total_batches(self) -> int | None:
+    return None if self.total_tokens is None else self.total_tokens // self.batch_size
+
+  def position(self) -> dict:
+    return {"served": self.served, "batch_size": self.batch_size,
+            "process_count": self.process_count}
+
+  def restore(self, position: dict) -> None:
+    if position.get("batch_size", self.batch_size) != self.batch_size:
+      raise ConfigError(f"checkpoint was written with batch_size={position['batch_size']}, "
+                        f"now {self.batch_size}")
+    self.served = int(position["served"])  # a global stream: any process count resumes it
+
+  def _pick(self, block: dict):
+    return block if self.hook is None else block[self.hook]
+
+  def __iter__(self) -> Iterator:
+    if self.holdout and self.eval_rows is None:
+      held = next(self.stream.blocks(0, self.holdout), None)
+      if held is None:
+        raise DataError(f"eval_tokens={self.holdout} is more than the stream's rows")
+      self.eval_rows = self._pick(distributed.to_host(held))
+    total, b = self.total_batches, self.batch_size
+    for index, block in enumerate(self.stream.blocks(self.holdout + self.served * b, b),
+                                  start=self.served):
+      if total is not None and index >= total:
+        return
+      self.served = index + 1
+      yield self._pick(block)
+
+
+def device_batches(source, mesh: Mesh, batch_size: int, total_tokens: int | None,
+                   holdout: int, d_in: int | None = None) -> DeviceBatches | None:
+  """The on-device path for a producer's rows (``sj.data.hook_rows`` / ``multi_hook_rows``);
+  None for any other source (arrays, caches, iterables: the host's BatchStream reads those).
+  ``d_in``: the SAEs' width, checked against the model's."""
+  stream = getattr(source, "stream", None)
+  if d_in is not None and isinstance(stream, ActivationStream) and stream.d_model != d_in:
+    raise DataError(f"activations have width {stream.d_model} but the SAE has d_in={d_in}")
+  if isinstance(source, HookRows):
+    return DeviceBatches(DeviceStream(source.stream, mesh), batch_size, total_tokens, holdout,
+                         source.hook)
+  if isinstance(source, MultiHookRows):
+    return DeviceBatches(DeviceStream(source.stream, mesh), batch_size, total_tokens, holdout)
+  return None
