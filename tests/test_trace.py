@@ -98,9 +98,10 @@ def _params(workdir):
 
 @pytest.mark.slow
 def test_trace_runs_skips_done_work_and_resumes_exactly(toy, tmp_path, monkeypatch):
-  cfg = _cfg(toy)
+  # Two of the four checkpoints: all this test needs (each trace here runs twice) at half the cost.
+  cfg = _cfg(toy, revisions=("step3", "step30"))
   rows = trace(cfg, tmp_path / "a")
-  assert [r["checkpoint"] for r in rows] == ["step0", "step3", "step10", "step30"]
+  assert [r["checkpoint"] for r in rows] == ["step3", "step30"]
   pair = tmp_path / "a" / "step30" / "resid_post.0"
   for f in ("COMPLETE", "eval.json", "sae/cfg.json", "exports/sae_lens/cfg.json",
             "exports/llm_jp_sae/config.json", "metrics.jsonl"):
@@ -135,7 +136,7 @@ def test_trace_runs_skips_done_work_and_resumes_exactly(toy, tmp_path, monkeypat
   assert not (tmp_path / "b" / "step30" / "resid_post.0" / "COMPLETE").exists()
   trace(cfg, tmp_path / "b")
   a, b = _params(tmp_path / "a"), _params(tmp_path / "b")
-  assert a.keys() == b.keys() and len(a) == 5  # four checkpoints + the seed baseline
+  assert a.keys() == b.keys() and len(a) == 3  # two checkpoints + the seed baseline
   assert "step30/resid_post.0@seed1/sae" in a
   for k in a:
     for name in a[k]:

@@ -19,14 +19,24 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader | t
 $PY -c "import jax, torch; print('jax', jax.__version__, jax.devices(), 'torch', torch.__version__)"
 B=experiments/benchmarks/sae_step.py
 T=${PART_TIMEOUT:-170}
+# Which parts (default: all, in this order): PARTS="step kernels pallas f32 models pipeline".
+PARTS=" ${PARTS:-step kernels pallas f32 models pipeline} "
+part() { [[ "$PARTS" == *" $1 "* ]]; }
 # 1. The step, XLA and Pallas kernels, AuxK on a quarter of the latents, beside sparsify.
-timeout $T $PY $B --peer_python=$PY --paper_shape --paper_batch=32768 --steps=10 \
+part step && timeout $T $PY $B --peer_python=$PY --paper_shape --paper_batch=32768 --steps=10 \
   --compute_dtype=bfloat16 --kernels=xla,pallas | tee "$OUT/sae_step_bf16.jsonl"
 # 2. Each sparse op, XLA vs Pallas (decode, its backward, the encoder weight gradient).
-timeout $T $PY experiments/benchmarks/sparse_kernels.py | tee "$OUT/kernels.jsonl"
+part kernels && timeout $T $PY experiments/benchmarks/sparse_kernels.py | tee "$OUT/kernels.jsonl"
 # 3. The Pallas kernels compiled for the GPU against the XLA path (tests).
-JAX_PLATFORMS=cuda,cpu timeout $T $PY -m pytest -q -p no:cacheprovider \
+part pallas && JAX_PLATFORMS=cuda,cpu timeout $T $PY -m pytest -q -p no:cacheprovider \
   tests/test_pallas_kernels.py 2>&1 | tail -15 | tee "$OUT/pallas_tests.txt"
 # 4. float32 inputs (TF32 matmuls), XLA kernels.
-timeout $T $PY $B --default_shape=false --paper_shape --paper_batch=32768 --steps=10 \
+part f32 && timeout $T $PY $B --default_shape=false --paper_shape --paper_batch=32768 --steps=10 \
   | tee "$OUT/sae_step_f32.jsonl"
+# 5. The Flax NNX ports on the GPU against Hugging Face PyTorch (the parity tests; the mesh tests
+# need 8 devices and stay on the CPU).
+part models && JAX_PLATFORMS=cuda,cpu timeout $T $PY -m pytest -q -p no:cacheprovider \
+  tests/test_models.py -k "match_hf or padding or bfloat16 or nnx_module" 2>&1 | tail -15 | tee "$OUT/models_tests.txt"
+# 6. Text -> SAE steps on the device against the bare forward (one GPU: a 1x1 mesh).
+part pipeline && timeout $T $PY experiments/benchmarks/pipeline.py --d_model=1024 --n_layers=8 \
+  --batch=64 --sae_batch=8192 --docs=4000 --cache=false | tee "$OUT/pipeline.jsonl"
