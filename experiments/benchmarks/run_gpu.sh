@@ -19,12 +19,15 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader | t
 $PY -c "import jax, torch; print('jax', jax.__version__, jax.devices(), 'torch', torch.__version__)"
 B=experiments/benchmarks/sae_step.py
 T=${PART_TIMEOUT:-170}
-# Which parts (default: all, in this order): PARTS="step kernels pallas f32 models pipeline".
+# Which parts (default: all, in this order): PARTS="step default kernels pallas f32 models pipeline".
 PARTS=" ${PARTS:-step kernels pallas f32 models pipeline} "
 part() { [[ "$PARTS" == *" $1 "* ]]; }
 # 1. The step, XLA and Pallas kernels, AuxK on a quarter of the latents, beside sparsify.
 part step && timeout $T $PY $B --peer_python=$PY --paper_shape --paper_batch=32768 --steps=10 \
   --compute_dtype=bfloat16 --kernels=xla,pallas | tee "$OUT/sae_step_bf16.jsonl"
+# 1b. The default shape alone (d_in 512, 8,192 latents, k 32, 4,096 tokens), AuxK included.
+part default && timeout $T $PY $B --peer_python=$PY --steps=20 --compute_dtype=bfloat16 \
+  --kernels=xla,pallas | tee "$OUT/sae_step_default_bf16.jsonl"
 # 2. Each sparse op, XLA vs Pallas (decode, its backward, the encoder weight gradient).
 part kernels && timeout $T $PY experiments/benchmarks/sparse_kernels.py | tee "$OUT/kernels.jsonl"
 # 3. The Pallas kernels compiled for the GPU against the XLA path (tests).
