@@ -7,8 +7,10 @@ import pytest
 
 from sae_jax.analysis.alignment import (WordVectors, cross_language_probe, model_alignment,
                                         similarity_gap, word_vectors)
-from sae_jax.models import llama
-from sae_jax.models.base import Model
+from flax import nnx
+
+from sae_jax.models.base import param_name, with_params
+from sae_jax.models.hf import abstract_model
 from sae_jax.toy.lm import TINY_LM, TINY_WORLD, model_config
 from sae_jax.toy.world import World
 
@@ -21,9 +23,10 @@ def _model(world, planted: bool):
   mc = model_config(world, lm)
   rng = np.random.default_rng(0 if planted else 1)
   # The toy LM's initialisation, drawn in numpy (no JAX compile per parameter shape).
+  graphdef, template = abstract_model(mc)
+  shapes = {param_name(p): v.shape for p, v in nnx.to_flat_state(template)}
   params = {k: np.ones(shape, np.float32) if k.endswith("norm.weight") else
-            (0.02 * rng.normal(size=shape)).astype(np.float32)
-            for k, (shape, _) in llama.param_specs(mc).items()}
+            (0.02 * rng.normal(size=shape)).astype(np.float32) for k, shape in shapes.items()}
   if planted:
     emb = rng.normal(size=params["model.embed_tokens.weight"].shape).astype(np.float32)
     offset = {"en": rng.normal(size=mc.d_model), "ja": rng.normal(size=mc.d_model)}
@@ -36,8 +39,8 @@ def _model(world, planted: bool):
     for k in params:
       if k.endswith(("o_proj.weight", "down_proj.weight")):
         params[k] = np.zeros_like(params[k])
-  return Model(llama, mc, {k: jnp.asarray(v) for k, v in params.items()}, "", None,
-               jnp.float32)
+  return nnx.merge(graphdef, with_params(template, {k: jnp.asarray(v)
+                                                   for k, v in params.items()}))
 
 
 @pytest.fixture(scope="module")

@@ -108,7 +108,7 @@ def test_toy_and_pythia_configs_hold_their_settings():
   assert toy.toy and toy.toy_size == "tiny" and toy.model == "/w/toy_model"
   assert toy.data.path == "/w/toy_model" and toy.hooks == ("resid_post.0",)
   assert toy.train.optim.lr == 2e-3 and toy.train.optim.warmup_steps == 20
-  assert toy.train.run.log_every == 40 and toy.outputs.eval_batches == 2
+  assert toy.train.run.log_every == 20 and toy.outputs.eval_batches == 2
   assert toy.seed_baseline == ("every",) and toy.extract.activations == "stream"
   pythia = _shipped("pythia")
   assert pythia.train.optim.lr is None and pythia.sae.normalize == "expected_norm"
@@ -147,9 +147,12 @@ def test_legacy_trace_json_loads_as_todays_config():
   old = json.loads((LEGACY / "trace.json").read_text())
   assert "lr" in old["train"] and "activations" in old  # really the flat layout
   want = _shipped("toy", "tiny").replace(model="TOY")
-  want = want.replace(data=want.data.replace(path="TOY"),
-                      train=want.train.replace(encoder_init="tied"),  # the init it ran with
-                      seed_baseline=("final",))  # the old one seed baseline it ran with
+  # What the tiny config said then and no longer says: the init, the logging and checkpoint
+  # intervals, the context length, one seed baseline.
+  run = want.train.run.replace(log_every=40, checkpoint_every=100)
+  want = want.replace(data=want.data.replace(path="TOY", ctx_len=40),
+                      train=want.train.replace(encoder_init="tied", run=run),
+                      seed_baseline=("final",))
   assert sj.TraceConfig.from_dict(old) == want
 
 

@@ -77,9 +77,9 @@ def test_tiny_toy_trace_compiles_for_v5e_and_reports_every_field(tiny, reports):
 def test_trace_projection_counts_the_whole_study(tiny, reports):
   *_, trace = reports
   assert trace["checkpoints"] == 7  # the tiny toy run's log-spaced checkpoints (no step 1)
-  assert trace["saes"] == 9  # one per checkpoint, and a seed baseline at the final one
-  assert trace["sae_steps"] == 9 * tiny.train.total_tokens // tiny.train.batch_size
-  assert trace["eval_steps"] == 9 * tiny.outputs.eval_batches * 3  # clean, spliced, ablated
+  assert trace["saes"] == 8  # one per checkpoint, and a seed baseline at the final one
+  assert trace["sae_steps"] == 8 * tiny.train.total_tokens // tiny.train.batch_size
+  assert trace["eval_steps"] == 8 * tiny.outputs.eval_batches * 3  # clean, spliced, ablated
   seconds = sum(trace["hours_by_function"].values()) * 3600
   fwd, step, ev = reports[:3]
   assert seconds == pytest.approx(trace["forward_steps"] * fwd["roofline_step_s"]

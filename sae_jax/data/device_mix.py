@@ -31,6 +31,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from sae_jax import distributed, sharding
 from sae_jax.data.activations import (ActivationRows, ActivationStream, HookRows, MultiHookRows,
                                       keep_mask, prefetch)
+from sae_jax.data.tokens import TokenBatch
 from sae_jax.errors import ConfigError, DataError
 
 
@@ -79,6 +80,9 @@ class DeviceStream:
     self._sizes: dict[int, int] = {}
     self._compiled: dict[int, tuple] = {}
     self._last_plan: tuple[int, RoundPlan] | None = None
+    # The round's token batches, built once: the plan, the forward and the metadata all read
+    # them, and building a batch (a Python loop over its rows) is host time the devices wait on.
+    self._round_batches: tuple[int, dict[int, TokenBatch]] = (-1, {})
 
   @property
   def d_model(self) -> int:
@@ -93,7 +97,7 @@ class DeviceStream:
     """Round r's kept rows in mixed order (host data: the token ids of every process)."""
     if self._last_plan is not None and self._last_plan[0] == r:
       return self._last_plan[1]
-    keep = np.concatenate([keep_mask(self.batches.global_batch(g), self.special_ids).reshape(-1)
+    keep = np.concatenate([keep_mask(self._global_batch(r, g), self.special_ids).reshape(-1)
                            for g in self._globals(r)])
     kept = np.flatnonzero(keep).astype(np.int32)
     perm = np.random.default_rng([self.seed, r]).permutation(len(kept))
@@ -102,6 +106,15 @@ class DeviceStream:
     self._sizes[r] = len(kept)
     self._last_plan = r, RoundPlan(index, len(kept))
     return self._last_plan[1]
+
+  def _global_batch(self, r: int, g: int) -> TokenBatch:
+    """Global batch g of round r, kept until another round's batches are asked for."""
+    if self._round_batches[0] != r:
+      self._round_batches = (r, {})
+    got = self._round_batches[1]
+    if g not in got:
+      got[g] = self.batches.global_batch(g)
+    return got[g]
 
   def round_size(self, r: int) -> int:
     """Kept rows in round r (from the token ids; no forward)."""
@@ -112,7 +125,7 @@ class DeviceStream:
   def round_meta(self, r: int) -> ActivationRows:
     """Round r's per-row metadata (token, doc, pos, language) in the stream's order: host
     arrays permuted with the same index (``acts`` is empty: those rows stay on the devices)."""
-    parts = [self.batches.global_batch(g) for g in self._globals(r)]
+    parts = [self._global_batch(r, g) for g in self._globals(r)]
     plan = self.plan(r)
     take = lambda f: np.concatenate([getattr(p, f).reshape(-1) for p in parts])[
         plan.index[:plan.n]]
@@ -130,7 +143,9 @@ class DeviceStream:
       acts_sharding = sharding.sharding_for_shape(self.mesh, ("batch", "length", "embed"),
                                                   self.step_shape + (self.d_model,))
     out = []
-    for _, (ids, mask) in prefetch((self.batches[i] for i in range(lo, hi)), put):
+    procs, me = self.batches.process_count, self.batches.process_index
+    local = (self._global_batch(r, i * procs + me) for i in range(lo, hi))  # this host's
+    for _, (ids, mask) in prefetch(local, put):
       acts = self.model.activations(ids, list(self.hooks), attention_mask=mask)
       if on_mesh and self.mesh.shape["model"] > 1:
         settle(acts, self.mesh)  # a tensor-parallel forward has collectives
