@@ -1,11 +1,21 @@
 """Test setup: eight forced CPU devices (for mesh tests) before JAX is imported anywhere."""
 
 import os
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _flag = "--xla_force_host_platform_device_count=8"
 if _flag not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
+
+# One persistent compilation cache for the whole run: xdist workers and the tests' subprocesses
+# (multi-host, kill-and-resume, bucket traces) compile the same step and forward programs again
+# and again, and on two cores compiling is most of the suite's time. Programs are looked up by
+# their HLO and the XLA flags, so a hit runs exactly what a fresh compile would.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
+    tempfile.gettempdir(), f"sae_jax_tests_jax_cache_{os.getuid()}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # noqa: E402
 
