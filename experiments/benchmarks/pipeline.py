@@ -37,8 +37,8 @@ import time
 
 from absl import app, flags
 
-# Not this folder on the path: transformers probes for a ``kernels`` package, and the sibling
-# kernels.py (another benchmark, with its own flags) would be imported in its place.
+# Not this folder on the path: a sibling benchmark module could shadow a package that
+# transformers probes for (a ``kernels.py`` here once hid Hugging Face's ``kernels``).
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 
