@@ -118,3 +118,13 @@ def check_logical_divisible(mesh: Mesh, sizes: dict[str, int], what: str) -> Non
                         f"{', '.join(bad)} (tensor parallelism splits "
                         f"{', '.join(f'{k}={v}' for k, v in dims)}); allowed '{axis}' sizes: "
                         f"{', '.join(map(str, allowed))}")
+
+
+def settle(x, mesh: Mesh):
+  """Wait for ``x`` on a multi-device CPU mesh (XLA:CPU runs independent programs side by side,
+  and two programs with collectives in flight at once can deadlock its rendezvous); elsewhere
+  a no-op, so accelerators keep dispatching ahead. The data path and the train step both call
+  it between their programs."""
+  if mesh.devices.size > 1 and mesh.devices.flat[0].platform == "cpu":
+    jax.block_until_ready(x)
+  return x

@@ -33,11 +33,16 @@ def test_an_unknown_command_is_one_line_and_status_2(capsys):
   assert len(err) == 1 and "unknown command 'trian'" in err[0] and "trace" in err[0]
 
 
+def _run_command(cwd, args: list[str]) -> subprocess.CompletedProcess:
+  """``sae-jax <args>`` in a fresh interpreter, run in ``cwd``."""
+  code = f"import sys; from sae_jax.commands import main; sys.exit(main(['sae-jax', *{args!r}]))"
+  return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd,
+                        timeout=120)
+
+
 def test_a_command_runs_its_program_with_the_rest_of_the_arguments(tmp_path):
   # A missing required flag: absl's own one line and status 1, from the trace's program.
-  proc = subprocess.run([sys.executable, "-c", "import sys; from sae_jax.commands import main; "
-                         "sys.exit(main(['sae-jax', 'label-examples', '--output=x.csv']))"],
-                        capture_output=True, text=True, cwd=tmp_path, timeout=120)
+  proc = _run_command(tmp_path, ["label-examples", "--output=x.csv"])
   assert proc.returncode != 0
   assert "--input" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -50,9 +55,7 @@ def test_a_command_missing_from_the_installation_says_so(capsys, monkeypatch):
 
 def test_plan_is_a_packaged_command_outside_a_source_checkout(tmp_path):
   # Run where experiments/ cannot be imported: the command comes from the package alone.
-  proc = subprocess.run([sys.executable, "-c", "import sys; from sae_jax.commands import main; "
-                         "sys.exit(main(['sae-jax', 'plan', '--config=toy:tiny']))"],
-                        capture_output=True, text=True, cwd=tmp_path, timeout=120)
+  proc = _run_command(tmp_path, ["plan", "--config=toy:tiny"])
   assert proc.returncode != 0
   assert "--topology" in proc.stderr and "Traceback" not in proc.stderr
 

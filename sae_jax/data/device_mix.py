@@ -42,15 +42,6 @@ class RoundPlan(NamedTuple):
   n: int  # kept rows (the valid prefix of ``index``)
 
 
-def settle(x, mesh: Mesh):
-  """Wait for ``x`` on a multi-device CPU mesh (XLA:CPU runs independent programs side by side,
-  and two programs with collectives in flight at once can deadlock its rendezvous); elsewhere
-  a no-op, so accelerators keep dispatching ahead."""
-  if mesh.devices.size > 1 and mesh.devices.flat[0].platform == "cpu":
-    jax.block_until_ready(x)
-  return x
-
-
 class DeviceStream:
   """Mixed activation rows of one or more hooks, kept on ``mesh``.
 
@@ -148,7 +139,7 @@ class DeviceStream:
     for _, (ids, mask) in prefetch(local, put):
       acts = self.model.activations(ids, list(self.hooks), attention_mask=mask)
       if on_mesh and self.mesh.shape["model"] > 1:
-        settle(acts, self.mesh)  # a tensor-parallel forward has collectives
+        sharding.settle(acts, self.mesh)  # a tensor-parallel forward has collectives
       out.append(acts if on_mesh else jax.device_put(acts, acts_sharding))
     return out + [out[-1]] * (self.steps_per_round - len(out))  # never indexed
 
@@ -185,13 +176,13 @@ class DeviceStream:
         carry = zeros()
       skip = max(start - seen, 0)
       plan = self.plan(r)
-      pool = settle(mix(carry, self._forward(r), jax.device_put(plan.index, replicated)),
+      pool = sharding.settle(mix(carry, self._forward(r), jax.device_put(plan.index, replicated)),
                     self.mesh)
       o, end = size - have + skip, size + n  # valid rows of the pool: [size - have, end)
       while o + size <= end:
-        yield settle(take(pool, offset(o)), self.mesh)
+        yield sharding.settle(take(pool, offset(o)), self.mesh)
         o += size
-      carry, have = settle(take(pool, offset(end - size)), self.mesh), end - o
+      carry, have = sharding.settle(take(pool, offset(end - size)), self.mesh), end - o
       seen += n
 
 

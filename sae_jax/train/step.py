@@ -143,12 +143,8 @@ class TrainStep:
     self.dense_auxk = _dense_auxk(tcfg.auxk_impl, mesh, self.arch)
 
   def __call__(self, state: TrainState, x: jax.Array) -> tuple[TrainState, dict]:
-    out = self.jitted(*self.aux_plan(state))(state, x)
-    if self.mesh.devices.size > 1 and self.mesh.devices.flat[0].platform == "cpu":
-      # XLA:CPU may run this step beside the data path's next program; two programs with
-      # collectives in flight at once can deadlock its rendezvous (sae_jax.data.device_mix).
-      jax.block_until_ready(out)
-    return out
+    # On a multi-device CPU mesh, done before the data path's next program starts.
+    return sharding.settle(self.jitted(*self.aux_plan(state))(state, x), self.mesh)
 
   def aux_columns(self, state: TrainState) -> int:
     """AuxK columns this state needs: 0 when no latent is dead, else the configured k_aux
