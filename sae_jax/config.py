@@ -234,6 +234,11 @@ class TrainConfig(_JsonMixin):
       scatter-adds) or ``pallas`` (Pallas kernels: Triton on GPU, Mosaic on TPU, interpreted
       elsewhere; opt-in until measured faster on the hardware). Same results up to float32
       summation order, so a restart may change it.
+    update_blocks: 1 (the default): the whole gradient of each weight is formed, all-reduced
+      and applied at once. B > 1 (TopK only): the update runs block by block over B blocks of
+      each chip's latents (gradient rows, all-reduce, Adam, write-back per block), so only one
+      block's gradients are ever in memory; the sparse backward then reads its N*k pairs once
+      per block. Same results up to float rounding; a restart may change it.
     optim: Adam and the learning-rate schedule (:class:`OptimConfig`).
     run: logging, evaluation and checkpoint cadence (:class:`RunConfig`).
   """
@@ -250,12 +255,13 @@ class TrainConfig(_JsonMixin):
   auxk_impl: str = "auto"
   encoder_init: str = "linear"
   kernels: str = "xla"
+  update_blocks: int = 1
   optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
   run: RunConfig = dataclasses.field(default_factory=RunConfig)
 
   # Fields that do not change what is computed (auxk_impl, kernels: only the order of float
   # sums): a restart may change them freely.
-  RESTART_SAFE: ClassVar[tuple[str, ...]] = ("run", "auxk_impl", "kernels")
+  RESTART_SAFE: ClassVar[tuple[str, ...]] = ("run", "auxk_impl", "kernels", "update_blocks")
   # Fields of the shared token stream: equal across the SAEs trained side by side on it.
   STREAM_FIELDS: ClassVar[tuple[str, ...]] = (
       "batch_size", "total_tokens", "seed", "shuffle_batches", "eval_tokens")
@@ -275,6 +281,8 @@ class TrainConfig(_JsonMixin):
     _check(self.encoder_init in ENCODER_INITS,
            f"encoder_init={self.encoder_init!r}; allowed: {list(ENCODER_INITS)}")
     _check(self.kernels in KERNELS, f"kernels={self.kernels!r}; allowed: {list(KERNELS)}")
+    _check(isinstance(self.update_blocks, int) and self.update_blocks >= 1,
+           f"update_blocks={self.update_blocks!r} must be an int >= 1")
     _check(isinstance(self.optim, OptimConfig), f"optim={self.optim!r} must be an OptimConfig")
     _check(isinstance(self.run, RunConfig), f"run={self.run!r} must be a RunConfig")
 

@@ -20,8 +20,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from sae_jax import sharding
 from sae_jax.config import SAEConfig, TrainConfig
+from sae_jax.errors import ConfigError
 from sae_jax.saes import registry
 from sae_jax.saes.base import ShardCtx, TrainForward, TrainInfo, normalize_inputs
+from sae_jax.train import blockwise
+from sae_jax.train.loss import batch_stats, loss_terms
 from sae_jax.train.state import (TOKENS_SINCE_FIRED_CAP, TrainState, make_optimizer,
                                  state_shardings)
 
@@ -37,36 +40,16 @@ def _shard_body(params, buffers, tsf, x_raw, *, sae_cfg: SAEConfig, tcfg: TrainC
   ctx = ShardCtx(data_axis="data", model_axis="model", n_global=n_global,
                  aux_capacity=aux_capacity, kernels=tcfg.kernels)
   x, _ = normalize_inputs(x_raw, sae_cfg.normalize, buffers["norm_scale"])
-
-  mean = ctx.psum_data(x.sum(0)) / n_global
-  total_var = jnp.maximum(ctx.psum_data(jnp.sum((x - mean) ** 2)), 1e-12)
-  dead = tsf >= tcfg.dead_tokens
-  num_dead = ctx.psum_model(dead.sum(dtype=jnp.int32))
+  stats = batch_stats(x, tsf, tcfg.dead_tokens, ctx)
 
   def forward(p):
-    return arch.train_forward(p, buffers, x, dead, sae_cfg, tcfg, ctx, k_aux)
+    return arch.train_forward(p, buffers, x, stats.dead, sae_cfg, tcfg, ctx, k_aux)
 
   out, pullback, info = jax.vjp(forward, params, has_aux=True)
-  x_hat = ctx.psum_model(out.partial_xhat) + params["b_dec"].astype(jnp.float32)
-  err = x_hat - x
-  sse = ctx.psum_data(jnp.sum(err ** 2))
-  denom = total_var if arch.recon_loss == "fvu" else jnp.float32(n_global)
-  recon = sse / denom
-  g_xhat = 2.0 * err / denom
-  penalty = ctx.psum_all(out.penalty)
-  loss = recon + penalty
-
-  g_aux, aux_loss = None, jnp.zeros((), jnp.float32)
-  if k_aux:
-    # Gao et al.: the dead latents' top-k_aux reconstruct the main residual (held fixed),
-    # scaled down while fewer than k_aux latents are dead. ``k_aux`` columns are computed; it is
-    # smaller than the configured ``k_aux_cfg`` only when that many hold every dead latent.
-    e_hat = ctx.psum_model(out.aux_partial)
-    aux_err = e_hat + err  # e_hat - (x - x_hat)
-    scale = jnp.minimum(num_dead / k_aux_cfg, 1.0)
-    aux_loss = scale * ctx.psum_data(jnp.sum(aux_err ** 2)) / total_var
-    loss = loss + tcfg.auxk_coef * aux_loss
-    g_aux = tcfg.auxk_coef * scale * 2.0 * aux_err / total_var
+  terms = loss_terms(out.partial_xhat, out.aux_partial if k_aux else None, out.penalty,
+                     params["b_dec"], x, stats, recon_loss=arch.recon_loss,
+                     auxk_coef=tcfg.auxk_coef, k_aux_cfg=k_aux_cfg, ctx=ctx)
+  g_xhat, g_aux = terms.g_xhat, terms.g_aux
 
   (grads,) = pullback(TrainForward(g_xhat, jnp.ones((), jnp.float32), g_aux))
   grads = {name: ctx.psum_data(g) for name, g in grads.items()}
@@ -75,11 +58,8 @@ def _shard_body(params, buffers, tsf, x_raw, *, sae_cfg: SAEConfig, tcfg: TrainC
   grads["b_dec"] = grads["b_dec"] + ctx.psum_data(g_xhat.sum(0)).astype(grads["b_dec"].dtype)
 
   fired = ctx.psum_data(info.fired)
-  metrics = {
-      "loss": loss, "recon_loss": recon, "mse": sse / n_global, "fvu": sse / total_var,
-      "l0": ctx.psum_model(fired.sum()).astype(jnp.float32) / n_global,
-      "aux_loss": aux_loss, "penalty": penalty,
-  }
+  metrics = {**terms.metrics,
+             "l0": ctx.psum_model(fired.sum()).astype(jnp.float32) / n_global}
   return grads, fired, info.threshold, metrics
 
 
@@ -103,15 +83,18 @@ def _dense_auxk(impl: str, mesh: Mesh, arch) -> str:
   return "auto" if mesh.devices.flat[0].platform != "cpu" else "sparse"
 
 
-def _project_decoder_grad(g_w_dec: jax.Array, w_dec: jax.Array) -> jax.Array:
-  """Remove from each decoder row's gradient its component along that (unit) row."""
-  w = w_dec.astype(jnp.float32)
-  return g_w_dec - jnp.sum(g_w_dec * w, axis=-1, keepdims=True) * w
-
-
-def _unit_rows(w: jax.Array) -> jax.Array:
-  w32 = w.astype(jnp.float32)
-  return (w32 / jnp.maximum(jnp.linalg.norm(w32, axis=-1, keepdims=True), 1e-12)).astype(w.dtype)
+def _check_blocks(blocks: int, arch, d_sae: int, mesh: Mesh) -> int:
+  """``update_blocks``, checked against the architecture and each chip's latents."""
+  if blocks == 1:
+    return 1
+  if arch.name != "topk":
+    raise ConfigError(f"update_blocks={blocks} needs architecture 'topk' (got {arch.name!r}); "
+                      f"other architectures update whole arrays (update_blocks=1)")
+  m_local = d_sae // mesh.shape["model"]
+  if m_local % blocks:
+    raise ConfigError(f"update_blocks={blocks} must divide the latents on each chip "
+                      f"({m_local} = d_sae {d_sae} / model axis {mesh.shape['model']})")
+  return blocks
 
 
 class TrainStep:
@@ -141,6 +124,9 @@ class TrainStep:
     dead_tokens = tcfg.dead_tokens
     self._num_dead = jax.jit(lambda tsf: (tsf >= dead_tokens).sum())
     self.dense_auxk = _dense_auxk(tcfg.auxk_impl, mesh, self.arch)
+    self.blocks = _check_blocks(tcfg.update_blocks, self.arch, sae_cfg.d_sae, mesh)
+    if self.blocks > 1:
+      self.dense_auxk = "sparse"  # the block-wise update differentiates the sparse AuxK by hand
 
   def __call__(self, state: TrainState, x: jax.Array) -> tuple[TrainState, dict]:
     # On a multi-device CPU mesh, done before the data path's next program starts.
@@ -197,27 +183,54 @@ class TrainStep:
                          in_specs=(p_specs, b_specs, tsf_spec, self.x_sharding.spec),
                          out_specs=(p_specs, tsf_spec, P(), P()), check_vma=False)
 
-  def _step(self, state: TrainState, x: jax.Array, aux_columns: int, aux_capacity: int):
-    arch, tcfg, n = self.arch, self.tcfg, self.tcfg.batch_size
-    ok = jnp.isfinite(x).all()
+  def _blockwise(self, aux_columns: int):
+    """The block-wise update as one shard_map (see :mod:`sae_jax.train.blockwise`)."""
+    st = self.state_shardings
+    spec = lambda tree: jax.tree.map(lambda s: s.spec, tree)
+    body = functools.partial(blockwise.shard_body, sae_cfg=self.sae_cfg, tcfg=self.tcfg,
+                             tx=self.tx, n_global=self.tcfg.batch_size, k_aux=aux_columns,
+                             k_aux_cfg=max(self.k_aux, 1), blocks=self.blocks)
+    return jax.shard_map(
+        body, mesh=self.mesh,
+        in_specs=(spec(st.params), spec(st.opt_state), spec(st.buffers),
+                  st.tokens_since_fired.spec, self.x_sharding.spec, P()),
+        out_specs=(spec(st.params), spec(st.opt_state), st.tokens_since_fired.spec, P()),
+        check_vma=False)
+
+  def _update(self, state: TrainState, x: jax.Array, ok, aux_columns: int, aux_capacity: int):
+    """(params, opt_state, fired, threshold, metrics) after this batch (unchanged if not ok)."""
+    if self.blocks > 1:
+      params, opt_state, fired, metrics = self._blockwise(aux_columns)(
+          state.params, state.opt_state, state.buffers, state.tokens_since_fired, x, ok)
+      return params, opt_state, fired, jnp.zeros((), jnp.float32), metrics
     grads, fired, threshold, metrics = self._grads(aux_columns, aux_capacity)(
         state.params, state.buffers, state.tokens_since_fired, x)
     params = state.params
-    if arch.normalize_decoder:
-      grads["W_dec"] = _project_decoder_grad(grads["W_dec"], params["W_dec"])
+    if self.arch.normalize_decoder:
+      grads["W_dec"] = blockwise.project_decoder_grad(grads["W_dec"], params["W_dec"])
     updates, opt_state = self.tx.update(grads, state.opt_state, params)
     params = optax.apply_updates(params, updates)
-    if arch.normalize_decoder:
-      params["W_dec"] = _unit_rows(params["W_dec"])
+    if self.arch.normalize_decoder:
+      params["W_dec"] = blockwise.unit_rows(params["W_dec"])
+    # A non-finite batch is skipped: an elementwise select (fused into the update) is far
+    # cheaper than a lax.cond, whose branches force copies of the whole donated state.
+    keep = lambda a, b: jnp.where(ok, a, b)
+    return (jax.tree.map(keep, params, state.params),
+            jax.tree.map(keep, opt_state, state.opt_state), fired, threshold, metrics)
+
+  def _step(self, state: TrainState, x: jax.Array, aux_columns: int, aux_capacity: int):
+    arch, tcfg, n = self.arch, self.tcfg, self.tcfg.batch_size
+    ok = jnp.isfinite(x).all()
+    params, opt_state, fired, threshold, metrics = self._update(state, x, ok, aux_columns,
+                                                                 aux_capacity)
     tsf = jnp.where(fired > 0, 0, jnp.minimum(state.tokens_since_fired + n,
                                                 TOKENS_SINCE_FIRED_CAP))
     buffers = arch.update_buffers(state.buffers, TrainInfo(fired=fired, threshold=threshold),
                                   state.step)
-    new = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                        buffers=buffers, tokens_since_fired=tsf)
-    # A non-finite batch is skipped: an elementwise select (fused into the update) is far
-    # cheaper than a lax.cond, whose branches force copies of the whole donated state.
-    new = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, state)
+    keep = lambda a, b: jnp.where(ok, a, b)
+    new = state.replace(step=keep(state.step + 1, state.step), params=params,
+                        opt_state=opt_state, buffers=jax.tree.map(keep, buffers, state.buffers),
+                        tokens_since_fired=keep(tsf, state.tokens_since_fired))
     new = new.replace(nan_batches=state.nan_batches + (1 - ok.astype(jnp.int32)))
     metrics = {k: jnp.where(ok, jnp.asarray(v, jnp.float32), jnp.nan)
                for k, v in metrics.items()}
