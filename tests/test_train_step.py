@@ -273,3 +273,20 @@ def test_blockwise_update_errors_are_one_line():
                     sj.TrainConfig(batch_size=N, update_blocks=2), mesh)
   with pytest.raises(ConfigError, match="update_blocks=0 must be an int >= 1"):
     sj.TrainConfig(update_blocks=0)
+
+
+@pytest.mark.parametrize("blocks", [1, 4])
+def test_bfloat16_state_keeps_its_dtypes_across_steps(blocks):
+  # A float32 projected decoder gradient used to promote Adam's bfloat16 first moment after
+  # step 1: a new state signature (a recompile, a checkpoint of other dtypes than the config's).
+  mesh = sj.make_mesh(sj.MeshConfig(data=1, model=1), devices=jax.devices()[:1])
+  cfg = sj.SAEConfig(d_in=D, d_sae=M, k=4, param_dtype="bfloat16", compute_dtype="bfloat16")
+  tcfg = sj.TrainConfig(batch_size=N, update_blocks=blocks)
+  xs = _data(2)
+  state = init_train_state(cfg, tcfg, mesh, xs[0])
+  before = jax.tree.map(lambda a: a.dtype, state)
+  step = make_train_step(cfg, tcfg, mesh)
+  for x in xs:
+    state, _ = step(state, x)
+  assert jax.tree.map(lambda a: a.dtype, state) == before
+  assert len(step._compiled) == 1

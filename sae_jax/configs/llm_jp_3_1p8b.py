@@ -41,6 +41,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                param_dtype="bfloat16", compute_dtype="bfloat16")
   c.train = dict(batch_size=32768, total_tokens=32768 * (4 if tiny else TRAIN_STEPS),
                  eval_tokens=32768, aux_k=0, geometric_median_iters=100, encoder_init="linear",
+                 update_blocks=1,  # --config.train.update_blocks=16: see README "Planning"
                  optim=dict(lr=1e-3, warmup_steps=1000, lr_schedule="constant",
                             adam_eps=6.25e-10),
                  run=dict(log_every=100, checkpoint_every=1000))

@@ -139,7 +139,8 @@ def _update_blocks(big, dicts, opt_state, names, cot, xc, ok, *, tx, blocks, blo
     new_p = optax.apply_updates(p_b, updates)
     if normalize_decoder:
       new_p["W_dec"] = unit_rows(new_p["W_dec"])
-    keep = lambda new, old: jnp.where(ok, new, old)  # a non-finite batch changes nothing
+    # A non-finite batch changes nothing; moments keep their dtype (as in the step's update).
+    keep = lambda new, old: jnp.where(ok, new.astype(old.dtype), old)
     put = lambda n, a, v: lax.dynamic_update_slice_in_dim(a, v, off, axis=BIG[n])
     p = {n: put(n, p[n], keep(new_p[n], p_b[n])) for n in BIG}
     new_ds = param_dicts(s_new, frozenset(BIG))
@@ -188,7 +189,7 @@ def shard_body(params, opt_state, buffers, tsf, x_raw, ok, *, sae_cfg: SAEConfig
   updates, small_state = tx.update(small, small_in, {n: params[n] for n in small})
   new_small = optax.apply_updates({n: params[n] for n in small}, updates)
   # A non-finite batch changes nothing (the step counts included).
-  keep = lambda new, old: jnp.where(ok, new, old)
+  keep = lambda new, old: jnp.where(ok, new.astype(old.dtype), old)
   new_small = jax.tree.map(keep, new_small, {n: params[n] for n in small})
   small_state = jax.tree.map(keep, small_state, small_in)
 

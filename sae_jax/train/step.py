@@ -212,9 +212,11 @@ class TrainStep:
     params = optax.apply_updates(params, updates)
     if self.arch.normalize_decoder:
       params["W_dec"] = blockwise.unit_rows(params["W_dec"])
-    # A non-finite batch is skipped: an elementwise select (fused into the update) is far
-    # cheaper than a lax.cond, whose branches force copies of the whole donated state.
-    keep = lambda a, b: jnp.where(ok, a, b)
+    # The moments keep their dtype (a float32 projected gradient would otherwise promote a
+    # bfloat16 moment, changing the state's signature after the first step), and a non-finite
+    # batch is skipped: an elementwise select (fused into the update) is far cheaper than a
+    # lax.cond, whose branches force copies of the whole donated state.
+    keep = lambda a, b: jnp.where(ok, a.astype(b.dtype), b)
     return (jax.tree.map(keep, params, state.params),
             jax.tree.map(keep, opt_state, state.opt_state), fired, threshold, metrics)
 
