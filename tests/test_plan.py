@@ -156,3 +156,42 @@ def test_a_mesh_off_the_chip_count_and_unplannable_models_are_one_line_errors(ti
   (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
   with pytest.raises(ConfigError, match="the port cannot plan model .*'bert'"):
     sj.plan(tiny, "v5e:2x2", model_config=str(tmp_path / "config.json"))
+
+
+def test_loops_are_counted_per_trip_in_flops_and_collectives():
+  # XLA's cost analysis and the compiled HLO's text show a loop body once: the planner counts
+  # a scan's body x its length, a while loop that states its trips x those, and a collective
+  # inside a loop once per trip (from the loop's bound in the HLO).
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  mesh = sj.make_mesh(MeshConfig(data=4, model=1), devices=jax.devices()[:4])
+  w = jnp.ones((8, 8))
+
+  def step(x):
+    def body(c, _):
+      return jax.lax.psum(c @ w, "data"), None
+    return jax.lax.scan(body, x, None, length=5)[0]
+
+  fn = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=P("data"), out_specs=P("data"),
+                             check_vma=False))
+  x = jax.device_put(jnp.ones((16, 8)), NamedSharding(mesh, P("data")))
+  got = costs.hlo_collectives(fn.lower(x).compile().as_text())
+  assert got["all-reduce"]["count"] == 5, got
+  assert got["all-reduce"]["bytes"] == 5 * 4 * 8 * 4, got
+
+  def stated(x):
+    with jax.named_scope("while_trips_3"):
+      return jax.lax.while_loop(lambda c: c[0] < 3, lambda c: (c[0] + 1, c[1] @ w),
+                                (0, x))[1]
+
+  def unstated(x):
+    return jax.lax.while_loop(lambda c: c[0] < 3, lambda c: (c[0] + 1, c[1] @ w), (0, x))[1]
+
+  one_matmul = 2 * 16 * 8 * 8  # plus one FLOP a trip for the counter
+  c = costs.jaxpr_costs(jax.make_jaxpr(stated)(x), [1], 1)
+  assert c.flops == 3 * (one_matmul + 1) and c.unbounded_loops == 0
+  c = costs.jaxpr_costs(jax.make_jaxpr(unstated)(x), [1], 1)
+  assert c.flops == one_matmul + 1 and c.unbounded_loops == 1
+  # A scatter-add carries its combiner as a sub-jaxpr: it is still one op of its own cost.
+  scatter = jax.make_jaxpr(lambda a, i, u: a.at[i].add(u))(
+      jnp.zeros((64, 8)), jnp.zeros((32,), jnp.int32), jnp.ones((32, 8)))
+  assert costs.jaxpr_costs(scatter, [1, 1, 1], 1).flops == 32 * 8

@@ -136,6 +136,17 @@ def _sub_jaxprs(params) -> list:
   return found
 
 
+_STATED_TRIPS = re.compile(r"while_trips_([0-9.e+]+)")
+
+
+def _stated_trips(eqn) -> float | None:
+  """The trips a data-dependent while loop states for itself (``jax.named_scope(
+  "while_trips_N")`` around it: an average bound, e.g. the block-wise update's windows), or
+  None."""
+  m = _STATED_TRIPS.search(str(eqn.source_info.name_stack))
+  return float(m.group(1)) if m else None
+
+
 def _walk(jaxpr, shards_in, n: int, local: bool, mult: float, acc: Costs) -> list[int]:
   """Accumulate per-chip costs of ``jaxpr`` run ``mult`` times; returns its outputs' shards."""
   env = dict(zip(jaxpr.invars, shards_in))
@@ -151,9 +162,10 @@ def _walk(jaxpr, shards_in, n: int, local: bool, mult: float, acc: Costs) -> lis
       body = eqn.params["jaxpr"].jaxpr
       outs = _walk(body, ins, n, local, mult * eqn.params["length"], acc)
     elif name == "while":
-      acc.unbounded_loops += 1
+      trips = _stated_trips(eqn)
+      acc.unbounded_loops += trips is None
       body = eqn.params["body_jaxpr"].jaxpr  # operands: cond consts, body consts, carry
-      outs = _walk(body, ins[eqn.params["cond_nconsts"]:], n, local, mult, acc)
+      outs = _walk(body, ins[eqn.params["cond_nconsts"]:], n, local, mult * (trips or 1), acc)
     elif name == "cond":  # the costliest branch (platform_dependent: the non-CPU one)
       best, outs = Costs(), [max(ins[1:] or [1])] * len(eqn.outvars)
       for branch in eqn.params["branches"]:
@@ -162,7 +174,8 @@ def _walk(jaxpr, shards_in, n: int, local: bool, mult: float, acc: Costs) -> lis
         if c.flops >= best.flops:
           best, outs = c, got
       acc.add(best)
-    elif _sub_jaxprs(eqn.params):  # jit, custom_jvp/vjp calls, remat, closed_call
+    elif _sub_jaxprs(eqn.params) and name not in SCATTERS:
+      # jit, custom_jvp/vjp calls, remat, closed_call (a scatter's sub-jaxpr is its combiner)
       sub = _sub_jaxprs(eqn.params)[0]
       outs = _walk(sub, ins if len(ins) == len(sub.invars) else [max(ins or [1])] *
                    len(sub.invars), n, local, mult, acc)
@@ -205,20 +218,83 @@ def _array_bytes(shape_text: str) -> list[int]:
           for d, dims in _ARRAY.findall(shape_text)]
 
 
-def hlo_collectives(hlo_text: str) -> dict[str, dict[str, int]]:
-  """{kind: {"count", "bytes"}} of the collectives in compiled HLO text (result bytes per
-  device; an async start's result holds its input too, so only its largest array counts)."""
-  out: dict[str, dict[str, int]] = {}
+_COMPUTATION = re.compile(r"^(ENTRY\s+)?%([\w.\-]+)\s.*\{\s*$")
+_WHILE = re.compile(r"\swhile\(.*condition=%([\w.\-]+), body=%([\w.\-]+)")
+_CALLS = re.compile(r"(?:calls|to_apply|true_computation|false_computation)=%([\w.\-]+)|"
+                    r"branch_computations=\{([^}]*)\}")
+_TRIPS = re.compile(r"known_trip_count\D+(\d+)")
+_LT_CONSTANT = re.compile(r"constant\((\d+)\)")
+
+
+def _computations(hlo_text: str) -> tuple[dict[str, list[str]], str]:
+  """HLO text -> ({computation name: its instruction lines}, the entry's name)."""
+  comps: dict[str, list[str]] = {}
+  entry, current = "", None
   for line in hlo_text.splitlines():
-    m = _COLLECTIVE.match(line)
-    if not m:
-      continue
-    sizes = _array_bytes(m.group(1))
-    moved = (max(sizes, default=0) if m.group(3) and m.group(2) != "all-reduce"
-             else sum(sizes))
-    entry = out.setdefault(m.group(2), {"count": 0, "bytes": 0})
-    entry["count"] += 1
-    entry["bytes"] += int(moved)
+    m = _COMPUTATION.match(line)
+    if m:
+      current = m.group(2)
+      comps[current] = []
+      entry = current if m.group(1) else entry
+    elif line.startswith("}"):
+      current = None
+    elif current is not None:
+      comps[current].append(line)
+  return comps, entry
+
+
+def _trips(line: str, cond: list[str]) -> int:
+  """A while loop's trip count: XLA's known_trip_count, else the bound of a scan's
+  ``i < N`` condition (loops from lax.scan / fori_loop count from 0 by 1), else 1."""
+  m = _TRIPS.search(line)
+  if m:
+    return int(m.group(1))
+  if any("direction=LT" in c for c in cond):
+    bounds = [int(x) for c in cond for x in _LT_CONSTANT.findall(c)]
+    if len(bounds) == 1:
+      return bounds[0]
+  return 1
+
+
+def _multiplicities(comps: dict[str, list[str]], entry: str) -> dict[str, int]:
+  """How many times each computation runs per call of the entry (while bodies: x trips)."""
+  mult = {entry: 1}
+  order = [entry]
+  for name in order:  # callers before callees: HLO call graphs are acyclic
+    for line in comps.get(name, ()):
+      callees = []
+      w = _WHILE.search(line)
+      if w:
+        callees.append((w.group(2), _trips(line, comps.get(w.group(1), []))))
+      for single, many in _CALLS.findall(line):
+        names = [single] if single else [n.strip().lstrip("%") for n in many.split(",")]
+        callees += [(n, 1) for n in names if n]
+      for callee, times in callees:
+        if callee not in mult:
+          order.append(callee)
+        mult[callee] = mult.get(callee, 0) + mult[name] * times
+  return mult
+
+
+def hlo_collectives(hlo_text: str) -> dict[str, dict[str, int]]:
+  """{kind: {"count", "bytes"}} of the collectives one call of the compiled HLO runs (result
+  bytes per device; an async start's result holds its input too, so only its largest array
+  counts; a collective inside a loop counts once per trip)."""
+  comps, entry = _computations(hlo_text)
+  mult = _multiplicities(comps, entry) if entry else {}
+  out: dict[str, dict[str, int]] = {}
+  for name, lines in comps.items():
+    times = mult.get(name, 1)
+    for line in lines:
+      m = _COLLECTIVE.match(line)
+      if not m:
+        continue
+      sizes = _array_bytes(m.group(1))
+      moved = (max(sizes, default=0) if m.group(3) and m.group(2) != "all-reduce"
+               else sum(sizes))
+      entry_ = out.setdefault(m.group(2), {"count": 0, "bytes": 0})
+      entry_["count"] += times
+      entry_["bytes"] += int(moved) * times
   return out
 
 

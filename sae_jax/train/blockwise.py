@@ -17,7 +17,7 @@ pairs, keeping only its own, so the sparse backward's row traffic grows with the
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -61,19 +61,12 @@ def with_param_dicts(tree: Any, names: frozenset[str], dicts: list[dict]) -> Any
   return walk(tree)
 
 
-def _scatter(rows, weights, src, block: int, kernels: str) -> jax.Array:
-  """[block, D] float32: sum of weights[n, j] * src[n] into row rows[n, j] (== block: none)."""
-  if kernels == "xla":
-    return row_ops.scatter_rows(rows, weights, src, block, jnp.float32)
-  keep = rows < block
-  return sparse_ops.scatter_rows(jnp.where(keep, rows, 0), jnp.where(keep, weights, 0.0), src,
-                                 block)
-
-
 def project_decoder_grad(g_dec: jax.Array, w_dec: jax.Array) -> jax.Array:
-  """[M, D] gradient without each row's component along that (unit) decoder row."""
+  """[M, D] gradient without each row's component along that (unit) decoder row, in the
+  gradient's dtype (computed in float32; a float32 result would promote Adam's moments)."""
   w = w_dec.astype(jnp.float32)
-  return g_dec - jnp.sum(g_dec * w, axis=-1, keepdims=True) * w
+  g = g_dec.astype(jnp.float32)
+  return (g - jnp.sum(g * w, axis=-1, keepdims=True) * w).astype(g_dec.dtype)
 
 
 def unit_rows(w: jax.Array) -> jax.Array:
@@ -109,25 +102,90 @@ def _sparse_cotangents(codes, params, terms, m_local, k_aux, kernels):
   return rows, dec_w, dec_src, enc_w
 
 
-def _block_rows(rows: jax.Array, off, block: int) -> jax.Array:
-  """Local rows -> rows within the block starting at ``off`` (``block``: outside it)."""
-  inside = (rows >= off) & (rows < off + block)
-  return jnp.where(inside, rows - off, block)
+class Entries(NamedTuple):
+  """The selected (token, latent) pairs of this shard sorted by local latent row, padded by one
+  window (rows m_local, weights 0) so every window slice is in bounds. [E + window] each."""
+
+  rows: jax.Array  # local latent row (m_local: not this shard's)
+  dec_w: jax.Array  # the decoder gradient's weight (the code) ...
+  dec_src: jax.Array  # ... times this row of [g_xhat; g_aux]
+  enc_w: jax.Array  # the encoder gradient's weight (d loss / d pre-activation) ...
+  enc_src: jax.Array  # ... times this row of xc
+  starts: jax.Array  # [blocks + 1] where each block's pairs begin
 
 
-def _update_blocks(big, dicts, opt_state, names, cot, xc, ok, *, tx, blocks, block, kernels,
+def sort_entries(cot, n: int, m_local: int, blocks: int, window: int) -> Entries:
+  """Sort the pairs of :func:`_sparse_cotangents` by row (one argsort of N*(k + k_aux))."""
+  rows, dec_w, _, enc_w = cot
+  tokens = [jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[:, None], r.shape) for r in rows]
+  flat = lambda parts: jnp.concatenate([p.reshape(-1) for p in parts])
+  r = flat(rows)
+  order = jnp.argsort(r, stable=True)
+  pad = lambda a, v: jnp.pad(a[order], (0, window), constant_values=v)
+  r = pad(r, m_local)
+  block = m_local // blocks
+  return Entries(
+      rows=r, dec_w=pad(flat(dec_w), 0.0),
+      dec_src=pad(flat([t + i * n for i, t in enumerate(tokens)]), 0),  # AuxK: rows of g_aux
+      enc_w=pad(flat(enc_w), 0.0), enc_src=pad(flat(tokens), 0),
+      starts=jnp.searchsorted(r, jnp.arange(blocks + 1, dtype=r.dtype) * block).astype(
+          jnp.int32))
+
+
+# Pairs one trip of a block's gradient loop gathers: [window, D] float32 rows of about this
+# many bytes (the TPU's row-group budget, kernels/rows.py). A benchmark knob.
+WINDOW_BYTES = 32 << 20
+
+
+def window_size(n_pairs: int, d: int, blocks: int) -> int:
+  """Pairs per trip of a block's gradient loop: at most WINDOW_BYTES of rows, and about a
+  quarter of a block's average share, so the last, partly empty trip of each block wastes
+  little."""
+  return max(1, min(n_pairs, WINDOW_BYTES // (4 * d), -(-n_pairs // (4 * blocks))))
+
+
+def block_grads(e: Entries, dec_table, enc_table, b, block: int, window: int, trips: float):
+  """Rows [b*block, (b+1)*block) of both gradients, from that block's pairs only.
+
+  dec_table: [n or 2n, D] (g_xhat; g_aux); enc_table: [n, D] (xc). Returns (W_dec's rows,
+  W_enc's columns as rows), [block, D] float32 each. A loop over windows of the block's pairs:
+  its trips vary by block and shard; over all blocks they are at most E / window + blocks, the
+  ``trips`` per loop the planner counts (:mod:`sae_jax.planning.costs`).
+  """
+  start, end, off = e.starts[b], e.starts[b + 1], b * block
+  d = enc_table.shape[1]
+
+  def body(carry):
+    pos, g_dec, g_enc = carry
+    take = lambda a: lax.dynamic_slice_in_dim(a, pos, window)
+    live = pos + jnp.arange(window) < end
+    rows = jnp.where(live, take(e.rows) - off, block)  # block: dropped
+    add = lambda acc, w, src, table: acc.at[rows].add(
+        take(w)[:, None] * table[take(src)].astype(jnp.float32), mode="drop")
+    return (pos + window, add(g_dec, e.dec_w, e.dec_src, dec_table),
+            add(g_enc, e.enc_w, e.enc_src, enc_table))
+
+  zeros = jnp.zeros((block, d), jnp.float32)
+  with jax.named_scope(f"while_trips_{trips:.4g}"):
+    return lax.while_loop(lambda c: c[0] < end, body, (start, zeros, zeros))[1:]
+
+
+def _update_blocks(big, dicts, opt_state, names, cot, xc, ok, *, tx, blocks, block,
                    normalize_decoder):
   """Scan over latent blocks: gradient rows, all-reduce, Adam, write back. Returns new
   (big params, their moment dicts)."""
-  rows, dec_w, dec_src, enc_w = cot
-  dtypes = {n: big[n].dtype for n in BIG}
+  n, d = xc.shape
+  n_pairs = sum(r.size for r in cot[0])
+  window = window_size(n_pairs, d, blocks)
+  entries = sort_entries(cot, n, block * blocks, blocks, window)
+  dec_table = jnp.concatenate(cot[2], 0)
+  trips = n_pairs / window / blocks + 1
+  dtypes = {k: big[k].dtype for k in BIG}
 
   def body(carry, b):
     p, ds = carry
     off = b * block
-    rb = [_block_rows(r, off, block) for r in rows]
-    g_dec = sum(_scatter(r, w, src, block, kernels) for r, w, src in zip(rb, dec_w, dec_src))
-    g_enc = _scatter(jnp.concatenate(rb, 1), jnp.concatenate(enc_w, 1), xc, block, kernels)
+    g_dec, g_enc = block_grads(entries, dec_table, xc, b, block, window, trips)
     g = {"W_enc": lax.psum(g_enc.T.astype(dtypes["W_enc"]), "data"),
          "W_dec": lax.psum(g_dec.astype(dtypes["W_dec"]), "data")}
     take = lambda n, a: lax.dynamic_slice_in_dim(a, off, block, axis=BIG[n])
@@ -197,7 +255,7 @@ def shard_body(params, opt_state, buffers, tsf, x_raw, ok, *, sae_cfg: SAEConfig
   m_block = m_local // blocks
   big, big_dicts = _update_blocks(
       {n: params[n] for n in BIG}, [{n: d[n] for n in BIG} for d in dicts], opt_state,
-      names, cot, xc, ok, tx=tx, blocks=blocks, block=m_block, kernels=tcfg.kernels,
+      names, cot, xc, ok, tx=tx, blocks=blocks, block=m_block,
       normalize_decoder=arch.normalize_decoder)
   new_dicts = [{**sd, **bd} for sd, bd in zip(param_dicts(small_state, frozenset(small)),
                                              big_dicts)]
