@@ -2,6 +2,7 @@
 the trace on a (data=2, model=4) mesh against one device; mesh mistakes."""
 
 import itertools
+import threading
 
 import jax
 import numpy as np
@@ -12,9 +13,9 @@ from sae_jax import sharding
 from sae_jax.cli import trace_config_from
 from sae_jax.config import MeshConfig
 from sae_jax.configs.toy import get_config
-from sae_jax.data.activations import ActivationStream
+from sae_jax.data.activations import ActivationStream, keep_mask
 from sae_jax.data.device_mix import DeviceBatches, DeviceStream
-from sae_jax.errors import ConfigError
+from sae_jax.errors import ConfigError, DataError
 from sae_jax.train.step import make_train_step
 from sae_jax.train.state import init_train_state
 from sae_jax.trace import trace
@@ -57,6 +58,76 @@ def test_device_rows_are_the_host_mixers_rows_bit_for_bit_on_one_device(tiny_toy
   meta, rows = dev.round_meta(1), host.round_rows(1)
   for f in ("token", "doc", "pos", "language"):
     np.testing.assert_array_equal(getattr(meta, f), getattr(rows, f), err_msg=f)
+
+
+def _plan_in_place(dev, r):
+  """Round r's mixed kept rows as the stream built them before it prefetched: on the
+  caller's thread, from the token batches."""
+  parts = [dev.batches.global_batch(g) for g in dev._globals(r)]
+  kept = np.flatnonzero(np.concatenate([keep_mask(b, dev.special_ids).reshape(-1)
+                                        for b in parts]))
+  return kept[np.random.default_rng([dev.seed, r]).permutation(len(kept))]
+
+
+def _mix_threads():
+  return [t for t in threading.enumerate() if t.name.startswith("sae_jax-device-mix")]
+
+
+def test_rounds_prepared_one_ahead_on_a_thread_give_the_same_rows(tiny_toy, monkeypatch):
+  """Each round is built and put by the background thread, its plan and token batches are
+  the ones built in place, a start in mid-stream reads the same rows as a full pass, and
+  the thread is gone when the stream ends."""
+  mesh = sharding.make_mesh(devices=jax.devices()[:1])
+  _, dev = _streams(tiny_toy, mesh)
+  stage, where = dev.stage, {}
+
+  def spy(host_round):
+    where[host_round.r] = threading.current_thread().name
+    return stage(host_round)
+
+  monkeypatch.setattr(dev, "stage", spy)
+  got = list(dev.staged_rounds(1))
+  assert [s.host.r for s in got] == list(range(1, dev.n_rounds)) and len(got) >= 2
+  assert all(where[r].startswith("sae_jax-device-mix") for r in range(1, dev.n_rounds))
+  for s in got:
+    np.testing.assert_array_equal(np.asarray(s.index)[:s.host.plan.n],
+                                  _plan_in_place(dev, s.host.r), err_msg=str(s.host.r))
+    assert not np.asarray(s.index)[s.host.plan.n:].any()
+    lo = s.host.r * dev.steps_per_round
+    for i, (ids, mask) in enumerate(s.steps):
+      np.testing.assert_array_equal(np.asarray(ids), dev.batches[lo + i].ids)
+      np.testing.assert_array_equal(np.asarray(mask), dev.batches[lo + i].mask)
+  size, start = 64, 3 * 64 + 29
+  full = np.concatenate([np.asarray(b[HOOKS[0]]) for b in dev.blocks(0, size)])
+  tail = np.concatenate([np.asarray(b[HOOKS[0]]) for b in dev.blocks(start, size)])
+  np.testing.assert_array_equal(tail, full[start:start + len(tail)])
+  assert len(tail) == (sum(map(dev.round_size, range(dev.n_rounds))) - start) // size * size
+  assert not _mix_threads()
+
+
+def test_a_failing_round_is_raised_in_one_line_and_the_thread_ends(tiny_toy, monkeypatch):
+  """The producer's exception reaches the consumer as it was raised (type and message), after
+  the rows of the rounds before it; closing a stream early also ends its thread."""
+  mesh = sharding.make_mesh(devices=jax.devices()[:1])
+  _, dev = _streams(tiny_toy, mesh)
+  blocks = dev.blocks(0, 32)
+  next(blocks)
+  blocks.close()
+  assert not _mix_threads()
+  read, bad = dev.batches.global_batch, dev._globals(1)[1]
+
+  def global_batch(g):
+    if g == bad:
+      raise DataError(f"token batch {g} is unreadable")
+    return read(g)
+
+  monkeypatch.setattr(dev.batches, "global_batch", global_batch)
+  served = 0
+  with pytest.raises(DataError) as e:
+    for _ in dev.blocks(0, 32):
+      served += 1
+  assert str(e.value) == f"token batch {bad} is unreadable"
+  assert served == dev.round_size(0) // 32 and not _mix_threads()
 
 
 def test_stream_on_a_2x4_mesh_runs_under_the_transfer_guard(tiny_toy):
