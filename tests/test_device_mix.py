@@ -1,5 +1,6 @@
 """The on-device mixing buffer: the host mixer's rows, on the devices, under the transfer guard;
-the trace on a (data=2, model=4) mesh against one device; mesh mistakes."""
+the trace on a (data=2, model=4) mesh against one device, streaming and from a cache; rounds
+prepared one ahead on a thread; mesh mistakes."""
 
 import itertools
 import threading
@@ -14,6 +15,7 @@ from sae_jax.cli import trace_config_from
 from sae_jax.config import MeshConfig
 from sae_jax.configs.toy import get_config
 from sae_jax.data.activations import ActivationStream, keep_mask
+from sae_jax.data.cache import CacheReader
 from sae_jax.data.device_mix import DeviceBatches, DeviceStream
 from sae_jax.errors import ConfigError, DataError
 from sae_jax.train.step import make_train_step
@@ -176,6 +178,30 @@ def test_trace_on_a_2x4_mesh_gives_the_saes_of_one_device(tiny_toy, tmp_path):
   trace(_trace_cfg(tiny_toy, mesh=dict(data=1, model=1)), tmp_path / "one",
         devices=jax.devices()[:1])
   for h in HOOKS[1:]:
+    a = sj.load_sae(tmp_path / "mesh" / "step30" / h / "sae")
+    b = sj.load_sae(tmp_path / "one" / "step30" / h / "sae")
+    for k in a.params:
+      np.testing.assert_allclose(np.asarray(a.params[k]), np.asarray(b.params[k]), rtol=2e-4,
+                                 atol=2e-4, err_msg=f"{h} {k}")
+
+
+def test_cache_mode_trace_on_a_2x4_mesh_gives_the_cache_and_saes_of_one_device(tiny_toy,
+                                                                                tmp_path):
+  """Cache mode on the mesh: the tensor-parallel model writes every batch's rows, the SAEs
+  train from the cache. Tolerances, stated before running: the cached rows within
+  rtol=atol=1e-5 of one device's (float32 rows of a forward summed in another order), the
+  parameters within rtol=atol=2e-4 as above."""
+  def cached(mesh):
+    c = _trace_cfg(tiny_toy, mesh=mesh)
+    return c.replace(extract=c.extract.replace(activations="cache", cache_dtype="float32"))
+
+  trace(cached(dict(data=2, model=4)), tmp_path / "mesh")
+  trace(cached(dict(data=1, model=1)), tmp_path / "one", devices=jax.devices()[:1])
+  for h in HOOKS[1:]:
+    a, b = (CacheReader(tmp_path / w / "activations" / "step30" / h) for w in ("mesh", "one"))
+    assert a.done == b.done and len(a) > 8 * 512
+    np.testing.assert_allclose(np.concatenate(list(a)), np.concatenate(list(b)), rtol=1e-5,
+                               atol=1e-5, err_msg=h)
     a = sj.load_sae(tmp_path / "mesh" / "step30" / h / "sae")
     b = sj.load_sae(tmp_path / "one" / "step30" / h / "sae")
     for k in a.params:
