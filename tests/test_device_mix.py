@@ -1,7 +1,9 @@
 """The on-device mixing buffer: the host mixer's rows, on the devices, under the transfer guard;
-the trace on a (data=2, model=4) mesh against one device; mesh mistakes."""
+the trace on a (data=2, model=4) mesh against one device, streaming and from a cache; rounds
+prepared one ahead on a thread; mesh mistakes."""
 
 import itertools
+import threading
 
 import jax
 import numpy as np
@@ -12,9 +14,10 @@ from sae_jax import sharding
 from sae_jax.cli import trace_config_from
 from sae_jax.config import MeshConfig
 from sae_jax.configs.toy import get_config
-from sae_jax.data.activations import ActivationStream
+from sae_jax.data.activations import ActivationStream, keep_mask
+from sae_jax.data.cache import CacheReader
 from sae_jax.data.device_mix import DeviceBatches, DeviceStream
-from sae_jax.errors import ConfigError
+from sae_jax.errors import ConfigError, DataError
 from sae_jax.train.step import make_train_step
 from sae_jax.train.state import init_train_state
 from sae_jax.trace import trace
@@ -57,6 +60,76 @@ def test_device_rows_are_the_host_mixers_rows_bit_for_bit_on_one_device(tiny_toy
   meta, rows = dev.round_meta(1), host.round_rows(1)
   for f in ("token", "doc", "pos", "language"):
     np.testing.assert_array_equal(getattr(meta, f), getattr(rows, f), err_msg=f)
+
+
+def _plan_in_place(dev, r):
+  """Round r's mixed kept rows as the stream built them before it prefetched: on the
+  caller's thread, from the token batches."""
+  parts = [dev.batches.global_batch(g) for g in dev._globals(r)]
+  kept = np.flatnonzero(np.concatenate([keep_mask(b, dev.special_ids).reshape(-1)
+                                        for b in parts]))
+  return kept[np.random.default_rng([dev.seed, r]).permutation(len(kept))]
+
+
+def _mix_threads():
+  return [t for t in threading.enumerate() if t.name.startswith("sae_jax-device-mix")]
+
+
+def test_rounds_prepared_one_ahead_on_a_thread_give_the_same_rows(tiny_toy, monkeypatch):
+  """Each round is built and put by the background thread, its plan and token batches are
+  the ones built in place, a start in mid-stream reads the same rows as a full pass, and
+  the thread is gone when the stream ends."""
+  mesh = sharding.make_mesh(devices=jax.devices()[:1])
+  _, dev = _streams(tiny_toy, mesh)
+  stage, where = dev.stage, {}
+
+  def spy(host_round):
+    where[host_round.r] = threading.current_thread().name
+    return stage(host_round)
+
+  monkeypatch.setattr(dev, "stage", spy)
+  got = list(dev.staged_rounds(1))
+  assert [s.host.r for s in got] == list(range(1, dev.n_rounds)) and len(got) >= 2
+  assert all(where[r].startswith("sae_jax-device-mix") for r in range(1, dev.n_rounds))
+  for s in got:
+    np.testing.assert_array_equal(np.asarray(s.index)[:s.host.plan.n],
+                                  _plan_in_place(dev, s.host.r), err_msg=str(s.host.r))
+    assert not np.asarray(s.index)[s.host.plan.n:].any()
+    lo = s.host.r * dev.steps_per_round
+    for i, (ids, mask) in enumerate(s.steps):
+      np.testing.assert_array_equal(np.asarray(ids), dev.batches[lo + i].ids)
+      np.testing.assert_array_equal(np.asarray(mask), dev.batches[lo + i].mask)
+  size, start = 64, 3 * 64 + 29
+  full = np.concatenate([np.asarray(b[HOOKS[0]]) for b in dev.blocks(0, size)])
+  tail = np.concatenate([np.asarray(b[HOOKS[0]]) for b in dev.blocks(start, size)])
+  np.testing.assert_array_equal(tail, full[start:start + len(tail)])
+  assert len(tail) == (sum(map(dev.round_size, range(dev.n_rounds))) - start) // size * size
+  assert not _mix_threads()
+
+
+def test_a_failing_round_is_raised_in_one_line_and_the_thread_ends(tiny_toy, monkeypatch):
+  """The producer's exception reaches the consumer as it was raised (type and message), after
+  the rows of the rounds before it; closing a stream early also ends its thread."""
+  mesh = sharding.make_mesh(devices=jax.devices()[:1])
+  _, dev = _streams(tiny_toy, mesh)
+  blocks = dev.blocks(0, 32)
+  next(blocks)
+  blocks.close()
+  assert not _mix_threads()
+  read, bad = dev.batches.global_batch, dev._globals(1)[1]
+
+  def global_batch(g):
+    if g == bad:
+      raise DataError(f"token batch {g} is unreadable")
+    return read(g)
+
+  monkeypatch.setattr(dev.batches, "global_batch", global_batch)
+  served = 0
+  with pytest.raises(DataError) as e:
+    for _ in dev.blocks(0, 32):
+      served += 1
+  assert str(e.value) == f"token batch {bad} is unreadable"
+  assert served == dev.round_size(0) // 32 and not _mix_threads()
 
 
 def test_stream_on_a_2x4_mesh_runs_under_the_transfer_guard(tiny_toy):
@@ -105,6 +178,30 @@ def test_trace_on_a_2x4_mesh_gives_the_saes_of_one_device(tiny_toy, tmp_path):
   trace(_trace_cfg(tiny_toy, mesh=dict(data=1, model=1)), tmp_path / "one",
         devices=jax.devices()[:1])
   for h in HOOKS[1:]:
+    a = sj.load_sae(tmp_path / "mesh" / "step30" / h / "sae")
+    b = sj.load_sae(tmp_path / "one" / "step30" / h / "sae")
+    for k in a.params:
+      np.testing.assert_allclose(np.asarray(a.params[k]), np.asarray(b.params[k]), rtol=2e-4,
+                                 atol=2e-4, err_msg=f"{h} {k}")
+
+
+def test_cache_mode_trace_on_a_2x4_mesh_gives_the_cache_and_saes_of_one_device(tiny_toy,
+                                                                                tmp_path):
+  """Cache mode on the mesh: the tensor-parallel model writes every batch's rows, the SAEs
+  train from the cache. Tolerances, stated before running: the cached rows within
+  rtol=atol=1e-5 of one device's (float32 rows of a forward summed in another order), the
+  parameters within rtol=atol=2e-4 as above."""
+  def cached(mesh):
+    c = _trace_cfg(tiny_toy, mesh=mesh)
+    return c.replace(extract=c.extract.replace(activations="cache", cache_dtype="float32"))
+
+  trace(cached(dict(data=2, model=4)), tmp_path / "mesh")
+  trace(cached(dict(data=1, model=1)), tmp_path / "one", devices=jax.devices()[:1])
+  for h in HOOKS[1:]:
+    a, b = (CacheReader(tmp_path / w / "activations" / "step30" / h) for w in ("mesh", "one"))
+    assert a.done == b.done and len(a) > 8 * 512
+    np.testing.assert_allclose(np.concatenate(list(a)), np.concatenate(list(b)), rtol=1e-5,
+                               atol=1e-5, err_msg=h)
     a = sj.load_sae(tmp_path / "mesh" / "step30" / h / "sae")
     b = sj.load_sae(tmp_path / "one" / "step30" / h / "sae")
     for k in a.params:

@@ -9,7 +9,10 @@ kept (real tokens that are not BOS, padding or another special token) and in whi
 kept rows permuted by ``np.random.default_rng([seed, r])``, the very permutation of the host
 mixer (:class:`sae_jax.data.activations.ActivationStream`), so both paths give the same rows in
 the same order. That [capacity] int32 index array is sent to the devices with ``device_put``
-next to the token batches; nothing comes back.
+next to the token batches; nothing comes back. This host work of round r + 1 (building its
+token batches, keep masks and index, and putting them) runs in a background thread while the
+devices run round r: one round deep, and each round a pure function of r, so the rows are the
+same with or without it.
 
 On the devices a round's activations are gathered in that order behind the ``size`` rows
 carried over from the previous round (the last rows that did not fill a batch), and batches are
@@ -21,6 +24,8 @@ any process count and a P-process run equals a one-process run.
 
 from __future__ import annotations
 
+import contextlib
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator, NamedTuple
 
 import jax
@@ -30,7 +35,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from sae_jax import distributed, sharding
 from sae_jax.data.activations import (ActivationRows, ActivationStream, HookRows, MultiHookRows,
-                                      keep_mask, prefetch)
+                                      keep_mask)
 from sae_jax.data.tokens import TokenBatch
 from sae_jax.errors import ConfigError, DataError
 
@@ -40,6 +45,23 @@ class RoundPlan(NamedTuple):
 
   index: np.ndarray  # [capacity] int32 buffer rows, kept and mixed, then zero padding
   n: int  # kept rows (the valid prefix of ``index``)
+
+
+class HostRound(NamedTuple):
+  """Round r's host data, a pure function of r: its global token batches and its plan."""
+
+  r: int
+  batches: dict[int, TokenBatch]  # global batch index -> [B, T] batch, every process's
+  plan: RoundPlan
+
+
+class StagedRound(NamedTuple):
+  """A round ready for the devices: its host data, this host's forward steps' (ids, mask)
+  [P * B, T] global arrays and the plan's [capacity] index, already put."""
+
+  host: HostRound
+  steps: list[tuple[jax.Array, jax.Array]]
+  index: jax.Array
 
 
 class DeviceStream:
@@ -65,15 +87,16 @@ class DeviceStream:
     self.capacity = bb * b * t
     self.step_shape = (procs * b, t)  # one forward step's global [P * B, T] token batch
     self.ids_sharding = sharding.sharding_for_shape(mesh, ("batch", "length"), self.step_shape)
-    if procs > 1 and getattr(self.model, "mesh", None) is None:
+    self.on_mesh = getattr(self.model, "mesh", None) is not None
+    if procs > 1 and not self.on_mesh:
       raise ConfigError("on several processes the model must be loaded onto the mesh "
                         "(sj.load_model(..., mesh=mesh)) for the on-device data path")
+    self._replicated = NamedSharding(mesh, P())
     self._sizes: dict[int, int] = {}
     self._compiled: dict[int, tuple] = {}
-    self._last_plan: tuple[int, RoundPlan] | None = None
-    # The round's token batches, built once: the plan, the forward and the metadata all read
-    # them, and building a batch (a Python loop over its rows) is host time the devices wait on.
-    self._round_batches: tuple[int, dict[int, TokenBatch]] = (-1, {})
+    # The last round's host data, built once on the main thread: round_size, plan and
+    # round_meta all read it (building a batch is a Python loop over its rows).
+    self._last: HostRound | None = None
 
   @property
   def d_model(self) -> int:
@@ -84,70 +107,91 @@ class DeviceStream:
     top = self.n_steps * self.batches.process_count
     return range(r * self.buffer_batches, min((r + 1) * self.buffer_batches, top))
 
-  def plan(self, r: int) -> RoundPlan:
-    """Round r's kept rows in mixed order (host data: the token ids of every process)."""
-    if self._last_plan is not None and self._last_plan[0] == r:
-      return self._last_plan[1]
-    keep = np.concatenate([keep_mask(self._global_batch(r, g), self.special_ids).reshape(-1)
-                           for g in self._globals(r)])
+  def host_round(self, r: int) -> HostRound:
+    """Round r's token batches (every process's) and its kept rows in mixed order. A pure
+    function of r that reads the stream's state and never writes it: the prefetching thread
+    calls it for the next round while the devices run this one."""
+    batches = {g: self.batches.global_batch(g) for g in self._globals(r)}
+    keep = np.concatenate([keep_mask(b, self.special_ids).reshape(-1) for b in batches.values()])
     kept = np.flatnonzero(keep).astype(np.int32)
     perm = np.random.default_rng([self.seed, r]).permutation(len(kept))
     index = np.zeros(self.capacity, np.int32)
     index[:len(kept)] = kept[perm]
-    self._sizes[r] = len(kept)
-    self._last_plan = r, RoundPlan(index, len(kept))
-    return self._last_plan[1]
+    return HostRound(r, batches, RoundPlan(index, len(kept)))
 
-  def _global_batch(self, r: int, g: int) -> TokenBatch:
-    """Global batch g of round r, kept until another round's batches are asked for."""
-    if self._round_batches[0] != r:
-      self._round_batches = (r, {})
-    got = self._round_batches[1]
-    if g not in got:
-      got[g] = self.batches.global_batch(g)
-    return got[g]
+  def _cached(self, r: int) -> HostRound:
+    if self._last is None or self._last.r != r:
+      self._last = self.host_round(r)
+      self._sizes[r] = self._last.plan.n
+    return self._last
+
+  def plan(self, r: int) -> RoundPlan:
+    """Round r's kept rows in mixed order (host data: the token ids of every process)."""
+    return self._cached(r).plan
 
   def round_size(self, r: int) -> int:
     """Kept rows in round r (from the token ids; no forward)."""
     if r not in self._sizes:
-      self.plan(r)
+      self._cached(r)
     return self._sizes[r]
 
   def round_meta(self, r: int) -> ActivationRows:
     """Round r's per-row metadata (token, doc, pos, language) in the stream's order: host
     arrays permuted with the same index (``acts`` is empty: those rows stay on the devices)."""
-    parts = [self._global_batch(r, g) for g in self._globals(r)]
-    plan = self.plan(r)
+    host = self._cached(r)
+    parts, plan = list(host.batches.values()), host.plan
     take = lambda f: np.concatenate([getattr(p, f).reshape(-1) for p in parts])[
         plan.index[:plan.n]]
     return ActivationRows({}, *(take(f) for f in ("ids", "doc", "pos", "language")))
 
-  def _forward(self, r: int) -> list[dict[str, jax.Array]]:
-    """Round r's forward steps: {hook: [P * B, T, D]} each, padded to a whole round."""
-    lo = r * self.steps_per_round
+  def stage(self, host: HostRound) -> StagedRound:
+    """Round ``host.r`` put on the devices: this host's token batches of its forward steps
+    (a global array from every process's share) and the index (explicit puts)."""
+    put = ((lambda a: distributed.to_global(a, self.ids_sharding)) if self.on_mesh
+           else jax.device_put)  # a model on one device: its inputs on that device
+    lo = host.r * self.steps_per_round
     hi = min(lo + self.steps_per_round, self.n_steps)
-    on_mesh = getattr(self.model, "mesh", None) is not None
-    if on_mesh:
-      put = lambda a: distributed.to_global(a, self.ids_sharding)
-    else:  # a model on one device: the forward there, its outputs moved to the mesh (explicit)
-      put = jax.device_put
+    procs, me = self.batches.process_count, self.batches.process_index
+    local = [host.batches[i * procs + me] for i in range(lo, hi)]  # this host's
+    return StagedRound(host, [(put(b.ids), put(b.mask)) for b in local],
+                       jax.device_put(host.plan.index, self._replicated))
+
+  def staged_rounds(self, first: int) -> Iterator[StagedRound]:
+    """Rounds ``first``, ``first + 1``, ... staged, the next one built and put by a background
+    thread while the caller runs this one (one deep; the same rounds as without it: each is a
+    pure function of r). The producer's exception is raised here, on the caller's thread; the
+    thread ends when the iterator ends, fails or is closed."""
+    pool = ThreadPoolExecutor(1, thread_name_prefix="sae_jax-device-mix")
+    try:
+      pending = pool.submit(self.stage, self._cached(first))
+      for r in range(first, self.n_rounds):
+        staged = pending.result()  # the producer's exception, re-raised as it was
+        if r + 1 < self.n_rounds:
+          pending = pool.submit(lambda r: self.stage(self.host_round(r)), r + 1)
+        self._sizes[r] = staged.host.plan.n
+        yield staged
+    finally:
+      pool.shutdown(wait=True, cancel_futures=True)  # at most the one round in flight
+
+  def _forward(self, staged: StagedRound) -> list[dict[str, jax.Array]]:
+    """A round's forward steps: {hook: [P * B, T, D]} each, padded to a whole round."""
+    if not self.on_mesh:  # a model on one device: its outputs moved to the mesh (explicit)
       acts_sharding = sharding.sharding_for_shape(self.mesh, ("batch", "length", "embed"),
                                                   self.step_shape + (self.d_model,))
     out = []
-    procs, me = self.batches.process_count, self.batches.process_index
-    local = (self._global_batch(r, i * procs + me) for i in range(lo, hi))  # this host's
-    for _, (ids, mask) in prefetch(local, put):
+    for ids, mask in staged.steps:
       acts = self.model.activations(ids, list(self.hooks), attention_mask=mask)
-      if on_mesh and self.mesh.shape["model"] > 1:
+      if self.on_mesh and self.mesh.shape["model"] > 1:
         sharding.settle(acts, self.mesh)  # a tensor-parallel forward has collectives
-      out.append(acts if on_mesh else jax.device_put(acts, acts_sharding))
+      out.append(acts if self.on_mesh else jax.device_put(acts, acts_sharding))
     return out + [out[-1]] * (self.steps_per_round - len(out))  # never indexed
 
   def _row_sharding(self, n: int):
     return sharding.sharding_for_shape(self.mesh, ("batch", "embed"), (n, self.d_model))
 
   def _programs(self, size: int):
-    """(zeros, mix, take) compiled for blocks of ``size`` rows."""
+    """(zeros, mix, take) compiled for blocks of ``size`` rows; ``take`` also returns the next
+    block's offset, so serving a block puts nothing on the devices."""
     if size in self._compiled:
       return self._compiled[size]
     pool = self._row_sharding(size + self.capacity)
@@ -155,35 +199,44 @@ class DeviceStream:
     zeros = jax.jit(lambda: {h: jnp.zeros((size, self.d_model), jnp.float32)
                              for h in self.hooks}, out_shardings=block)
     mix = jax.jit(_mix, out_shardings={h: pool for h in self.hooks})
-    take = jax.jit(lambda p, o: {h: jax.lax.dynamic_slice_in_dim(a, o, size)
-                                 for h, a in p.items()}, out_shardings=block)
+    take = jax.jit(lambda p, o: ({h: jax.lax.dynamic_slice_in_dim(a, o, size)
+                                  for h, a in p.items()}, o + size),
+                   out_shardings=(block, self._replicated))
     self._compiled[size] = zeros, mix, take
     return self._compiled[size]
+
+  def _first_round(self, start: int) -> tuple[int, int]:
+    """(the round holding row ``start``, the rows before it), counted from the token ids."""
+    seen = 0
+    for r in range(self.n_rounds):
+      n = self.round_size(r)
+      if seen + n > start:
+        return r, seen
+      seen += n
+    return self.n_rounds, seen
 
   def blocks(self, start: int, size: int) -> Iterator[dict[str, jax.Array]]:
     """Consecutive {hook: [size, D]} blocks of the mixed stream from row ``start`` on (the
     rounds before the one holding it are only counted)."""
     zeros, mix, take = self._programs(size)
-    replicated = NamedSharding(self.mesh, P())  # explicit puts: no implicit transfer later
-    offset = lambda o: jax.device_put(np.int32(o), replicated)
-    seen, carry, have = 0, None, 0  # rows before this round; carried rows (the last ``have``)
-    for r in range(self.n_rounds):
-      n = self.round_size(r)
-      if carry is None and seen + n <= start:
+    offset = lambda o: jax.device_put(np.int32(o), self._replicated)  # once a round
+    first, seen = self._first_round(start)
+    if first == self.n_rounds:
+      return
+    carry, have = zeros(), 0  # the carried rows: the last ``have`` of ``carry``
+    rounds = self.staged_rounds(first)
+    with contextlib.closing(rounds):
+      for staged in rounds:
+        n, skip = staged.host.plan.n, max(start - seen, 0)
+        pool = sharding.settle(mix(carry, self._forward(staged), staged.index), self.mesh)
+        o, end = size - have + skip, size + n  # valid rows of the pool: [size - have, end)
+        at = offset(o)
+        while o + size <= end:
+          got, at = sharding.settle(take(pool, at), self.mesh)
+          yield got
+          o += size
+        (carry, _), have = sharding.settle(take(pool, offset(end - size)), self.mesh), end - o
         seen += n
-        continue
-      if carry is None:
-        carry = zeros()
-      skip = max(start - seen, 0)
-      plan = self.plan(r)
-      pool = sharding.settle(mix(carry, self._forward(r), jax.device_put(plan.index, replicated)),
-                    self.mesh)
-      o, end = size - have + skip, size + n  # valid rows of the pool: [size - have, end)
-      while o + size <= end:
-        yield sharding.settle(take(pool, offset(o)), self.mesh)
-        o += size
-      carry, have = sharding.settle(take(pool, offset(end - size)), self.mesh), end - o
-      seen += n
 
 
 def _mix(carry: dict, steps: list[dict], index: jax.Array) -> dict:
@@ -233,17 +286,18 @@ class DeviceBatches:
 
   def __iter__(self) -> Iterator:
     if self.holdout and self.eval_rows is None:
-      held = next(self.stream.blocks(0, self.holdout), None)
+      with contextlib.closing(self.stream.blocks(0, self.holdout)) as held_blocks:
+        held = next(held_blocks, None)  # closed now: no round is prepared for nothing
       if held is None:
         raise DataError(f"eval_tokens={self.holdout} is more than the stream's rows")
       self.eval_rows = self._pick(distributed.to_host(held))
     total, b = self.total_batches, self.batch_size
-    for index, block in enumerate(self.stream.blocks(self.holdout + self.served * b, b),
-                                  start=self.served):
-      if total is not None and index >= total:
-        return
-      self.served = index + 1
-      yield self._pick(block)
+    with contextlib.closing(self.stream.blocks(self.holdout + self.served * b, b)) as blocks:
+      for index, block in enumerate(blocks, start=self.served):
+        if total is not None and index >= total:
+          return
+        self.served = index + 1
+        yield self._pick(block)
 
 
 def device_batches(source, mesh: Mesh, batch_size: int, total_tokens: int | None,
