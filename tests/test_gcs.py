@@ -86,6 +86,9 @@ def _cfg(toy):
   c.data.max_docs = 1500
   c.outputs.analyze = False  # analysed below, from the bucket
   c.outputs.analysis_eval_tokens = 2000
+  # One CPU device in every trace of this test (not the suite's eight): the same mesh for the
+  # local, the killed and the resumed run, and no eight-way split of tiny steps on two cores.
+  c.mesh.devices = 1
   return trace_config_from(c, "unused")
 
 
@@ -112,16 +115,11 @@ def test_a_trace_in_a_bucket_resumes_and_matches_a_local_one(tiny_toy, gcs_emula
   cfg = _cfg(tiny_toy)
   run = f"{gcs_emulator}/run"
   (tmp_path / "cfg.json").write_text(cfg.to_json())
-  # One CPU device in every trace of this test (not the suite's eight): the same mesh for the
-  # local, the killed and the resumed run, and no eight-way split of tiny steps on two cores.
-  # The resumed run loads what the first two compiled (the same shapes) from a shared cache.
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
-         "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),
-         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-         "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+  # The suite's environment (conftest): its XLA flags and compilation cache, so the resumed run
+  # loads what the first two compiled, as do test_trace's traces (the same tiny shapes).
   start = lambda where, log: subprocess.Popen(
       [sys.executable, "-c", _TRACE, str(tmp_path / "cfg.json"), where], cwd=tmp_path,
-      stdout=log, stderr=subprocess.STDOUT, env=env)
+      stdout=log, stderr=subprocess.STDOUT)
   # The uninterrupted local trace runs beside the one in the bucket (two cores, half the time).
   with open(tmp_path / "local.log", "w") as a, open(tmp_path / "killed.log", "w") as b:
     local, proc = start(str(tmp_path / "local"), a), start(run, b)
@@ -166,8 +164,8 @@ def test_a_trace_in_a_bucket_resumes_and_matches_a_local_one(tiny_toy, gcs_emula
   assert "\nstep30,30,resid_post.0," in paths.as_path(f"{run}/summary.csv").read_text()
   # Nothing of the bucket's run landed on local disk ("gs:" taken as a relative directory).
   assert not list(tmp_path.glob("gs*")) and not Path("gs:").exists()
-  assert sorted(p.name for p in tmp_path.iterdir()) == ["cfg.json", "jax_cache", "killed.log",
-                                                        "local", "local.log", "resumed.log"]
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["cfg.json", "killed.log", "local",
+                                                        "local.log", "resumed.log"]
 
 
 _CLI = ("import sys; from sae_jax.commands import main; sys.exit(main(['sae-jax'] + "
