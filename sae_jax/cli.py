@@ -135,7 +135,8 @@ def add_study_settings(c, analysis_eval_tokens: int, exports=("sae_lens",),
       dtype=dtype,  # the model's compute dtype
       activations="stream",  # or "cache": extract once, same SAEs on any host count
       cache_dtype="float32")
-  c.mesh = dict(data=-1, model=1)  # devices on "data" (tokens) x "model" (latents, heads)
+  # devices on "data" (tokens) x "model" (latents, heads); devices=N: only the first N
+  c.mesh = dict(data=-1, model=1, devices=0)
   c.outputs = dict(
       exports=tuple(exports),
       eval_batches=eval_batches,  # forward batches of the spliced CE-loss evaluation

@@ -326,13 +326,16 @@ class MeshConfig(_JsonMixin):
   Attributes:
     data: devices along the token (batch) axis.
     model: devices along the latent axis (W_enc columns, W_dec rows).
+    devices: the mesh spans the first ``devices`` devices (one process only); 0: every device.
   """
 
   AXES: ClassVar[tuple[str, str]] = ("data", "model")
   data: int = -1
   model: int = 1
+  devices: int = 0
 
   def __post_init__(self):
+    _check(self.devices >= 0, f"mesh devices={self.devices} must be >= 0 (0: every device)")
     _check(self.data == -1 or self.data >= 1, f"mesh data={self.data} must be >= 1 or -1")
     _check(self.model == -1 or self.model >= 1, f"mesh model={self.model} must be >= 1 or -1")
     _check(not (self.data == -1 and self.model == -1),

@@ -39,9 +39,16 @@ class Axes(tuple):
 
 
 def make_mesh(cfg: MeshConfig | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A ("data", "model") mesh over ``devices`` (default: every device of every process)."""
+  """A ("data", "model") mesh over ``devices`` (default: every device of every process), or
+  over the first ``cfg.devices`` of them."""
   cfg = cfg or MeshConfig()
   devices = list(jax.devices() if devices is None else devices)
+  if cfg.devices:
+    if cfg.devices > len(devices) or jax.process_count() > 1:
+      raise ConfigError(f"mesh devices={cfg.devices}: {len(devices)} device(s) in "
+                        f"{jax.process_count()} process(es); a subset of the devices is for one "
+                        "process with at least that many")
+    devices = devices[:cfg.devices]
   n = len(devices)
   data, model = cfg.data, cfg.model
   if data * model > n:  # both set (-1 makes the product negative)

@@ -200,6 +200,7 @@ def test_toy_trace_analysis_end_to_end(tiny_toy, tmp_path):
   c = mod.get_config("tiny")
   c.model = c.data.path = str(tiny_toy)
   c.revisions = ("step0", "step10", "step30")
+  c.mesh.devices = 1  # one of the suite's eight CPU devices: the analysis is under test here
   cfg = trace_config_from(c, "unused")
   work = tmp_path / "run"
   trace(cfg, work, log_fn=lambda s: None)

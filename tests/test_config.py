@@ -1,3 +1,4 @@
+import jax
 import pytest
 
 import sae_jax as sj
@@ -54,6 +55,21 @@ def test_default_learning_rate_follows_gao_scaling():
 def test_mesh_that_does_not_tile_devices_is_rejected():
   with pytest.raises(ConfigError, match="does not tile"):
     sj.make_mesh(sj.MeshConfig(data=3, model=2))
+
+
+def test_mesh_devices_takes_the_first_devices_and_is_checked():
+  mesh = sj.make_mesh(sj.MeshConfig(devices=1))
+  assert dict(mesh.shape) == {"data": 1, "model": 1}
+  assert list(mesh.devices.flat) == jax.devices()[:1]
+  mesh = sj.make_mesh(sj.MeshConfig(data=-1, model=2, devices=6))
+  assert dict(mesh.shape) == {"data": 3, "model": 2}
+  assert list(mesh.devices.flat) == jax.devices()[:6]
+  with pytest.raises(ConfigError, match="does not tile the 4 available"):
+    sj.make_mesh(sj.MeshConfig(data=3, model=1, devices=4))
+  with pytest.raises(ConfigError, match="mesh devices=9: 8 device"):
+    sj.make_mesh(sj.MeshConfig(devices=9))
+  with pytest.raises(ConfigError, match="mesh devices=-1 must be >= 0"):
+    sj.MeshConfig(devices=-1)
 
 
 # ---- shipped configs: every field says what the config means --------------------------------

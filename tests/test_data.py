@@ -141,8 +141,9 @@ def test_training_from_cache_matches_training_from_stream(toy, tmp_path):
                         optim=sj.OptimConfig(lr=3e-3, warmup_steps=5),
                         run=sj.RunConfig(log_every=1000))
   stream = HookRows(ActivationStream(model, tb, [HOOK], 8, 0), HOOK)
-  a = sj.train_sae(stream, cfg, tcfg)
-  b = sj.train_sae(CacheReader(tmp_path / "c"), cfg, tcfg)
+  one = sj.make_mesh(sj.MeshConfig(devices=1))  # the data path is under test, not the mesh
+  a = sj.train_sae(stream, cfg, tcfg, mesh=one)
+  b = sj.train_sae(CacheReader(tmp_path / "c"), cfg, tcfg, mesh=one)
   # Stated margin: same budget, same model, different token order -> FVU within 0.05.
   assert abs(a.metadata["eval"]["fvu"] - b.metadata["eval"]["fvu"]) < 0.05
   assert a.metadata["eval"]["fvu"] < 0.8
@@ -179,10 +180,12 @@ def test_one_forward_feeds_an_sae_per_hook(toy):
   cfg = lambda: sj.SAEConfig(d_in=model.cfg.d_model, d_sae=128, k=4)
   tcfg = sj.TrainConfig(batch_size=256, total_tokens=256 * 6,
                         optim=sj.OptimConfig(lr=1e-3, warmup_steps=2))
+  one = sj.make_mesh(sj.MeshConfig(devices=1))  # the data path is under test, not the mesh
   together = sj.train_saes(MultiHookRows(ActivationStream(model, tb, hooks, 8, 0)),
-                           [sj.SAEJob(cfg(), tcfg, hook=h) for h in hooks])
+                           [sj.SAEJob(cfg(), tcfg, hook=h) for h in hooks], mesh=one)
   for h, sae in zip(hooks, together):
-    alone = sj.train_sae(HookRows(ActivationStream(model, tb, [h], 8, 0), h), cfg(), tcfg)
+    alone = sj.train_sae(HookRows(ActivationStream(model, tb, [h], 8, 0), h), cfg(), tcfg,
+                         mesh=one)
     for k in alone.params:
       np.testing.assert_allclose(sae.params[k], alone.params[k], rtol=1e-5, atol=1e-6)
 

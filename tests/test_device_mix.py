@@ -215,6 +215,8 @@ def test_cache_mode_trace_on_a_2x4_mesh_gives_the_cache_and_saes_of_one_device(t
     (dict(data=8, model=1), "data batch_size=4 x 1 process(es) is not divisible by the mesh "
                             "'data' axis size 8"),
     (dict(data=1, model=8), "d_sae=100 is not divisible by the mesh 'model' axis size 8"),
+    (dict(devices=16), "mesh devices=16: 8 device(s) in 1 process(es)"),
+    (dict(data=2, model=2, devices=2), "mesh data=2 x model=2 asks for 4 devices; 2 exist"),
 ])
 def test_mesh_mistakes_are_one_line_before_the_model_loads(tiny_toy, tmp_path, monkeypatch,
                                                            mesh, fragment):

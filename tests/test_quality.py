@@ -27,13 +27,19 @@ def planted(seed, n, d=32, p=128, active=3, noise=0.01):
   return (x + noise * rng.standard_normal(x.shape)).astype(np.float32), dirs
 
 
+# One of the suite's eight CPU devices: learning is under test, not the mesh (test_train_step
+# compares meshes), and eight-way splits of these small steps cost more than they spread.
+def _one_device():
+  return sj.make_mesh(sj.MeshConfig(devices=1))
+
+
 def test_defaults_recover_planted_directions():
   x, dirs = planted(0, 512 * 600 + 4096)
   train, held = x[4096:], x[:4096]
   cfg = sj.SAEConfig(d_in=32, d_sae=256, k=6)
   tcfg = sj.TrainConfig(batch_size=512, total_tokens=len(train),
                         optim=sj.OptimConfig(lr=1e-3, warmup_steps=0))
-  sae = sj.train_sae(train, cfg, tcfg, log_fn=lambda s: None)
+  sae = sj.train_sae(train, cfg, tcfg, log_fn=lambda s: None, mesh=_one_device())
   x_hat = np.asarray(sae.reconstruct(held))
   fvu = ((x_hat - held) ** 2).sum() / ((held - held.mean(0)) ** 2).sum()
   w = np.asarray(sae.params["W_dec"])
@@ -49,7 +55,7 @@ def _train(warmup, steps, batch=64):
   logs = []
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
-    sj.train_sae(x, cfg, tcfg, log_fn=logs.append)
+    sj.train_sae(x, cfg, tcfg, log_fn=logs.append, mesh=_one_device())
   return [w for w in caught if "warm-up" in str(w.message)], [s for s in logs if "warm-up" in s]
 
 

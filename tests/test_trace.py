@@ -50,6 +50,9 @@ def _cfg(toy, **kw):
   c.train.run.checkpoint_every = 3
   c.data.max_docs = 1500
   c.seed_baseline = ("final",)  # these tests need one seed baseline, not one per checkpoint
+  # One of the suite's eight CPU devices: nothing here is about the mesh (test_device_mix is),
+  # and eight-way splits of tiny steps cost more than they spread on two cores.
+  c.mesh.devices = 1
   for k, v in kw.items():
     setattr(c, k, v)
   return trace_config_from(c, "unused")
@@ -219,7 +222,7 @@ def test_warm_start_begins_each_sae_from_the_previous_checkpoints(toy, tmp_path)
 def test_collect_activations_then_train_sae_from_the_cache(toy, tmp_path):
   common = ["--config=experiments/configs/toy.py:tiny", f"--config.model={toy}",
             f"--config.data.path={toy}", "--config.data.max_docs=800",
-            "--config.train.total_tokens=4096"]
+            "--config.train.total_tokens=4096", "--config.mesh.devices=1"]
   run = lambda script, *args: subprocess.run(
       [sys.executable, f"experiments/{script}", *common, *args], cwd=ROOT, capture_output=True,
       text=True, timeout=300)

@@ -19,7 +19,7 @@ from sae_jax.cli import load_flag_config, parse_flags_or_exit, run_main, trace_c
 
 _CONFIGS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs")
 config_flags.DEFINE_config_file("config", os.path.join(_CONFIGS, "toy.py"), "trace config "
-                                "(its sae, train and data settings are used)")
+                                "(its sae, train, data and mesh settings are used)")
 flags.DEFINE_string("workdir", None, "run directory of this SAE", required=True)
 flags.DEFINE_string("revision", None, "checkpoint label (default: the model directory itself)")
 flags.DEFINE_string("hook", None, "activation site (default: the config's first hook)")
@@ -54,7 +54,7 @@ def main(argv):
     rows = sj.data.hook_rows(model, cfg.data, hook)
   meta = sae_metadata(cfg, sae_cfg, FLAGS.revision, hook)
   sae = sj.train_sae(rows, sae_cfg, cfg.train, workdir=FLAGS.workdir, metadata=meta,
-                     log_fn=Console())
+                     log_fn=Console(), mesh=sj.make_mesh(cfg.mesh))
   if distributed.is_primary():
     ev = sae.metadata.get("eval", {})
     print(f"done: {FLAGS.workdir}/sae  fvu={ev.get('fvu', float('nan')):.4f} "
