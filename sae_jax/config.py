@@ -234,11 +234,8 @@ class TrainConfig(_JsonMixin):
       scatter-adds) or ``pallas`` (Pallas kernels: Triton on GPU, Mosaic on TPU, interpreted
       elsewhere; opt-in until measured faster on the hardware). Same results up to float32
       summation order, so a restart may change it.
-    update_blocks: 1 (the default): the whole gradient of each weight is formed, all-reduced
-      and applied at once. B > 1 (TopK only): the update runs block by block over B blocks of
-      each chip's latents (gradient rows, all-reduce, Adam, write-back per block), so only one
-      block's gradients are ever in memory; the sparse backward then reads its N*k pairs once
-      per block. Same results up to float rounding; a restart may change it.
+    update_blocks: B > 1 (TopK): the update runs over B blocks of each chip's latents, so only
+      one block's gradients are ever in memory (train/blockwise.py); 1: whole arrays at once.
     optim: Adam and the learning-rate schedule (:class:`OptimConfig`).
     run: logging, evaluation and checkpoint cadence (:class:`RunConfig`).
   """
