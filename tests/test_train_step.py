@@ -17,11 +17,11 @@ def _data(n_batches, seed=0):
   return jax.random.normal(jax.random.key(seed), (n_batches, N, D)) * jnp.linspace(0.5, 2, D)
 
 
-def _run(arch, mesh, steps=4, **tkw):
+def _run(arch, mesh, steps=4, xs=None, **tkw):
   cfg = sj.SAEConfig(architecture=arch, d_in=D, d_sae=M, k=4)
   tcfg = sj.TrainConfig(batch_size=N, aux_k=8, dead_tokens=N, **tkw,
                         optim=sj.OptimConfig(lr=3e-3, warmup_steps=2))
-  xs = _data(steps)
+  xs = _data(steps) if xs is None else xs
   state = init_train_state(cfg, tcfg, mesh, xs[0])
   step = make_train_step(cfg, tcfg, mesh)
   history = []
@@ -234,18 +234,7 @@ def test_blockwise_update_equals_the_whole_array_update(shape, kernels):
   mesh = sj.make_mesh(sj.MeshConfig(data=data, model=model), devices=jax.devices()[:data * model])
   xs = _data(5, seed=3)
   xs = xs.at[2, 5, 3].set(jnp.nan)
-  out = {}
-  for blocks in (1, 4):
-    cfg = sj.SAEConfig(d_in=D, d_sae=M, k=4)
-    tcfg = sj.TrainConfig(batch_size=N, aux_k=8, dead_tokens=N, kernels=kernels,
-                          update_blocks=blocks, optim=sj.OptimConfig(lr=3e-3, warmup_steps=2))
-    state = init_train_state(cfg, tcfg, mesh, xs[0])
-    step = make_train_step(cfg, tcfg, mesh)
-    hist = []
-    for x in xs:
-      state, metrics = step(state, x)
-      hist.append({k: float(v) for k, v in metrics.items()})
-    out[blocks] = state, hist
+  out = {b: _run("topk", mesh, xs=xs, kernels=kernels, update_blocks=b) for b in (1, 4)}
   (s1, h1), (s4, h4) = out[1], out[4]
   assert h1[-1]["aux_loss"] > 0 and h1[2]["skipped"] == 1.0
   assert int(s4.nan_batches) == 1 and int(s4.step) == 4
