@@ -6,6 +6,8 @@ architecture's forward is differentiated with ``jax.vjp`` against the cotangent 
 loss, then gradients are summed over "data" (and over "model" for the parameters every latent
 shard shares, i.e. b_dec). The optimizer update, the decoder projection and renormalisation
 then run on the sharded global arrays. A batch with NaN/Inf is skipped and counted.
+``TrainConfig.update_blocks`` > 1 (TopK) runs the update block by block over the latents
+instead (:mod:`sae_jax.train.blockwise`), never forming a whole gradient.
 """
 
 from __future__ import annotations
