@@ -23,10 +23,6 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 # as this process does.
 os.environ["JAX_DEFAULT_MATMUL_PRECISION"] = "highest"
 
-import jax  # noqa: E402
-
-jax.config.update("jax_default_matmul_precision", "highest")
-
 import pytest  # noqa: E402
 
 
@@ -38,4 +34,3 @@ def tiny_toy(tmp_path_factory):
   train_toy_lm(out, TINY_WORLD, TINY_LM.__class__(**{**TINY_LM.__dict__, "steps": 30,
                                                       "train_docs": 3000, "eval_docs": 50}))
   return out
-

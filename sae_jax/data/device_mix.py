@@ -36,6 +36,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from sae_jax import distributed, sharding
 from sae_jax.data.activations import (ActivationRows, ActivationStream, HookRows, MultiHookRows,
                                       keep_mask)
+from sae_jax.data.position import ServedPosition
 from sae_jax.data.tokens import TokenBatch
 from sae_jax.errors import ConfigError, DataError
 
@@ -248,7 +249,7 @@ def _mix(carry: dict, steps: list[dict], index: jax.Array) -> dict:
   return out
 
 
-class DeviceBatches:
+class DeviceBatches(ServedPosition):
   """The trainer's stream over a :class:`DeviceStream`: [batch_size, D] device batches ({hook:
   rows}, or one hook's rows when ``hook`` is set), sharded on "data", with the position
   interface of :class:`sae_jax.train.data.BatchStream` (``served`` batches).
@@ -257,7 +258,7 @@ class DeviceBatches:
   host once (numpy, every process alike) for the reconstruction metrics.
   """
 
-  is_global = True
+  is_global = True  # a global stream: any process count resumes it
 
   def __init__(self, stream: DeviceStream, batch_size: int, total_tokens: int | None,
                holdout: int = 0, hook: str | None = None):
@@ -270,16 +271,6 @@ class DeviceBatches:
   @property
   def total_batches(self) -> int | None:
     return None if self.total_tokens is None else self.total_tokens // self.batch_size
-
-  def position(self) -> dict:
-    return {"served": self.served, "batch_size": self.batch_size,
-            "process_count": self.process_count}
-
-  def restore(self, position: dict) -> None:
-    if position.get("batch_size", self.batch_size) != self.batch_size:
-      raise ConfigError(f"checkpoint was written with batch_size={position['batch_size']}, "
-                        f"now {self.batch_size}")
-    self.served = int(position["served"])  # a global stream: any process count resumes it
 
   def _pick(self, block: dict):
     return block if self.hook is None else block[self.hook]

@@ -207,13 +207,22 @@ def _encode_bwd(k, k_aux, axis_name, compute_dtype, kernels, res, g):
     d_w_enc = row_ops.scatter_rows(rows, weights, xc, m_local, jnp.float32).T
   else:
     d_w_enc = sparse_ops.scatter_rows(rows, weights, xc, m_local).T
-  d_b_enc = jnp.zeros((m_local,), jnp.float32).at[rows].add(weights, mode="drop")
-  # dL/dxc[n] = sum_j weights[n, j] W_enc[:, idx[n, j]]. Its sum over n is W_enc @ d_b_enc, so
-  # b_dec's gradient costs one mat-vec; dx (unused when training, removed by XLA) needs gathers.
+  d_b_enc, d_b_dec = encoder_bias_grads(rows, weights, W_enc)
+  # dx (unused when training, removed by XLA) needs gathers.
   d_x = row_ops.gather_sum(rows, weights, W_enc.T)
-  d_b_dec = -(W_enc.astype(jnp.float32) @ d_b_enc)
   return (d_x.astype(xc.dtype), d_w_enc.astype(W_enc.dtype), d_b_enc.astype(W_enc.dtype),
           d_b_dec.astype(W_enc.dtype), None)
+
+
+def encoder_bias_grads(rows: jax.Array, weights: jax.Array, W_enc: jax.Array):
+  """Gradients of b_enc [M_l] and b_dec [D] from the encoder's per-pair cotangents.
+
+  rows: [N, J] local latent rows (M_l: not owned, dropped); weights: [N, J] d loss / d
+  pre-activation. dL/dxc[n] = sum_j weights[n, j] W_enc[:, rows[n, j]], and its sum over n is
+  W_enc @ d_b_enc, so b_dec's gradient (xc = x - b_dec) costs one mat-vec.
+  """
+  d_b_enc = jnp.zeros((W_enc.shape[1],), jnp.float32).at[rows].add(weights, mode="drop")
+  return d_b_enc, -(W_enc.astype(jnp.float32) @ d_b_enc)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
@@ -275,16 +284,23 @@ def _decode_bwd(axis_name, kernels, res, g):
   weights, rows_idx, owned, W_dec = res
   m_local = W_dec.shape[0]
   g = g.astype(jnp.float32)
+  d_vals = code_cotangents(rows_idx, owned, g, W_dec, kernels)
   if kernels != "xla":
-    safe_rows = jnp.minimum(rows_idx, m_local - 1)
-    d_vals = jnp.where(owned, sparse_ops.gather_dot(safe_rows, g, W_dec), 0.0)
     d_w = sparse_ops.scatter_rows(rows_idx, weights, g, m_local)
-    return d_vals, None, d_w.astype(W_dec.dtype)
-
-  d_vals = row_ops.gather_dot(rows_idx, g, W_dec)
-  d_w = row_ops.scatter_rows(rows_idx, weights, g, m_local, jnp.float32)
-  d_vals = jnp.where(owned, d_vals, 0.0)
+  else:
+    d_w = row_ops.scatter_rows(rows_idx, weights, g, m_local, jnp.float32)
   return d_vals, None, d_w.astype(W_dec.dtype)
+
+
+def code_cotangents(rows: jax.Array, owned: jax.Array, g: jax.Array, W_dec: jax.Array,
+                    kernels: str) -> jax.Array:
+  """d loss / d values [N, J] of a sparse decode: <g[n], W_dec[rows[n, j]]> where this shard
+  owns the pair, else 0. rows/owned: [N, J] from :func:`owned_rows`; g: [N, D] float32."""
+  if kernels == "xla":
+    dots = row_ops.gather_dot(rows, g, W_dec)
+  else:
+    dots = sparse_ops.gather_dot(jnp.minimum(rows, W_dec.shape[0] - 1), g, W_dec)
+  return jnp.where(owned, dots, 0.0)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))

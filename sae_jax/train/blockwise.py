@@ -27,8 +27,7 @@ from jax import lax
 
 from sae_jax.config import SAEConfig, TrainConfig
 from sae_jax.kernels import owned_rows, sparse_decode
-from sae_jax.kernels import rows as row_ops
-from sae_jax.kernels import sparse_ops
+from sae_jax.kernels.topk import code_cotangents, encoder_bias_grads
 from sae_jax.saes import registry
 from sae_jax.saes.base import ShardCtx, fired_counts, normalize_inputs
 from sae_jax.train.loss import batch_stats, loss_terms
@@ -91,15 +90,11 @@ def _sparse_cotangents(codes, params, terms, m_local, k_aux, kernels):
   rows, dec_w, dec_src, enc_w = [], [], [], []
   for idx, vals, g in parts:
     r, owned = owned_rows(idx, m_local, "model")
-    safe = jnp.minimum(r, m_local - 1)
-    if kernels == "xla":
-      dots = row_ops.gather_dot(r, g, W_dec)
-    else:
-      dots = sparse_ops.gather_dot(safe, g, W_dec)
     rows.append(r)
     dec_src.append(g)
     dec_w.append(jnp.where(owned, vals, 0.0).astype(jnp.float32))
-    enc_w.append(jnp.where(owned & (vals > 0), dots, 0.0).astype(jnp.float32))
+    # The encoder's backward keeps the live codes' cotangents (ReLU).
+    enc_w.append(jnp.where(vals > 0, code_cotangents(r, owned, g, W_dec, kernels), 0.0))
   return rows, dec_w, dec_src, enc_w
 
 
@@ -234,9 +229,8 @@ def shard_body(params, opt_state, buffers, tsf, x_raw, ok, *, sae_cfg: SAEConfig
   cot = _sparse_cotangents(codes, params, terms, m_local, k_aux, tcfg.kernels)
   rows, _, _, enc_w = cot
   # The small parameters' gradients in one piece (as the encoder's backward pass forms them).
-  d_b_enc = jnp.zeros((m_local,), jnp.float32).at[jnp.concatenate(rows, 1)].add(
-      jnp.concatenate(enc_w, 1), mode="drop")
-  d_b_dec = -(params["W_enc"].astype(jnp.float32) @ d_b_enc)
+  d_b_enc, d_b_dec = encoder_bias_grads(jnp.concatenate(rows, 1), jnp.concatenate(enc_w, 1),
+                                        params["W_enc"])
   small = {"b_enc": ctx.psum_data(d_b_enc.astype(params["b_enc"].dtype))}
   b_dec_dtype = params["b_dec"].dtype
   small["b_dec"] = (ctx.psum_model(ctx.psum_data(d_b_dec.astype(b_dec_dtype)))

@@ -12,11 +12,12 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
+from sae_jax.data.position import ServedPosition
 from sae_jax.errors import ConfigError, DataError
 from sae_jax.train.state import check_batch
 
 
-class BatchStream:
+class BatchStream(ServedPosition):
   """[batch_size, d_in] float32 batches from an array or an iterable of [n_i, d_in] arrays.
 
   Args:
@@ -72,20 +73,8 @@ class BatchStream:
       return self._array.shape[0] // self.batch_size
     return None
 
-  def position(self) -> dict:
-    return {"served": self.served, "batch_size": self.batch_size,
-            "process_count": self.process_count}
-
   def restore(self, position: dict) -> None:
-    if position.get("batch_size", self.batch_size) != self.batch_size:
-      raise ConfigError(f"checkpoint was written with batch_size={position['batch_size']}, "
-                        f"now {self.batch_size}")
-    was = int(position.get("process_count", 1))
-    if was != self.process_count and not self.is_global:
-      raise ConfigError(f"checkpoint was written by {was} process(es), now {self.process_count}: "
-                        "a per-host stream resumes only with the same process count (a cache "
-                        "or an array source resumes with any)")
-    self.served = int(position["served"])
+    super().restore(position)
     if self._array is None and self.served and iter(self._source) is self._source:
       raise ConfigError("cannot resume from a one-shot iterator: pass a re-iterable source (a "
                         "list, or an object whose __iter__ starts over) to resume exactly")

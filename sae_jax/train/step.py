@@ -125,10 +125,10 @@ class TrainStep:
     self._compiled: dict[tuple[int, int], Callable] = {}
     dead_tokens = tcfg.dead_tokens
     self._num_dead = jax.jit(lambda tsf: (tsf >= dead_tokens).sum())
-    self.dense_auxk = _dense_auxk(tcfg.auxk_impl, mesh, self.arch)
     self.blocks = _check_blocks(tcfg.update_blocks, self.arch, sae_cfg.d_sae, mesh)
-    if self.blocks > 1:
-      self.dense_auxk = "sparse"  # the block-wise update differentiates the sparse AuxK by hand
+    # The block-wise update differentiates the sparse AuxK by hand.
+    self.dense_auxk = ("sparse" if self.blocks > 1
+                       else _dense_auxk(tcfg.auxk_impl, mesh, self.arch))
 
   def __call__(self, state: TrainState, x: jax.Array) -> tuple[TrainState, dict]:
     # On a multi-device CPU mesh, done before the data path's next program starts.
