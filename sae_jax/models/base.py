@@ -10,6 +10,7 @@ CE-loss-recovered evaluation).
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import functools
 import weakref
@@ -166,7 +167,7 @@ def with_params(template: nnx.State, params: dict) -> nnx.State:
                               for p, v in nnx.to_flat_state(template)])
 
 
-class CausalLM(nnx.Module):
+class CausalLM(nnx.Module, abc.ABC):
   """A transformer as a Flax NNX module, with the hook API (``activations``, ``logits``).
 
   Attributes:
@@ -184,15 +185,18 @@ class CausalLM(nnx.Module):
     self.mesh: Mesh | None = None
     self.compute_dtype = jnp.dtype(jnp.float32)
 
+  @abc.abstractmethod
   def embed(self, input_ids: jax.Array, positions: jax.Array) -> jax.Array:
-    raise NotImplementedError
+    """[B, T] token ids, [B, T] positions -> [B, T, D] the first block's input."""
 
+  @abc.abstractmethod
   def unembed(self, x: jax.Array) -> jax.Array:
-    raise NotImplementedError
+    """[B, T, D] the last block's output -> [B, T, V] logits (final norm included)."""
 
   @property
+  @abc.abstractmethod
   def layers(self) -> nnx.List:
-    raise NotImplementedError
+    """The blocks, in order."""
 
   @property
   def params(self) -> dict[str, jax.Array]:
