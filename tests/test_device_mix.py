@@ -83,18 +83,18 @@ def test_rounds_prepared_one_ahead_on_a_thread_give_the_same_rows(tiny_toy, monk
   _, dev = _streams(tiny_toy, mesh)
   stage, where = dev.stage, {}
 
-  def spy(host_round):
+  def spy(host_round, *args):
     where[host_round.r] = threading.current_thread().name
-    return stage(host_round)
+    return stage(host_round, *args)
 
   monkeypatch.setattr(dev, "stage", spy)
-  got = list(dev.staged_rounds(1))
+  got = list(dev.staged_rounds(1, 64))
   assert [s.host.r for s in got] == list(range(1, dev.n_rounds)) and len(got) >= 2
   assert all(where[r].startswith("sae_jax-device-mix") for r in range(1, dev.n_rounds))
   for s in got:
-    np.testing.assert_array_equal(np.asarray(s.index)[:s.host.plan.n],
+    np.testing.assert_array_equal(s.host.plan.index[:s.host.plan.n],
                                   _plan_in_place(dev, s.host.r), err_msg=str(s.host.r))
-    assert not np.asarray(s.index)[s.host.plan.n:].any()
+    assert not s.host.plan.index[s.host.plan.n:].any()
     lo = s.host.r * dev.steps_per_round
     for i, (ids, mask) in enumerate(s.steps):
       np.testing.assert_array_equal(np.asarray(ids), dev.batches[lo + i].ids)

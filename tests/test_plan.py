@@ -46,16 +46,16 @@ def reports(tiny):
 
 @needs_libtpu
 def test_tiny_toy_trace_compiles_for_v5e_and_reports_every_field(tiny, reports):
-  assert [r["name"] for r in reports] == ["forward", "sae_step", "eval", "trace"]
+  assert [r["name"] for r in reports] == ["forward", "mix", "sae_step", "eval", "trace"]
   json.dumps(reports)  # JSON lines as the CLI prints them
-  for r in reports[:3]:
+  for r in reports[:4]:
     assert set(FIELDS) <= set(r), r["name"]
     assert r["mesh"] == {"data": 4, "model": 1} and r["fits"]
     assert r["flops_per_chip"] > 0 and r["bytes_accessed_per_chip"] > 0
     assert r["hbm_bytes_per_chip"] >= (r["argument_bytes_per_chip"] + r["temp_bytes_per_chip"]
                                        + r["output_bytes_per_chip"] - r["alias_bytes_per_chip"])
     assert r["roofline_step_s"] == max(r["compute_s"], r["memory_s"], r["collective_s"]) > 0
-  fwd, step, ev, trace = reports
+  fwd, mix, step, ev, trace = reports
   sae = tiny.sae
   n, d_in, d_sae = tiny.train.batch_size, 64, tiny.expansion * 64  # the tiny toy model's width
   # The step at least runs the encoder matmul on its quarter of the tokens, and not much more.
@@ -71,6 +71,14 @@ def test_tiny_toy_trace_compiles_for_v5e_and_reports_every_field(tiny, reports):
   # the forward stops after the hook's block (resid_post.0).
   assert ev["flops_per_chip"] > 2 * fwd["flops_per_chip"]
   assert sae.k <= d_sae
+  # The mixing buffer: one all-to-all per hook, each chip's pool about its share of a round
+  # (never a whole round on every chip), float32 rows.
+  round_rows = tiny.data.buffer_batches * tiny.data.batch_size * tiny.data.ctx_len
+  share = round_rows * 64 * 4 * len(tiny.hooks) / 4
+  assert set(mix["collectives"]) == {"all-to-all"}, mix["collectives"]
+  assert mix["collectives"]["all-to-all"]["count"] == len(tiny.hooks)
+  assert share <= mix["output_bytes_per_chip"] <= 1.5 * share + 4 * n * 64 * len(tiny.hooks)
+  assert mix["temp_bytes_per_chip"] < share
 
 
 @needs_libtpu
@@ -81,8 +89,10 @@ def test_trace_projection_counts_the_whole_study(tiny, reports):
   assert trace["sae_steps"] == 8 * tiny.train.total_tokens // tiny.train.batch_size
   assert trace["eval_steps"] == 8 * tiny.outputs.eval_batches * 3  # clean, spliced, ablated
   seconds = sum(trace["hours_by_function"].values()) * 3600
-  fwd, step, ev = reports[:3]
+  fwd, mix, step, ev = reports[:4]
+  rounds = 7 * -(-trace["forward_steps"] // 7 // tiny.data.buffer_batches)
   assert seconds == pytest.approx(trace["forward_steps"] * fwd["roofline_step_s"]
+                                  + rounds * mix["roofline_step_s"]
                                   + trace["sae_steps"] * step["roofline_step_s"]
                                   + trace["eval_steps"] * ev["roofline_step_s"])
   assert trace["hours"] == pytest.approx(seconds / 3600)
@@ -121,16 +131,16 @@ def test_scan_bodies_count_every_trip():
 def test_a_study_that_does_not_fit_says_so_and_names_a_layout(tiny, reports, monkeypatch):
   target = planner.Target("v5e:2x2", dataclasses.replace(chips.TPUS["v5e"], hbm_bytes=1e6),
                           tuple(chips.tpu_devices("v5e:2x2")), 4, False)
-  trace = planner.project(tiny, target, reports[:3])
+  trace = planner.project(tiny, target, reports[:4])
   assert not trace["fits"] and trace["hbm_bytes_per_chip"] > 1e6
 
   def shrunk(cfg, tgt, mesh, family, mc):  # as if the (2, 2) layout needed 1000x less
     scale = 1e-3 if dict(mesh.shape) == {"data": 2, "model": 2} else 1.0
     return [{**r, **{k: r[k] * scale for k in r if k.endswith("bytes_per_chip")},
-             "fits": scale < 1, "mesh": dict(mesh.shape)} for r in reports[:3]]
+             "fits": scale < 1, "mesh": dict(mesh.shape)} for r in reports[:4]]
 
   monkeypatch.setattr(planner, "_plan_on", shrunk)
-  advice = planner._advice(tiny, target, None, None, reports[:3])
+  advice = planner._advice(tiny, target, None, None, reports[:4])
   assert advice.startswith("does not fit: ") and "GiB per chip" in advice
   assert advice.endswith("--mesh=2,2 fits") and "\n" not in advice
 

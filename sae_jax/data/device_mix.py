@@ -8,18 +8,22 @@ ids alone (host data, every host computes the same) the host decides which rows 
 kept (real tokens that are not BOS, padding or another special token) and in which order: the
 kept rows permuted by ``np.random.default_rng([seed, r])``, the very permutation of the host
 mixer (:class:`sae_jax.data.activations.ActivationStream`), so both paths give the same rows in
-the same order. That [capacity] int32 index array is sent to the devices with ``device_put``
-next to the token batches; nothing comes back. This host work of round r + 1 (building its
-token batches, keep masks and index, and putting them) runs in a background thread while the
-devices run round r: one round deep, and each round a pure function of r, so the rows are the
-same with or without it.
+the same order. From that order it also works out where every row goes (:mod:`sae_jax.data.
+exchange`): which "data" shard holds it after the forward, which shard serves it in which
+batch; two small int32 arrays per round are sent to the devices with ``device_put`` next to the
+token batches; nothing comes back. This host work of round r + 1 (token batches, keep masks,
+order, moves, puts) runs in a background thread while the devices run round r: one round deep,
+and each round a pure function of r (and of the rows carried into it), so the rows are the same
+with or without it.
 
-On the devices a round's activations are gathered in that order behind the ``size`` rows
-carried over from the previous round (the last rows that did not fill a batch), and batches are
-``size``-row slices at a dynamic offset, sharded on "data". Every shape is static (a short last
-round is padded, offsets are device scalars), so the gather and the slice compile once per
-batch size. The stream is global: every process sees the same batches, so a run resumes with
-any process count and a P-process run equals a one-process run.
+On the devices each shard sends each round row once, straight to the shard that serves it (one
+all-to-all), into a pool laid out batch by batch, behind the rows carried over from the
+previous round (the last rows that did not fill a batch, already where they are served);
+batches are ``size``-row slices of every shard's pool, sharded on "data", read with no
+communication. Every shape is static (the exchange's per-pair width is rounded up to a few
+sizes), so the programs compile a handful of times per batch size. The stream is global: every
+process sees the same batches, so a run resumes with any process count and a P-process run
+equals a one-process run.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from sae_jax import distributed, sharding
+from sae_jax.data import exchange
 from sae_jax.data.activations import (ActivationRows, ActivationStream, HookRows, MultiHookRows,
                                       keep_mask)
 from sae_jax.data.position import ServedPosition
@@ -58,11 +63,14 @@ class HostRound(NamedTuple):
 
 class StagedRound(NamedTuple):
   """A round ready for the devices: its host data, this host's forward steps' (ids, mask)
-  [P * B, T] global arrays and the plan's [capacity] index, already put."""
+  [P * B, T] global arrays, and the moves that put its rows where they are served (host
+  arrays, and ``send`` / ``gather`` already put)."""
 
   host: HostRound
   steps: list[tuple[jax.Array, jax.Array]]
-  index: jax.Array
+  moves: exchange.Exchange
+  send: jax.Array
+  gather: jax.Array
 
 
 class DeviceStream:
@@ -92,7 +100,8 @@ class DeviceStream:
     if procs > 1 and not self.on_mesh:
       raise ConfigError("on several processes the model must be loaded onto the mesh "
                         "(sj.load_model(..., mesh=mesh)) for the on-device data path")
-    self._replicated = NamedSharding(mesh, P())
+    # Block 0 of a round's pool, on the devices once (a take returns the next slot).
+    self._slot0 = jax.device_put(np.int32(0), NamedSharding(mesh, P()))
     self._sizes: dict[int, int] = {}
     self._compiled: dict[int, tuple] = {}
     # The last round's host data, built once on the main thread: round_size, plan and
@@ -145,30 +154,45 @@ class DeviceStream:
         plan.index[:plan.n]]
     return ActivationRows({}, *(take(f) for f in ("ids", "doc", "pos", "language")))
 
-  def stage(self, host: HostRound) -> StagedRound:
+  def layout(self, size: int) -> exchange.Layout:
+    """The exchange's static shapes for blocks of ``size`` rows."""
+    n = self.mesh.shape["data"]
+    if size % n:
+      raise ConfigError(f"blocks of {size} rows do not split over the mesh's 'data' axis of "
+                        f"size {n}")
+    return exchange.layout(n, size, self.capacity, self.step_shape[0] * self.step_shape[1],
+                           self.step_shape[1], self.step_shape[0] % n == 0)
+
+  def stage(self, host: HostRound, lay: exchange.Layout, have: int = 0,
+            skip: int = 0) -> StagedRound:
     """Round ``host.r`` put on the devices: this host's token batches of its forward steps
-    (a global array from every process's share) and the index (explicit puts)."""
+    (a global array from every process's share) and the moves that serve its kept rows from
+    the ``skip``-th on, behind ``have`` carried rows (explicit puts)."""
     put = ((lambda a: distributed.to_global(a, self.ids_sharding)) if self.on_mesh
            else jax.device_put)  # a model on one device: its inputs on that device
     lo = host.r * self.steps_per_round
     hi = min(lo + self.steps_per_round, self.n_steps)
     procs, me = self.batches.process_count, self.batches.process_index
     local = [host.batches[i * procs + me] for i in range(lo, hi)]  # this host's
-    return StagedRound(host, [(put(b.ids), put(b.mask)) for b in local],
-                       jax.device_put(host.plan.index, self._replicated))
+    moves = exchange.plan(host.plan.index[skip:host.plan.n], have, lay)
+    return StagedRound(host, [(put(b.ids), put(b.mask)) for b in local], moves,
+                       *exchange.put(moves, self.mesh))
 
-  def staged_rounds(self, first: int) -> Iterator[StagedRound]:
-    """Rounds ``first``, ``first + 1``, ... staged, the next one built and put by a background
-    thread while the caller runs this one (one deep; the same rounds as without it: each is a
-    pure function of r). The producer's exception is raised here, on the caller's thread; the
-    thread ends when the iterator ends, fails or is closed."""
+  def staged_rounds(self, first: int, size: int, skip: int = 0) -> Iterator[StagedRound]:
+    """Rounds ``first``, ``first + 1``, ... staged for blocks of ``size`` rows (the first
+    round from its ``skip``-th kept row), the next one built and put by a background thread
+    while the caller runs this one (one deep; the same rounds as without it: each is a pure
+    function of r and the rows carried into it). The producer's exception is raised here, on
+    the caller's thread; the thread ends when the iterator ends, fails or is closed."""
+    lay = self.layout(size)
     pool = ThreadPoolExecutor(1, thread_name_prefix="sae_jax-device-mix")
     try:
-      pending = pool.submit(self.stage, self._cached(first))
+      pending = pool.submit(self.stage, self._cached(first), lay, 0, skip)
       for r in range(first, self.n_rounds):
         staged = pending.result()  # the producer's exception, re-raised as it was
         if r + 1 < self.n_rounds:
-          pending = pool.submit(lambda r: self.stage(self.host_round(r)), r + 1)
+          pending = pool.submit(lambda r, have: self.stage(self.host_round(r), lay, have),
+                                r + 1, staged.moves.left)
         self._sizes[r] = staged.host.plan.n
         yield staged
     finally:
@@ -187,24 +211,17 @@ class DeviceStream:
       out.append(acts if self.on_mesh else jax.device_put(acts, acts_sharding))
     return out + [out[-1]] * (self.steps_per_round - len(out))  # never indexed
 
-  def _row_sharding(self, n: int):
-    return sharding.sharding_for_shape(self.mesh, ("batch", "embed"), (n, self.d_model))
-
-  def _programs(self, size: int):
-    """(zeros, mix, take) compiled for blocks of ``size`` rows; ``take`` also returns the next
-    block's offset, so serving a block puts nothing on the devices."""
-    if size in self._compiled:
-      return self._compiled[size]
-    pool = self._row_sharding(size + self.capacity)
-    block = {h: self._row_sharding(size) for h in self.hooks}
-    zeros = jax.jit(lambda: {h: jnp.zeros((size, self.d_model), jnp.float32)
-                             for h in self.hooks}, out_shardings=block)
-    mix = jax.jit(_mix, out_shardings={h: pool for h in self.hooks})
-    take = jax.jit(lambda p, o: ({h: jax.lax.dynamic_slice_in_dim(a, o, size)
-                                  for h, a in p.items()}, o + size),
-                   out_shardings=(block, self._replicated))
-    self._compiled[size] = zeros, mix, take
-    return self._compiled[size]
+  def _programs(self, lay: exchange.Layout, m: int):
+    """(zeros, mix, take) for ``lay`` and ``m`` rows per exchanged pair: each compiles once."""
+    key = (lay, m)
+    if key not in self._compiled:
+      block = sharding.sharding_for_shape(self.mesh, ("batch", "embed"),
+                                          (lay.size, self.d_model))
+      zeros = jax.jit(lambda: {h: jnp.zeros((lay.size, self.d_model), jnp.float32)
+                               for h in self.hooks}, out_shardings={h: block for h in self.hooks})
+      self._compiled[key] = (zeros, exchange.mix_program(self.mesh, lay, m),
+                             exchange.take_program(self.mesh, lay))
+    return self._compiled[key]
 
   def _first_round(self, start: int) -> tuple[int, int]:
     """(the round holding row ``start``, the rows before it), counted from the token ids."""
@@ -218,35 +235,23 @@ class DeviceStream:
 
   def blocks(self, start: int, size: int) -> Iterator[dict[str, jax.Array]]:
     """Consecutive {hook: [size, D]} blocks of the mixed stream from row ``start`` on (the
-    rounds before the one holding it are only counted)."""
-    zeros, mix, take = self._programs(size)
-    offset = lambda o: jax.device_put(np.int32(o), self._replicated)  # once a round
+    rounds before the one holding it are only counted). ``size`` must split over "data"."""
     first, seen = self._first_round(start)
     if first == self.n_rounds:
       return
-    carry, have = zeros(), 0  # the carried rows: the last ``have`` of ``carry``
-    rounds = self.staged_rounds(first)
+    rounds = self.staged_rounds(first, size, start - seen)
     with contextlib.closing(rounds):
+      carry = None  # block 0's first rows of the next round: the unfinished block
       for staged in rounds:
-        n, skip = staged.host.plan.n, max(start - seen, 0)
-        pool = sharding.settle(mix(carry, self._forward(staged), staged.index), self.mesh)
-        o, end = size - have + skip, size + n  # valid rows of the pool: [size - have, end)
-        at = offset(o)
-        while o + size <= end:
+        zeros, mix, take = self._programs(self.layout(size), staged.moves.m)
+        carry = zeros() if carry is None else carry
+        pool = sharding.settle(mix(carry, self._forward(staged), staged.send, staged.gather),
+                               self.mesh)
+        at = self._slot0
+        for _ in range(staged.moves.full):
           got, at = sharding.settle(take(pool, at), self.mesh)
           yield got
-          o += size
-        (carry, _), have = sharding.settle(take(pool, offset(end - size)), self.mesh), end - o
-        seen += n
-
-
-def _mix(carry: dict, steps: list[dict], index: jax.Array) -> dict:
-  """{hook: [C + capacity, D]}: the carried rows, then the round's rows gathered by index."""
-  out = {}
-  for h, c in carry.items():
-    rows = jnp.concatenate([s[h].reshape(-1, s[h].shape[-1]) for s in steps])
-    out[h] = jnp.concatenate([c, jnp.take(rows.astype(jnp.float32), index, axis=0)])
-  return out
+        carry, _ = sharding.settle(take(pool, at), self.mesh)
 
 
 class DeviceBatches(ServedPosition):
@@ -277,11 +282,14 @@ class DeviceBatches(ServedPosition):
 
   def __iter__(self) -> Iterator:
     if self.holdout and self.eval_rows is None:
-      with contextlib.closing(self.stream.blocks(0, self.holdout)) as held_blocks:
+      n = self.stream.mesh.shape["data"]
+      padded = -(-self.holdout // n) * n  # a block splits over "data"; the rest is unused
+      with contextlib.closing(self.stream.blocks(0, padded)) as held_blocks:
         held = next(held_blocks, None)  # closed now: no round is prepared for nothing
       if held is None:
         raise DataError(f"eval_tokens={self.holdout} is more than the stream's rows")
-      self.eval_rows = self._pick(distributed.to_host(held))
+      self.eval_rows = jax.tree.map(lambda a: a[:self.holdout],
+                                    self._pick(distributed.to_host(held)))
     total, b = self.total_batches, self.batch_size
     with contextlib.closing(self.stream.blocks(self.holdout + self.served * b, b)) as blocks:
       for index, block in enumerate(blocks, start=self.served):

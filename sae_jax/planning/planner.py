@@ -24,6 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from sae_jax import evals, sharding
 from sae_jax.config import MeshConfig
+from sae_jax.data import exchange
 from sae_jax.errors import ConfigError
 from sae_jax.models import base
 from sae_jax.models.hf import abstract_model
@@ -37,7 +38,7 @@ from sae_jax.trace_config import TraceConfig
 from sae_jax.train.state import _init_state
 from sae_jax.train.step import make_train_step
 
-FUNCTIONS = ("forward", "sae_step", "eval")
+FUNCTIONS = ("forward", "mix", "sae_step", "eval")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,8 +89,27 @@ def build_functions(cfg: TraceConfig, mesh: Mesh, family, mc) -> list[Built]:
   rows = b * (t - 1 if mc.bos_token_id is not None else t)  # BOS rows are dropped
   # Worst case of the step: the AuxK columns it compiles once latents are dead.
   return [Built("forward", jax.jit(forward), (params, ids, ids), rows),
+          _mix(cfg, mesh, mc.d_model, dtype, rows),
           Built("sae_step", step.jitted(step.k_aux), (state, x), cfg.train.batch_size),
           Built("eval", jax.jit(evaluate), (params, sae_state, ids, ids), b * t)]
+
+
+def _mix(cfg: TraceConfig, mesh: Mesh, d: int, dtype, rows: int) -> Built:
+  """The on-device mixing buffer's exchange for one round of ``buffer_batches`` forwards (every
+  hook at once), its all-to-all as wide as a uniform round needs (:mod:`sae_jax.data.exchange`)."""
+  b, t, n = cfg.data.batch_size, cfg.data.ctx_len, mesh.shape["data"]
+  steps_per_round = cfg.data.buffer_batches
+  lay = exchange.layout(n, cfg.train.batch_size, steps_per_round * b * t, b * t, t, b % n == 0)
+  m = exchange.expected_width(lay, steps_per_round * rows)
+  row = lambda shape, dt, axes: _abstract(shape, dt, mesh, axes)
+  carry = {h: row((lay.size, d), jnp.float32, ("batch", "embed")) for h in cfg.hooks}
+  steps = [{h: row((b, t, d), dtype, ("batch", "length", "embed")) for h in cfg.hooks}
+           for _ in range(steps_per_round)]
+  data = NamedSharding(mesh, P("data"))
+  send = jax.ShapeDtypeStruct((n, n * m), jnp.int32, sharding=data)
+  gather = jax.ShapeDtypeStruct((n, lay.slots * lay.per), jnp.int32, sharding=data)
+  return Built("mix", exchange.mix_program(mesh, lay, m), (carry, steps, send, gather),
+               steps_per_round * rows)
 
 
 def _shards(arg, mesh: Mesh) -> int:
@@ -185,10 +205,15 @@ def project(cfg: TraceConfig, target: Target, reports: list[dict]) -> dict:
   step = by["sae_step"]
   # Resident at once: the model's weights (forward arguments) and the SAE state (the step's
   # arguments, updated in place); on top, the working memory of whichever function runs.
+  # The mixing buffer's pool stays while the round's SAE steps read it; the round's forward
+  # outputs (the mix's arguments) exist until it is built.
   resident = by["forward"]["argument_bytes_per_chip"] + step["argument_bytes_per_chip"]
+  mix = by["mix"]
   working = max(by["forward"]["temp_bytes_per_chip"] + by["forward"]["output_bytes_per_chip"],
+                mix["argument_bytes_per_chip"] + mix["temp_bytes_per_chip"]
+                + mix["output_bytes_per_chip"],
                 step["temp_bytes_per_chip"] + step["output_bytes_per_chip"]
-                - step["alias_bytes_per_chip"],
+                - step["alias_bytes_per_chip"] + mix["output_bytes_per_chip"],
                 by["eval"]["hbm_bytes_per_chip"] - by["forward"]["argument_bytes_per_chip"])
   peak = resident + working
   capacity = target.per_device.hbm_bytes

@@ -83,9 +83,10 @@ class StudyCounts:
   forward_steps: int
   sae_steps: int
   eval_steps: int
+  rounds: int  # on-device mixing rounds: one per buffer_batches forwards
 
   def steps(self, name: str) -> int:
-    return {"forward": self.forward_steps, "sae_step": self.sae_steps,
+    return {"forward": self.forward_steps, "mix": self.rounds, "sae_step": self.sae_steps,
             "eval": self.eval_steps}[name]
 
 
@@ -116,4 +117,5 @@ def study_counts(cfg: TraceConfig, rows_per_forward: int) -> StudyCounts:
   return StudyCounts(
       checkpoints=n_ckpt, hooks=len(cfg.hooks), saes=saes, tokens_per_sae=int(tokens),
       forward_steps=n_ckpt * forward, sae_steps=saes * math.ceil(tokens / cfg.train.batch_size),
-      eval_steps=saes * cfg.outputs.eval_batches * EVAL_FORWARDS)
+      eval_steps=saes * cfg.outputs.eval_batches * EVAL_FORWARDS,
+      rounds=n_ckpt * math.ceil(forward / cfg.data.buffer_batches))
