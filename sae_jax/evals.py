@@ -13,7 +13,9 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from sae_jax import sharding
 from sae_jax.saes import registry
 from sae_jax.saes.base import normalize_inputs
 from sae_jax.saes.sae import SAE, reconstruct_rows
@@ -81,14 +83,24 @@ class SpliceReconstruct:
     return reconstruct_rows(self.cfg, args["params"], args["buffers"], flat).reshape(x.shape)
 
 
-def spliced_metrics(model, sae: SAE, hook: str, batches, max_batches: int | None = None
-                    ) -> dict[str, float]:
+def _global(a, mesh: Mesh, axes) -> jax.Array:
+  """A host array every process holds whole -> a global array on ``mesh`` (each device copies
+  its own slice: no process needs another's data)."""
+  a = np.asarray(a)
+  spec = sharding.sharding_for_shape(mesh, axes, a.shape) if axes else NamedSharding(mesh, P())
+  return jax.make_array_from_callback(a.shape, spec, lambda index: a[index])
+
+
+def spliced_metrics(model, sae: SAE, hook: str, batches, max_batches: int | None = None,
+                    mesh: Mesh | None = None) -> dict[str, float]:
   """LM-loss metrics with the SAE's reconstruction spliced in at ``hook``.
 
   ce_clean, ce_sae, ce_ablated (the site zero-ablated), ce_loss_recovered =
   (ce_ablated - ce_sae) / (ce_ablated - ce_clean), delta_lm_loss = ce_sae - ce_clean, and
   kl_sae = mean KL(clean || with SAE) per predicted token. ``batches``: TokenBatch-like items
-  with ``ids`` and ``mask`` [B, T].
+  with ``ids`` and ``mask`` [B, T]. ``mesh``: the model's mesh when it spans several processes;
+  every process then calls this with the same batches and SAE (a collective evaluation: each
+  batch split over "data", the SAE replicated), and every process gets the metrics.
   """
   if isinstance(sae, SAE):
     # The weights go in as splice arguments, not in a closure: the compiled forward is then
@@ -97,12 +109,15 @@ def spliced_metrics(model, sae: SAE, hook: str, batches, max_batches: int | None
   else:  # anything with reconstruct([N, D]) (a baseline, a peer's SAE): spliced as a closure
     recon = lambda x, args: sae.reconstruct(x.reshape(-1, x.shape[-1])).reshape(x.shape)
     state = {}
+  put = jnp.asarray if mesh is None else (lambda a: _global(a, mesh, ("batch", "length")))
+  if mesh is not None:
+    state = jax.tree.map(lambda a: _global(a, mesh, None), state)
   sums = {"clean": 0.0, "sae": 0.0, "ablated": 0.0, "kl": 0.0}
   count = 0.0
   for i, b in enumerate(batches):
     if max_batches is not None and i >= max_batches:
       break
-    ids, mask = jnp.asarray(b.ids), jnp.asarray(b.mask)
+    ids, mask = put(b.ids), put(b.mask)
     clean = model.logits(ids, mask)
     with_sae = model.logits(ids, mask, splice={hook: recon}, splice_args={hook: state})
     ablated = model.logits(ids, mask, splice={hook: jnp.zeros_like})

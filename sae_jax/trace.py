@@ -285,23 +285,29 @@ def _trace_checkpoint(cfg: TraceConfig, st: store.Store, rev: str, todo: list[_P
 
 class EvaluateAndExport:
   """The trace's completion hook: the spliced LM evaluation into ``eval.json``, then the
-  exports. Only process 0 runs it, on the whole held-out stream (not its shard of it), so
-  eval.json does not depend on the number of hosts."""
+  exports, on the whole held-out stream (every process reads all of it), so eval.json does not
+  depend on the number of hosts. A model on a mesh across several processes evaluates on that
+  mesh with every process taking part (``collective``: the trainer calls the hook on every
+  process); process 0 alone writes."""
 
   def __init__(self, cfg: TraceConfig, model, rev: str, log_fn):
     self.cfg, self.model, self.rev, self.log_fn = cfg, model, rev, log_fn
-    # On several hosts a model on the global mesh runs only with every host: process 0
-    # evaluates with a copy of its own (loaded when the first SAE is done).
-    self.eval_model = model if model.mesh is None or jax.process_count() == 1 else None
+    self.collective = model.mesh is not None and jax.process_count() > 1
     self.eval_batches = sj_data.token_batches(
         model, cfg.data.replace(seed=cfg.data.seed + 7919), 0, 1)
+    self._said = False
 
   def __call__(self, sae: SAE, run: store.RunDir) -> None:
     hook = sae.metadata["hook_name"]
-    if self.eval_model is None:
-      self.eval_model = load_model(self.cfg.model, revision=self.rev, dtype=self.cfg.extract.dtype)
-    lm = evals.spliced_metrics(self.eval_model, sae, hook, self.eval_batches,
-                               self.cfg.outputs.eval_batches)
+    mesh = self.model.mesh if self.collective else None
+    lm = evals.spliced_metrics(self.model, sae, hook, self.eval_batches,
+                               self.cfg.outputs.eval_batches, mesh=mesh)
+    if not distributed.is_primary():
+      return
+    if mesh is not None and not self._said:
+      self._said = True
+      self.log_fn(f"{self.rev}: spliced evaluation on the {dict(mesh.shape)} mesh across "
+                  f"{jax.process_count()} processes")
     store.atomic_write_json(run.eval, {**sae.metadata.get("eval", {}), **lm})
     for fmt in self.cfg.outputs.exports:
       try:

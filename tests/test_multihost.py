@@ -76,6 +76,9 @@ def test_two_process_trace_gives_the_same_saes_as_one(tiny_toy, tmp_path):
   for k in ("fvu", "ce_sae", "ce_loss_recovered"):
     assert abs(ea[k] - eb[k]) < 1e-4, (k, ea[k], eb[k])
   assert (tmp_path / "two" / "summary.csv").read_text().count("\n") == 2
+  # The spliced evaluation ran on the mesh across both processes (no second model copy).
+  assert ("spliced evaluation on the {'data': 2, 'model': 2} mesh across 2 processes"
+          in (tmp_path / "two" / "trace.log").read_text())
 
 
 def test_per_host_streams_of_unequal_length_stop_together(tmp_path):

@@ -32,7 +32,9 @@ SINGLE = None
 
 class CompletionHook(Protocol):
   """Called once per finished SAE, after it is saved and before COMPLETE is written (so it
-  runs again if the process dies in between: it must be idempotent)."""
+  runs again if the process dies in between: it must be idempotent). On process 0 only, unless
+  the hook has ``collective = True`` (it runs collectives across processes): then on every
+  process, which must leave the writing to process 0."""
 
   def __call__(self, sae: SAE, run: store.RunDir) -> None: ...
 
