@@ -279,3 +279,46 @@ def test_bfloat16_state_keeps_its_dtypes_across_steps(blocks):
     state, _ = step(state, x)
   assert jax.tree.map(lambda a: a.dtype, state) == before
   assert len(step._compiled) == 1
+
+
+def _np_first_batch_fvu(x, w_enc, w_dec, b_dec, k):
+  """FVU of the TopK reconstruction of x [N, D] at encoder w_enc [D, M] (numpy, b_enc = 0)."""
+  pre = np.maximum((x - b_dec) @ w_enc, 0.0)
+  idx = np.argsort(-pre, axis=1)[:, :k]
+  acts = np.zeros_like(pre)
+  np.put_along_axis(acts, idx, np.take_along_axis(pre, idx, axis=1), axis=1)
+  x_hat = acts @ w_dec + b_dec
+  return ((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
+
+
+def test_linear_fit_encoder_scale_minimises_the_first_batch_error():
+  # The fitted init is the linear draw times one scalar c, fitted on the sharded 2x4 mesh; in
+  # numpy, c gives a lower first-batch FVU than 0.9 c or 1.1 c. The data is scaled by 3 so
+  # that c is far from 1 (the drawn scale is not already the fit).
+  x = np.asarray(_data(1)[0], np.float64) * 3.0
+  cfg = sj.SAEConfig(d_in=D, d_sae=M, k=4)
+  grid = sj.make_mesh(sj.MeshConfig(data=2, model=4))
+  one = sj.make_mesh(sj.MeshConfig(data=1, model=1), devices=jax.devices()[:1])
+  lin = init_train_state(cfg, sj.TrainConfig(batch_size=N, encoder_init="linear"), one, x)
+  fit = init_train_state(cfg, sj.TrainConfig(batch_size=N, encoder_init="linear_fit"), grid, x)
+  assert fit.params["W_enc"].sharding.spec == jax.sharding.PartitionSpec(None, "model")
+  w0, w = np.asarray(lin.params["W_enc"], np.float64), np.asarray(fit.params["W_enc"], np.float64)
+  c = (w * w0).sum() / (w0 * w0).sum()
+  np.testing.assert_allclose(w, c * w0, rtol=1e-5, atol=1e-7)
+  for name in ("W_dec", "b_dec", "b_enc"):
+    np.testing.assert_allclose(fit.params[name], lin.params[name], rtol=1e-5, atol=1e-6)
+  args = (np.asarray(lin.params["W_dec"], np.float64), np.asarray(lin.params["b_dec"], np.float64))
+  best = _np_first_batch_fvu(x, w, *args, 4)
+  assert abs(c - 1) > 0.2, c
+  assert best < _np_first_batch_fvu(x, 0.9 * w, *args, 4)
+  assert best < _np_first_batch_fvu(x, 1.1 * w, *args, 4)
+  assert best < _np_first_batch_fvu(x, w0, *args, 4)
+
+
+def test_linear_fit_encoder_init_is_refused_for_other_architectures():
+  cfg = sj.SAEConfig(architecture="jumprelu", d_in=D, d_sae=M, k=4)
+  mesh = sj.make_mesh(sj.MeshConfig(data=1, model=1), devices=jax.devices()[:1])
+  with pytest.raises(ConfigError, match=r"encoder_init='linear_fit' needs architecture 'topk' "
+                                        r"\(got 'jumprelu'\)"):
+    init_train_state(cfg, sj.TrainConfig(batch_size=N, encoder_init="linear_fit"), mesh,
+                     _data(1)[0])
