@@ -315,10 +315,43 @@ def test_linear_fit_encoder_scale_minimises_the_first_batch_error():
   assert best < _np_first_batch_fvu(x, w0, *args, 4)
 
 
-def test_linear_fit_encoder_init_is_refused_for_other_architectures():
+@pytest.mark.parametrize("init", ["linear_fit", "data"])
+def test_first_batch_encoder_inits_are_refused_for_other_architectures(init):
   cfg = sj.SAEConfig(architecture="jumprelu", d_in=D, d_sae=M, k=4)
   mesh = sj.make_mesh(sj.MeshConfig(data=1, model=1), devices=jax.devices()[:1])
-  with pytest.raises(ConfigError, match=r"encoder_init='linear_fit' needs architecture 'topk' "
+  with pytest.raises(ConfigError, match=rf"encoder_init='{init}' needs architecture 'topk' "
                                         r"\(got 'jumprelu'\)"):
-    init_train_state(cfg, sj.TrainConfig(batch_size=N, encoder_init="linear_fit"), mesh,
-                     _data(1)[0])
+    init_train_state(cfg, sj.TrainConfig(batch_size=N, encoder_init=init), mesh, _data(1)[0])
+
+
+def test_data_encoder_init_places_first_batch_directions():
+  # encoder_init="data" on the sharded 2x4 mesh, checked in numpy against the linear draw of the
+  # same seed: the first min(N, M) = N latents lie along N distinct first-batch tokens less
+  # b_dec (decoder rows unit, encoder columns at the drawn columns' norms), the rest are the
+  # linear draw, then W_enc is times the scalar c that minimises the first-batch error. The
+  # offset makes b_dec far from 0, so the centring is checked too.
+  x = np.asarray(_data(1)[0], np.float64) + 5.0
+  cfg = sj.SAEConfig(d_in=D, d_sae=M, k=4)
+  grid = sj.make_mesh(sj.MeshConfig(data=2, model=4))
+  one = sj.make_mesh(sj.MeshConfig(data=1, model=1), devices=jax.devices()[:1])
+  lin = init_train_state(cfg, sj.TrainConfig(batch_size=N, encoder_init="linear"), one, x)
+  got = init_train_state(cfg, sj.TrainConfig(batch_size=N, encoder_init="data"), grid, x)
+  assert got.params["W_dec"].sharding.spec == jax.sharding.PartitionSpec("model", None)
+  p0 = {n: np.asarray(v, np.float64) for n, v in lin.params.items()}
+  p = {n: np.asarray(v, np.float64) for n, v in got.params.items()}
+  np.testing.assert_allclose(p["b_dec"], p0["b_dec"], rtol=1e-5, atol=1e-6)
+  assert np.linalg.norm(p["b_dec"]) > 10.0
+  xc = x - p["b_dec"]
+  u = xc / np.linalg.norm(xc, axis=1, keepdims=True)
+  tok = (p["W_dec"][:N] @ u.T).argmax(1)  # [N latents] -> token
+  assert len(set(tok.tolist())) == N  # distinct tokens
+  np.testing.assert_allclose(p["W_dec"][:N], u[tok], atol=1e-5)
+  np.testing.assert_allclose(p["W_dec"][N:], p0["W_dec"][N:], atol=1e-6)
+  w = p0["W_enc"].copy()
+  w[:, :N] = u[tok].T * np.linalg.norm(w[:, :N], axis=0)
+  c = (p["W_enc"] * w).sum() / (w * w).sum()
+  np.testing.assert_allclose(p["W_enc"], c * w, rtol=1e-5, atol=1e-6)
+  best = _np_first_batch_fvu(x, c * w, p["W_dec"], p["b_dec"], 4)
+  assert abs(c - 1) > 0.2, c
+  assert best < _np_first_batch_fvu(x, 0.9 * c * w, p["W_dec"], p["b_dec"], 4)
+  assert best < _np_first_batch_fvu(x, 1.1 * c * w, p["W_dec"], p["b_dec"], 4)

@@ -106,7 +106,7 @@ def state_shardings(sae_cfg: SAEConfig, tcfg: TrainConfig, mesh: Mesh) -> TrainS
 
 def _init_state(sae_cfg, tcfg, first_batch, key, init_params=None) -> TrainState:
   arch = registry.get(sae_cfg.architecture)
-  fit = tcfg.encoder_init == "linear_fit"
+  fit = tcfg.encoder_init in ("linear_fit", "data")
   params = arch.init_params(key, sae_cfg, "linear" if fit else tcfg.encoder_init)
   warm = init_params is not None
   if warm:  # warm start: another SAE's parameters (same shapes), fresh optimizer and counters
@@ -119,7 +119,9 @@ def _init_state(sae_cfg, tcfg, first_batch, key, init_params=None) -> TrainState
       x, _ = normalize_inputs(first_batch, sae_cfg.normalize, buffers["norm_scale"])
       b_dec = geometric_median(x, tcfg.geometric_median_iters)
       params["b_dec"] = b_dec.astype(params["b_dec"].dtype)
-      if fit:
+      if tcfg.encoder_init == "data":
+        params = data_directions(params, x, jax.random.fold_in(key, 1), arch.decoder_row_norm())
+      if fit:  # "data" too: on correlated tokens the k aligned latents overshoot ~k-fold
         c = fitted_encoder_scale(arch, params, buffers, x, sae_cfg)
         params["W_enc"] = (params["W_enc"].astype(jnp.float32) * c).astype(params["W_enc"].dtype)
   opt_state = make_optimizer(sae_cfg, tcfg).init(params)
@@ -156,6 +158,25 @@ def fitted_encoder_scale(arch, params, buffers, x: jax.Array, cfg: SAEConfig,
   return jnp.where(ok, num / jnp.where(ok, den, 1.0), 1.0)
 
 
+def data_directions(params, x: jax.Array, key: jax.Array, row_norm: float = 1.0) -> dict:
+  """Latents 0..m-1 (m = min(N, M)) along m distinct tokens of x [N, D] less b_dec: W_dec rows
+  the unit directions times ``row_norm``, W_enc [D, M] columns the same directions at the drawn
+  columns' norms (the linear init's magnitude, which learned best in quality_note.md). The other
+  latents, and any token at b_dec (no direction), keep the drawn weights."""
+  w_enc, w_dec = params["W_enc"], params["W_dec"]
+  m = min(x.shape[0], w_dec.shape[0])
+  xc = x[jax.random.permutation(key, x.shape[0])[:m]].astype(jnp.float32)
+  xc = xc - params["b_dec"].astype(jnp.float32)
+  norm = jnp.linalg.norm(xc, axis=1, keepdims=True)
+  ok = norm > 0
+  u = xc / jnp.where(ok, norm, 1.0)
+  enc, dec = w_enc[:, :m].astype(jnp.float32), w_dec[:m].astype(jnp.float32)
+  enc = jnp.where(ok.T, u.T * jnp.linalg.norm(enc, axis=0, keepdims=True), enc)
+  dec = jnp.where(ok, u * row_norm, dec)
+  return {**params, "W_enc": w_enc.at[:, :m].set(enc.astype(w_enc.dtype)),
+          "W_dec": w_dec.at[:m].set(dec.astype(w_dec.dtype))}
+
+
 def check_batch(x, d_in: int, what: str = "activations") -> None:
   """Raise a DataError unless x is a floating [n, d_in] array."""
   shape = getattr(x, "shape", None)
@@ -182,8 +203,8 @@ def init_train_state(sae_cfg: SAEConfig, tcfg: TrainConfig, mesh: Mesh, first_ba
   if not bool(jnp.isfinite(first_batch).all()):
     raise DataError("the first batch contains NaN or Inf; b_dec cannot be initialised from it")
   sharding.check_divisible(sae_cfg.d_sae, mesh, "model", "d_sae")
-  if tcfg.encoder_init == "linear_fit" and sae_cfg.architecture != "topk":
-    raise ConfigError(f"encoder_init='linear_fit' needs architecture 'topk' (got "
+  if tcfg.encoder_init in ("linear_fit", "data") and sae_cfg.architecture != "topk":
+    raise ConfigError(f"encoder_init={tcfg.encoder_init!r} needs architecture 'topk' (got "
                       f"{sae_cfg.architecture!r}); for it use 'linear' or 'tied'")
   key = jax.random.key(tcfg.seed) if key is None else key
   shardings = state_shardings(sae_cfg, tcfg, mesh)
