@@ -16,7 +16,7 @@ from sae_jax.errors import ConfigError
 NORMALIZATIONS = ("none", "unit_norm", "expected_norm")
 DTYPES = ("float32", "bfloat16", "float16")
 LR_SCHEDULES = ("constant", "cosine")
-ENCODER_INITS = ("tied", "linear")
+ENCODER_INITS = ("tied", "linear", "linear_fit", "data")
 AUXK_IMPLS = ("auto", "sparse", "dense")
 KERNELS = ("xla", "pallas")
 
@@ -227,9 +227,9 @@ class TrainConfig(_JsonMixin):
       (dense on GPU/TPU when k_aux is at least 1/64 of that block; sparse on the CPU, where
       both measured alike at the default shape, and whenever the latents are sharded).
     encoder_init: ``linear`` (the default; the paper's and sparsify's: W_enc a default linear
-      layer, uniform in +-1/sqrt(d_in), and the decoder a unit-normalised copy of it) or
-      ``tied`` (decoder rows random unit directions, W_enc = W_dec^T: a unit encoder, which
-      learns less per token; see experiments/benchmarks/quality_note.md).
+      layer, uniform in +-1/sqrt(d_in), decoder a unit copy), ``linear_fit`` (TopK: W_enc times
+      the scalar best fitting the first batch), ``data`` (TopK: min(n, d_sae) latents along
+      first-batch tokens less b_dec, then fitted so), ``tied``; benchmarks/quality_note.md.
     kernels: how the sparse parts of the TopK step run: ``xla`` (the default: gathers and
       scatter-adds) or ``pallas`` (Pallas kernels: Triton on GPU, Mosaic on TPU, interpreted
       elsewhere; opt-in until measured faster on the hardware). Same results up to float32

@@ -279,3 +279,79 @@ def test_bfloat16_state_keeps_its_dtypes_across_steps(blocks):
     state, _ = step(state, x)
   assert jax.tree.map(lambda a: a.dtype, state) == before
   assert len(step._compiled) == 1
+
+
+def _np_first_batch_fvu(x, w_enc, w_dec, b_dec, k):
+  """FVU of the TopK reconstruction of x [N, D] at encoder w_enc [D, M] (numpy, b_enc = 0)."""
+  pre = np.maximum((x - b_dec) @ w_enc, 0.0)
+  idx = np.argsort(-pre, axis=1)[:, :k]
+  acts = np.zeros_like(pre)
+  np.put_along_axis(acts, idx, np.take_along_axis(pre, idx, axis=1), axis=1)
+  x_hat = acts @ w_dec + b_dec
+  return ((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
+
+
+def test_linear_fit_encoder_scale_minimises_the_first_batch_error():
+  # The fitted init is the linear draw times one scalar c, fitted on the sharded 2x4 mesh; in
+  # numpy, c gives a lower first-batch FVU than 0.9 c or 1.1 c. The data is scaled by 3 so
+  # that c is far from 1 (the drawn scale is not already the fit).
+  x = np.asarray(_data(1)[0], np.float64) * 3.0
+  cfg = sj.SAEConfig(d_in=D, d_sae=M, k=4)
+  grid = sj.make_mesh(sj.MeshConfig(data=2, model=4))
+  one = sj.make_mesh(sj.MeshConfig(data=1, model=1), devices=jax.devices()[:1])
+  lin = init_train_state(cfg, sj.TrainConfig(batch_size=N, encoder_init="linear"), one, x)
+  fit = init_train_state(cfg, sj.TrainConfig(batch_size=N, encoder_init="linear_fit"), grid, x)
+  assert fit.params["W_enc"].sharding.spec == jax.sharding.PartitionSpec(None, "model")
+  w0, w = np.asarray(lin.params["W_enc"], np.float64), np.asarray(fit.params["W_enc"], np.float64)
+  c = (w * w0).sum() / (w0 * w0).sum()
+  np.testing.assert_allclose(w, c * w0, rtol=1e-5, atol=1e-7)
+  for name in ("W_dec", "b_dec", "b_enc"):
+    np.testing.assert_allclose(fit.params[name], lin.params[name], rtol=1e-5, atol=1e-6)
+  args = (np.asarray(lin.params["W_dec"], np.float64), np.asarray(lin.params["b_dec"], np.float64))
+  best = _np_first_batch_fvu(x, w, *args, 4)
+  assert abs(c - 1) > 0.2, c
+  assert best < _np_first_batch_fvu(x, 0.9 * w, *args, 4)
+  assert best < _np_first_batch_fvu(x, 1.1 * w, *args, 4)
+  assert best < _np_first_batch_fvu(x, w0, *args, 4)
+
+
+@pytest.mark.parametrize("init", ["linear_fit", "data"])
+def test_first_batch_encoder_inits_are_refused_for_other_architectures(init):
+  cfg = sj.SAEConfig(architecture="jumprelu", d_in=D, d_sae=M, k=4)
+  mesh = sj.make_mesh(sj.MeshConfig(data=1, model=1), devices=jax.devices()[:1])
+  with pytest.raises(ConfigError, match=rf"encoder_init='{init}' needs architecture 'topk' "
+                                        r"\(got 'jumprelu'\)"):
+    init_train_state(cfg, sj.TrainConfig(batch_size=N, encoder_init=init), mesh, _data(1)[0])
+
+
+def test_data_encoder_init_places_first_batch_directions():
+  # encoder_init="data" on the sharded 2x4 mesh, checked in numpy against the linear draw of the
+  # same seed: the first min(N, M) = N latents lie along N distinct first-batch tokens less
+  # b_dec (decoder rows unit, encoder columns at the drawn columns' norms), the rest are the
+  # linear draw, then W_enc is times the scalar c that minimises the first-batch error. The
+  # offset makes b_dec far from 0, so the centring is checked too.
+  x = np.asarray(_data(1)[0], np.float64) + 5.0
+  cfg = sj.SAEConfig(d_in=D, d_sae=M, k=4)
+  grid = sj.make_mesh(sj.MeshConfig(data=2, model=4))
+  one = sj.make_mesh(sj.MeshConfig(data=1, model=1), devices=jax.devices()[:1])
+  lin = init_train_state(cfg, sj.TrainConfig(batch_size=N, encoder_init="linear"), one, x)
+  got = init_train_state(cfg, sj.TrainConfig(batch_size=N, encoder_init="data"), grid, x)
+  assert got.params["W_dec"].sharding.spec == jax.sharding.PartitionSpec("model", None)
+  p0 = {n: np.asarray(v, np.float64) for n, v in lin.params.items()}
+  p = {n: np.asarray(v, np.float64) for n, v in got.params.items()}
+  np.testing.assert_allclose(p["b_dec"], p0["b_dec"], rtol=1e-5, atol=1e-6)
+  assert np.linalg.norm(p["b_dec"]) > 10.0
+  xc = x - p["b_dec"]
+  u = xc / np.linalg.norm(xc, axis=1, keepdims=True)
+  tok = (p["W_dec"][:N] @ u.T).argmax(1)  # [N latents] -> token
+  assert len(set(tok.tolist())) == N  # distinct tokens
+  np.testing.assert_allclose(p["W_dec"][:N], u[tok], atol=1e-5)
+  np.testing.assert_allclose(p["W_dec"][N:], p0["W_dec"][N:], atol=1e-6)
+  w = p0["W_enc"].copy()
+  w[:, :N] = u[tok].T * np.linalg.norm(w[:, :N], axis=0)
+  c = (p["W_enc"] * w).sum() / (w * w).sum()
+  np.testing.assert_allclose(p["W_enc"], c * w, rtol=1e-5, atol=1e-6)
+  best = _np_first_batch_fvu(x, c * w, p["W_dec"], p["b_dec"], 4)
+  assert abs(c - 1) > 0.2, c
+  assert best < _np_first_batch_fvu(x, 0.9 * c * w, p["W_dec"], p["b_dec"], 4)
+  assert best < _np_first_batch_fvu(x, 1.1 * c * w, p["W_dec"], p["b_dec"], 4)

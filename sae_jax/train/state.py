@@ -11,6 +11,7 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+from jax import lax
 import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -105,7 +106,8 @@ def state_shardings(sae_cfg: SAEConfig, tcfg: TrainConfig, mesh: Mesh) -> TrainS
 
 def _init_state(sae_cfg, tcfg, first_batch, key, init_params=None) -> TrainState:
   arch = registry.get(sae_cfg.architecture)
-  params = arch.init_params(key, sae_cfg, tcfg.encoder_init)
+  fit = tcfg.encoder_init in ("linear_fit", "data")
+  params = arch.init_params(key, sae_cfg, "linear" if fit else tcfg.encoder_init)
   warm = init_params is not None
   if warm:  # warm start: another SAE's parameters (same shapes), fresh optimizer and counters
     params = {k: jnp.asarray(init_params[k], v.dtype) for k, v in params.items()}
@@ -117,10 +119,62 @@ def _init_state(sae_cfg, tcfg, first_batch, key, init_params=None) -> TrainState
       x, _ = normalize_inputs(first_batch, sae_cfg.normalize, buffers["norm_scale"])
       b_dec = geometric_median(x, tcfg.geometric_median_iters)
       params["b_dec"] = b_dec.astype(params["b_dec"].dtype)
+      if tcfg.encoder_init == "data":
+        params = data_directions(params, x, jax.random.fold_in(key, 1), arch.decoder_row_norm())
+      if fit:  # "data" too: on correlated tokens the k aligned latents overshoot ~k-fold
+        c = fitted_encoder_scale(arch, params, buffers, x, sae_cfg)
+        params["W_enc"] = (params["W_enc"].astype(jnp.float32) * c).astype(params["W_enc"].dtype)
   opt_state = make_optimizer(sae_cfg, tcfg).init(params)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
                     buffers=buffers, tokens_since_fired=jnp.zeros((sae_cfg.d_sae,), jnp.int32),
                     nan_batches=jnp.zeros((), jnp.int32))
+
+
+def fitted_encoder_scale(arch, params, buffers, x: jax.Array, cfg: SAEConfig,
+                         chunk: int = 256) -> jax.Array:
+  """The scalar c minimising ||x - b_dec - c r(x)||^2 over x [N, D], r the TopK reconstruction
+  (less b_dec) at the current W_enc: c = <x - b_dec, r> / <r, r>.
+
+  With b_enc = 0 the top-k selection is the same at c W_enc for every c > 0 (ReLU, then top-k)
+  and the reconstruction is c r(x), so W_enc <- c W_enc gives the lowest first-batch error for
+  the drawn directions. Chunks of ``chunk`` tokens bound the [chunk, k, D] gathered rows; the
+  padding rows are b_dec (no pre-activation, so they add nothing to either sum).
+  """
+  b_dec = params["b_dec"].astype(jnp.float32)
+  n = x.shape[0]
+  pad = -n % chunk
+  xs = jnp.concatenate([x.astype(jnp.float32), jnp.broadcast_to(b_dec, (pad, x.shape[1]))])
+  w_dec = params["W_dec"].astype(jnp.float32)
+
+  def sums(xb):
+    vals, idx = arch.encode_sparse(params, buffers, xb, cfg, cfg.k)
+    r = jnp.einsum("nk,nkd->nd", vals, w_dec[idx])
+    return jnp.stack([jnp.sum((xb - b_dec) * r), jnp.sum(r * r)])
+
+  num, den = jnp.sum(lax.map(sums, xs.reshape(-1, chunk, x.shape[1])), axis=0)
+  # No latent fired (r = 0) or no positive fit (a negative c would change the selection):
+  # keep the drawn scale.
+  ok = (den > 0) & (num > 0)
+  return jnp.where(ok, num / jnp.where(ok, den, 1.0), 1.0)
+
+
+def data_directions(params, x: jax.Array, key: jax.Array, row_norm: float = 1.0) -> dict:
+  """Latents 0..m-1 (m = min(N, M)) along m distinct tokens of x [N, D] less b_dec: W_dec rows
+  the unit directions times ``row_norm``, W_enc [D, M] columns the same directions at the drawn
+  columns' norms (the linear init's magnitude, which learned best in quality_note.md). The other
+  latents, and any token at b_dec (no direction), keep the drawn weights."""
+  w_enc, w_dec = params["W_enc"], params["W_dec"]
+  m = min(x.shape[0], w_dec.shape[0])
+  xc = x[jax.random.permutation(key, x.shape[0])[:m]].astype(jnp.float32)
+  xc = xc - params["b_dec"].astype(jnp.float32)
+  norm = jnp.linalg.norm(xc, axis=1, keepdims=True)
+  ok = norm > 0
+  u = xc / jnp.where(ok, norm, 1.0)
+  enc, dec = w_enc[:, :m].astype(jnp.float32), w_dec[:m].astype(jnp.float32)
+  enc = jnp.where(ok.T, u.T * jnp.linalg.norm(enc, axis=0, keepdims=True), enc)
+  dec = jnp.where(ok, u * row_norm, dec)
+  return {**params, "W_enc": w_enc.at[:, :m].set(enc.astype(w_enc.dtype)),
+          "W_dec": w_dec.at[:m].set(dec.astype(w_dec.dtype))}
 
 
 def check_batch(x, d_in: int, what: str = "activations") -> None:
@@ -149,6 +203,9 @@ def init_train_state(sae_cfg: SAEConfig, tcfg: TrainConfig, mesh: Mesh, first_ba
   if not bool(jnp.isfinite(first_batch).all()):
     raise DataError("the first batch contains NaN or Inf; b_dec cannot be initialised from it")
   sharding.check_divisible(sae_cfg.d_sae, mesh, "model", "d_sae")
+  if tcfg.encoder_init in ("linear_fit", "data") and sae_cfg.architecture != "topk":
+    raise ConfigError(f"encoder_init={tcfg.encoder_init!r} needs architecture 'topk' (got "
+                      f"{sae_cfg.architecture!r}); for it use 'linear' or 'tied'")
   key = jax.random.key(tcfg.seed) if key is None else key
   shardings = state_shardings(sae_cfg, tcfg, mesh)
   if init_params is not None:
