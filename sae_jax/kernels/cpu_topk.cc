@@ -10,15 +10,13 @@
 // +inf), ties broken towards the lower index. Comparisons run on int32 keys with that order.
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <climits>
 #include <cstring>
 #include <functional>
-#include <memory>
-#include <thread>
 #include <vector>
 
+#include "cpu_ffi.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -50,6 +48,7 @@ constexpr int64_t kBlock = 16;
 struct Scratch {
   std::vector<int32_t> block_max;
   std::vector<Item> cand;
+  std::vector<Item> ties;  // values equal to the threshold, the first k in index order
 };
 
 void TopKRow(const float* xf, int64_t m, int k, float* out_v, int32_t* out_i, Scratch& s) {
@@ -76,48 +75,32 @@ void TopKRow(const float* xf, int64_t m, int k, float* out_v, int32_t* out_i, Sc
     std::nth_element(tmp.begin(), tmp.begin() + (k - 1), tmp.end(), std::greater<int32_t>());
     thr = tmp[k - 1];
   }
+  // Values above thr, and the first k values equal to it: only those ties can be selected
+  // (ties go to the lower index). Without this cap a row whose threshold is shared by most of
+  // its values (the AuxK input: every live latent masked to -inf) makes them all candidates.
   s.cand.clear();
+  s.ties.clear();
   for (int64_t b = 0; b < n_blocks; ++b) {
     if (s.block_max[b] < thr) continue;
     const int64_t end = std::min(m, (b + 1) * kBlock);
     for (int64_t j = b * kBlock; j < end; ++j) {
       const int32_t key = Key(x[j]);
-      if (key >= thr) s.cand.push_back(Item{key, static_cast<int32_t>(j)});
+      if (key > thr) {
+        s.cand.push_back(Item{key, static_cast<int32_t>(j)});
+      } else if (key == thr && static_cast<int64_t>(s.ties.size()) < k) {
+        s.ties.push_back(Item{key, static_cast<int32_t>(j)});
+      }
     }
   }
-  // s.cand holds every value >= thr (at least k of them) in index order.
+  if (static_cast<int64_t>(s.cand.size()) < k)
+    s.cand.insert(s.cand.end(), s.ties.begin(), s.ties.begin() + (k - s.cand.size()));
+  // s.cand holds at least k values, among them the top k.
   if (static_cast<int64_t>(s.cand.size()) > k)
     std::nth_element(s.cand.begin(), s.cand.begin() + (k - 1), s.cand.end(), Better);
   std::sort(s.cand.begin(), s.cand.begin() + k, Better);
   for (int t = 0; t < k; ++t) {
     out_v[t] = KeyFloat(s.cand[t].v);
     out_i[t] = s.cand[t].i;
-  }
-}
-
-struct Work {
-  const float* x;
-  float* vals;
-  int32_t* idx;
-  int64_t rows, m;
-  int k;
-  int64_t block_rows, n_blocks;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-};
-
-// Claim row blocks until none are left. The caller runs this too and then waits only for
-// blocks already claimed by running workers, so it never waits on a task that has not started.
-void Drain(Work* w) {
-  Scratch scratch;
-  scratch.cand.reserve(static_cast<size_t>(std::min<int64_t>(w->m, 4 * w->k + 64)));
-  while (true) {
-    int64_t b = w->next.fetch_add(1);
-    if (b >= w->n_blocks) return;
-    int64_t r0 = b * w->block_rows, r1 = std::min(w->rows, r0 + w->block_rows);
-    for (int64_t r = r0; r < r1; ++r)
-      TopKRow(w->x + r * w->m, w->m, w->k, w->vals + r * w->k, w->idx + r * w->k, scratch);
-    w->done.fetch_add(1);
   }
 }
 
@@ -128,19 +111,17 @@ ffi::Error TopKImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const int64_t m = dims.back();
   const int64_t k = vals->dimensions().back();
   if (k < 1 || k > m) return ffi::Error::InvalidArgument("top-k needs 1 <= k <= row length");
-  auto w = std::make_shared<Work>();
-  w->x = x.typed_data();
-  w->vals = vals->typed_data();
-  w->idx = idx->typed_data();
-  w->m = m;
-  w->k = static_cast<int>(k);
-  w->rows = m ? static_cast<int64_t>(x.element_count()) / m : 0;
-  w->block_rows = 16;
-  w->n_blocks = (w->rows + w->block_rows - 1) / w->block_rows;
-  int64_t helpers = std::min<int64_t>(pool.num_threads(), w->n_blocks - 1);
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([w] { Drain(w.get()); });
-  Drain(w.get());
-  while (w->done.load() < w->n_blocks) std::this_thread::yield();
+  const float* xp = x.typed_data();
+  float* vp = vals->typed_data();
+  int32_t* ip = idx->typed_data();
+  const int64_t rows = m ? static_cast<int64_t>(x.element_count()) / m : 0;
+  constexpr int64_t kBlockRows = 16;
+  sae_jax::ParallelFor(pool, (rows + kBlockRows - 1) / kBlockRows, [&](int64_t b) {
+    thread_local Scratch scratch;  // reused across calls: no allocation per row block
+    const int64_t r1 = std::min(rows, (b + 1) * kBlockRows);
+    for (int64_t r = b * kBlockRows; r < r1; ++r)
+      TopKRow(xp + r * m, m, static_cast<int>(k), vp + r * k, ip + r * k, scratch);
+  });
   return ffi::Error::Success();
 }
 
