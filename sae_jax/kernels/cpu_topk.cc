@@ -1,7 +1,7 @@
 // Row-wise top-k for the XLA CPU backend (an XLA FFI custom call).
 //
 // XLA's own CPU TopK partially sorts every row on one thread. Here, per row: the maximum of each
-// block of 16 values (vectorised); the k-th largest block maximum, a lower bound of the k-th
+// block of 16 values (of 4 where that bound would be -inf); the k-th largest block maximum, a lower bound of the k-th
 // largest value (k blocks reaching it hold k values >= it); the values >= that bound, usually
 // little more than k, from the blocks that reach it; an exact selection among those. Rows are
 // shared between the calling thread and XLA's intra-op thread pool.
@@ -43,47 +43,65 @@ inline bool Better(const Item& a, const Item& b) {
   return a.v > b.v || (a.v == b.v && a.i < b.i);
 }
 
-constexpr int64_t kBlock = 16;
 
 struct Scratch {
-  std::vector<int32_t> block_max;
+  std::vector<int32_t> max4, max16, tmp;  // block maxima of 4 and of 16 values; a work copy
   std::vector<Item> cand;
   std::vector<Item> ties;  // values equal to the threshold, the first k in index order
 };
 
+// Maxima of blocks of `size` values of x[0:m] (the last block may be short).
+template <int64_t size, typename Get>
+void BlockMax(int64_t m, const Get& get, std::vector<int32_t>& out) {
+  const int64_t full = m / size;
+  out.resize(full + (m % size != 0));
+  for (int64_t b = 0; b < full; ++b) {
+    int32_t mx = get(b * size);
+    for (int64_t t = 1; t < size; ++t) mx = std::max(mx, get(b * size + t));
+    out[b] = mx;
+  }
+  if (full < static_cast<int64_t>(out.size())) {
+    int32_t mx = get(full * size);
+    for (int64_t j = full * size + 1; j < m; ++j) mx = std::max(mx, get(j));
+    out[full] = mx;
+  }
+}
+
+// The k-th largest block maximum: at least k values reach it (INT32_MIN: k >= blocks).
+int32_t Threshold(const std::vector<int32_t>& block_max, int k, std::vector<int32_t>& tmp) {
+  if (static_cast<int64_t>(block_max.size()) <= k) return INT32_MIN;
+  tmp.assign(block_max.begin(), block_max.end());
+  std::nth_element(tmp.begin(), tmp.begin() + (k - 1), tmp.end(), std::greater<int32_t>());
+  return tmp[k - 1];
+}
+
 void TopKRow(const float* xf, int64_t m, int k, float* out_v, int32_t* out_i, Scratch& s) {
   const int32_t* x = reinterpret_cast<const int32_t*>(xf);  // raw bits; Key() orders them
-  const int64_t full = m / kBlock;
-  const int64_t n_blocks = full + (m % kBlock != 0);
-  s.block_max.resize(n_blocks);
-  for (int64_t b = 0; b < full; ++b) {
-    const int32_t* p = x + b * kBlock;
-    int32_t mx = Key(p[0]);
-    for (int t = 1; t < kBlock; ++t) mx = std::max(mx, Key(p[t]));
-    s.block_max[b] = mx;
+  BlockMax<4>(m, [x](int64_t j) { return Key(x[j]); }, s.max4);
+  BlockMax<4>(static_cast<int64_t>(s.max4.size()), [&s](int64_t j) { return s.max4[j]; },
+              s.max16);
+  // Blocks of 16 keep the threshold search short. Blocks of 4 when those give no finite bound:
+  // AuxK's input has every live latent at -inf, and its dead latents may fill fewer than k
+  // blocks of 16 (the benchmark's first quarter: 128 blocks for k_aux = 256).
+  static const int32_t kNegInf = Key(static_cast<int32_t>(0xff800000u));
+  int64_t block = 16;
+  const std::vector<int32_t>* block_max = &s.max16;
+  int32_t thr = Threshold(s.max16, k, s.tmp);
+  if (thr <= kNegInf) {
+    block = 4;
+    block_max = &s.max4;
+    thr = Threshold(s.max4, k, s.tmp);
   }
-  if (full < n_blocks) {
-    int32_t mx = Key(x[full * kBlock]);
-    for (int64_t j = full * kBlock + 1; j < m; ++j) mx = std::max(mx, Key(x[j]));
-    s.block_max[full] = mx;
-  }
-  int32_t thr;
-  if (n_blocks <= k) {
-    thr = INT32_MIN;  // every value is a candidate
-  } else {
-    std::vector<int32_t> tmp(s.block_max);
-    std::nth_element(tmp.begin(), tmp.begin() + (k - 1), tmp.end(), std::greater<int32_t>());
-    thr = tmp[k - 1];
-  }
+  const int64_t n_blocks = static_cast<int64_t>(block_max->size());
   // Values above thr, and the first k values equal to it: only those ties can be selected
   // (ties go to the lower index). Without this cap a row whose threshold is shared by most of
   // its values (the AuxK input: every live latent masked to -inf) makes them all candidates.
   s.cand.clear();
   s.ties.clear();
   for (int64_t b = 0; b < n_blocks; ++b) {
-    if (s.block_max[b] < thr) continue;
-    const int64_t end = std::min(m, (b + 1) * kBlock);
-    for (int64_t j = b * kBlock; j < end; ++j) {
+    if ((*block_max)[b] < thr) continue;
+    const int64_t end = std::min(m, (b + 1) * block);
+    for (int64_t j = b * block; j < end; ++j) {
       const int32_t key = Key(x[j]);
       if (key > thr) {
         s.cand.push_back(Item{key, static_cast<int32_t>(j)});
