@@ -31,6 +31,8 @@ struct Item {
 // Sign-magnitude float bits -> two's complement order; the map is its own inverse.
 inline int32_t Key(int32_t bits) { return bits ^ ((bits >> 31) & 0x7fffffff); }
 
+const int32_t kNegInf = Key(static_cast<int32_t>(0xff800000u));  // the key of -inf
+
 inline float KeyFloat(int32_t key) {
   int32_t bits = Key(key);
   float f;
@@ -75,15 +77,15 @@ int32_t Threshold(const std::vector<int32_t>& block_max, int k, std::vector<int3
   return tmp[k - 1];
 }
 
-void TopKRow(const float* xf, int64_t m, int k, float* out_v, int32_t* out_i, Scratch& s) {
-  const int32_t* x = reinterpret_cast<const int32_t*>(xf);  // raw bits; Key() orders them
-  BlockMax<4>(m, [x](int64_t j) { return Key(x[j]); }, s.max4);
+// key_of(j): the order key of the row's value j.
+template <typename KeyOf>
+void TopKRow(const KeyOf& key_of, int64_t m, int k, float* out_v, int32_t* out_i, Scratch& s) {
+  BlockMax<4>(m, key_of, s.max4);
   BlockMax<4>(static_cast<int64_t>(s.max4.size()), [&s](int64_t j) { return s.max4[j]; },
               s.max16);
   // Blocks of 16 keep the threshold search short. Blocks of 4 when those give no finite bound:
   // AuxK's input has every live latent at -inf, and its dead latents may fill fewer than k
   // blocks of 16 (the benchmark's first quarter: 128 blocks for k_aux = 256).
-  static const int32_t kNegInf = Key(static_cast<int32_t>(0xff800000u));
   int64_t block = 16;
   const std::vector<int32_t>* block_max = &s.max16;
   int32_t thr = Threshold(s.max16, k, s.tmp);
@@ -102,7 +104,7 @@ void TopKRow(const float* xf, int64_t m, int k, float* out_v, int32_t* out_i, Sc
     if ((*block_max)[b] < thr) continue;
     const int64_t end = std::min(m, (b + 1) * block);
     for (int64_t j = b * block; j < end; ++j) {
-      const int32_t key = Key(x[j]);
+      const int32_t key = key_of(j);
       if (key > thr) {
         s.cand.push_back(Item{key, static_cast<int32_t>(j)});
       } else if (key == thr && static_cast<int64_t>(s.ties.size()) < k) {
@@ -122,8 +124,9 @@ void TopKRow(const float* xf, int64_t m, int k, float* out_v, int32_t* out_i, Sc
   }
 }
 
-ffi::Error TopKImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                    ffi::ResultBuffer<ffi::F32> vals, ffi::ResultBuffer<ffi::S32> idx) {
+// Top-k of every row of x [rows, m]; with a mask [m], entries where it is false count as -inf.
+ffi::Error RunTopK(ffi::ThreadPool& pool, const ffi::Buffer<ffi::F32>& x, const bool* mask,
+                   ffi::ResultBuffer<ffi::F32>& vals, ffi::ResultBuffer<ffi::S32>& idx) {
   auto dims = x.dimensions();
   if (dims.size() < 1) return ffi::Error::InvalidArgument("top-k input must have rank >= 1");
   const int64_t m = dims.back();
@@ -137,10 +140,33 @@ ffi::Error TopKImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   sae_jax::ParallelFor(pool, (rows + kBlockRows - 1) / kBlockRows, [&](int64_t b) {
     thread_local Scratch scratch;  // reused across calls: no allocation per row block
     const int64_t r1 = std::min(rows, (b + 1) * kBlockRows);
-    for (int64_t r = b * kBlockRows; r < r1; ++r)
-      TopKRow(xp + r * m, m, static_cast<int>(k), vp + r * k, ip + r * k, scratch);
+    for (int64_t r = b * kBlockRows; r < r1; ++r) {
+      const int32_t* row = reinterpret_cast<const int32_t*>(xp + r * m);  // raw bits
+      if (mask == nullptr) {
+        TopKRow([row](int64_t j) { return Key(row[j]); }, m, static_cast<int>(k), vp + r * k,
+                ip + r * k, scratch);
+      } else {
+        TopKRow([row, mask](int64_t j) { return mask[j] ? Key(row[j]) : kNegInf; }, m,
+                static_cast<int>(k), vp + r * k, ip + r * k, scratch);
+      }
+    }
   });
   return ffi::Error::Success();
+}
+
+ffi::Error TopKImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                    ffi::ResultBuffer<ffi::F32> vals, ffi::ResultBuffer<ffi::S32> idx) {
+  return RunTopK(pool, x, nullptr, vals, idx);
+}
+
+// The AuxK selection without writing the masked copy of the pre-activations first.
+ffi::Error MaskedTopKImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                          ffi::Buffer<ffi::PRED> mask, ffi::ResultBuffer<ffi::F32> vals,
+                          ffi::ResultBuffer<ffi::S32> idx) {
+  if (mask.dimensions().size() != 1 || x.dimensions().size() < 1 ||
+      mask.dimensions()[0] != x.dimensions().back())
+    return ffi::Error::InvalidArgument("masked top-k: mask must be [row length]");
+  return RunTopK(pool, x, mask.typed_data(), vals, idx);
 }
 
 }  // namespace
@@ -149,5 +175,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SaeJaxTopK, TopKImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SaeJaxMaskedTopK, MaskedTopKImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::S32>>());

@@ -15,11 +15,13 @@ import jax.numpy as jnp
 from sae_jax.kernels import cpu_ffi
 
 _TARGET = "sae_jax_cpu_topk"
+_MASKED_TARGET = "sae_jax_cpu_masked_topk"
 
 
 def available() -> bool:
   """Whether the FFI top-k is built and registered (False with ``SAE_JAX_CPU_TOPK=0``)."""
-  return cpu_ffi.register("SAE_JAX_CPU_TOPK", {_TARGET: "SaeJaxTopK"})
+  return cpu_ffi.register("SAE_JAX_CPU_TOPK",
+                          {_TARGET: "SaeJaxTopK", _MASKED_TARGET: "SaeJaxMaskedTopK"})
 
 
 def ffi_top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
@@ -33,4 +35,15 @@ def ffi_top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
                                     jax.ShapeDtypeStruct(shape, jnp.int32)),
                           vmap_method="broadcast_all")
   vals, idx = call(x)
+  return vals, idx
+
+
+def ffi_masked_top_k(x: jax.Array, mask: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """:func:`ffi_top_k` of ``where(mask, x, -inf)`` without forming it: float32 [..., M], bool
+  [M] -> values, int32 indices [..., k] (CPU only, as :func:`ffi_top_k`)."""
+  shape = x.shape[:-1] + (k,)
+  call = jax.ffi.ffi_call(_MASKED_TARGET, (jax.ShapeDtypeStruct(shape, jnp.float32),
+                                           jax.ShapeDtypeStruct(shape, jnp.int32)),
+                          vmap_method="sequential")  # the mask is not batched with x
+  vals, idx = call(x, mask.astype(bool))
   return vals, idx
