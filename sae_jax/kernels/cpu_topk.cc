@@ -1,9 +1,10 @@
 // Row-wise top-k for the XLA CPU backend (an XLA FFI custom call).
 //
 // XLA's own CPU TopK partially sorts every row on one thread. Here, per row: the maximum of each
-// block of 16 values (of 4 where that bound would be -inf); the k-th largest block maximum, a lower bound of the k-th
-// largest value (k blocks reaching it hold k values >= it); the values >= that bound, usually
-// little more than k, from the blocks that reach it; an exact selection among those. Rows are
+// block of 16 values (of 4 where that bound would be -inf); the k-th largest block maximum, a
+// lower bound of the k-th largest value (k blocks reaching it hold k values >= it); the values
+// >= that bound (ties with it: only the first k), usually little more than k, from the blocks
+// that reach it; an exact selection among those. Rows are
 // shared between the calling thread and XLA's intra-op thread pool.
 //
 // Semantics equal lax.top_k: values descending in the IEEE total order (-0 < +0, NaN above
