@@ -32,7 +32,8 @@ inline int64_t Clamp(int32_t r, int64_t m) {
 }
 
 // Sums w * row into an output row held in L1, four rows a pass: one load and store of the output
-// per four rows (one a row was store-bound: 4x slower at D=512, J=256).
+// per four rows (one a row was store-bound: 4x slower at D=512, J=256). Rows with w == 0 are
+// skipped; the last 1-3 rows are added when the sum goes out of scope.
 class RowSum {
  public:
   RowSum(float* out, int64_t d) : o_(out), d_(d) { std::memset(out, 0, sizeof(float) * d); }
