@@ -8,8 +8,8 @@ contributing zero) and is lowered per platform:
   measured at N=4096 D=512 J=256: gather_sum 2.7x, gather_dot 5.6x, scatter_rows 9x faster than
   the scan below, ``experiments/benchmarks/cpu_kernels.py``). Without them
   (``SAE_JAX_CPU_ROWS=0``, no compiler, or a scatter into a non-float32 array): a scan over J of
-  [N, D] gathers / scatter-adds, several times faster than one [N*K, D] gather (measured: 5.6 ms vs 80 ms at
-  N=4096 D=512 K=32).
+  [N, D] gathers / scatter-adds, several times faster than one [N*K, D] gather (measured:
+  5.6 ms vs 80 ms at N=4096 D=512 K=32).
 - GPU/TPU: a scan over groups of G columns, each one [N*G, D] gather or scatter-add, G chosen so
   a group's rows hold about GROUP_BYTES[platform] (TPU: small, its HBM is 16 GB a chip and the
   planner holds temp memory to half the pre-activations' share). A per-column scan there re-reads and
