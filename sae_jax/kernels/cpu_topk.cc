@@ -24,10 +24,9 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-struct Item {
-  int32_t v;  // total-order key of the value
-  int32_t i;
-};
+// A candidate as one integer: ascending order = larger value first, then lower index, so the
+// selection and the sort compare one uint64 instead of two fields.
+using Item = uint64_t;
 
 // Sign-magnitude float bits -> two's complement order; the map is its own inverse.
 inline int32_t Key(int32_t bits) { return bits ^ ((bits >> 31) & 0x7fffffff); }
@@ -41,10 +40,16 @@ inline float KeyFloat(int32_t key) {
   return f;
 }
 
-// "a is better than b": a larger value, or an equal value at a lower index.
-inline bool Better(const Item& a, const Item& b) {
-  return a.v > b.v || (a.v == b.v && a.i < b.i);
+inline Item MakeItem(int32_t key, int64_t index) {
+  const uint32_t order = static_cast<uint32_t>(key) ^ 0x80000000u;  // monotone in key
+  return (static_cast<uint64_t>(~order) << 32) | static_cast<uint32_t>(index);
 }
+
+inline int32_t ItemKey(Item item) {
+  return static_cast<int32_t>(~static_cast<uint32_t>(item >> 32) ^ 0x80000000u);
+}
+
+inline int32_t ItemIndex(Item item) { return static_cast<int32_t>(item & 0xffffffffu); }
 
 
 struct Scratch {
@@ -107,9 +112,9 @@ void TopKRow(const KeyOf& key_of, int64_t m, int k, float* out_v, int32_t* out_i
     for (int64_t j = b * block; j < end; ++j) {
       const int32_t key = key_of(j);
       if (key > thr) {
-        s.cand.push_back(Item{key, static_cast<int32_t>(j)});
+        s.cand.push_back(MakeItem(key, j));
       } else if (key == thr && static_cast<int64_t>(s.ties.size()) < k) {
-        s.ties.push_back(Item{key, static_cast<int32_t>(j)});
+        s.ties.push_back(MakeItem(key, j));
       }
     }
   }
@@ -117,11 +122,11 @@ void TopKRow(const KeyOf& key_of, int64_t m, int k, float* out_v, int32_t* out_i
     s.cand.insert(s.cand.end(), s.ties.begin(), s.ties.begin() + (k - s.cand.size()));
   // s.cand holds at least k values, among them the top k.
   if (static_cast<int64_t>(s.cand.size()) > k)
-    std::nth_element(s.cand.begin(), s.cand.begin() + (k - 1), s.cand.end(), Better);
-  std::sort(s.cand.begin(), s.cand.begin() + k, Better);
+    std::nth_element(s.cand.begin(), s.cand.begin() + (k - 1), s.cand.end());
+  std::sort(s.cand.begin(), s.cand.begin() + k);
   for (int t = 0; t < k; ++t) {
-    out_v[t] = KeyFloat(s.cand[t].v);
-    out_i[t] = s.cand[t].i;
+    out_v[t] = KeyFloat(ItemKey(s.cand[t]));
+    out_i[t] = ItemIndex(s.cand[t]);
   }
 }
 
