@@ -35,3 +35,20 @@ def test_ties_signed_zero_and_infinities_follow_lax_order():
     np.testing.assert_array_equal(idx, ref_idx)
     np.testing.assert_array_equal(np.signbit(vals), np.signbit(ref_vals))
     np.testing.assert_array_equal(vals, ref_vals)
+
+
+@pytest.mark.parametrize("n_dead, k", [(2048, 1), (2048, 256), (2048, 2100), (256, 300)])
+@pytest.mark.parametrize("layout", ["contiguous", "scattered"])
+def test_auxk_masked_rows_match_lax_top_k(n_dead, k, layout):
+  # AuxK's input: live latents masked to -inf, so the block threshold is often -inf itself and
+  # most of a row ties with it (k > n_dead picks -inf ties, by index).
+  x = jnp.round(jax.random.normal(jax.random.key(3), (24, 8192)) * 8) / 8  # exact ties too
+  dead = jnp.arange(8192) < n_dead
+  if layout == "scattered":
+    dead = jax.random.permutation(jax.random.key(4), dead)
+  masked = jnp.where(dead[None], x, -jnp.inf)
+  ref_vals, ref_idx = lax.top_k(masked, k)
+  for vals, idx in (jax.jit(lambda x: cpu_topk.ffi_top_k(x, k))(masked),
+                    jax.jit(lambda x, d: cpu_topk.ffi_masked_top_k(x, d, k))(x, dead)):
+    np.testing.assert_array_equal(idx, ref_idx)
+    np.testing.assert_array_equal(vals, ref_vals)

@@ -106,6 +106,12 @@ def test_gradients_without_the_ffi_top_k(monkeypatch):
   test_encode_decode_values_and_gradients_match_dense(37, 13, 336, 5, 7)
 
 
+def test_gradients_without_the_ffi_row_kernels(monkeypatch):
+  """The scan form of the row operations (SAE_JAX_CPU_ROWS=0) gives the same gradients."""
+  monkeypatch.setenv("SAE_JAX_CPU_ROWS", "0")
+  test_encode_decode_values_and_gradients_match_dense(37, 13, 336, 5, 7)
+
+
 def test_auxk_gradient_reaches_encoder_of_dead_latents_only():
   t = _inputs(41, 13, 336, seed=1)
   dead = t["dead"]

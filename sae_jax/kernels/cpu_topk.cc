@@ -1,37 +1,37 @@
 // Row-wise top-k for the XLA CPU backend (an XLA FFI custom call).
 //
 // XLA's own CPU TopK partially sorts every row on one thread. Here, per row: the maximum of each
-// block of 16 values (vectorised); the k-th largest block maximum, a lower bound of the k-th
-// largest value (k blocks reaching it hold k values >= it); the values >= that bound, usually
-// little more than k, from the blocks that reach it; an exact selection among those. Rows are
+// block of 16 values (of 4 where that bound would be -inf); the k-th largest block maximum, a
+// lower bound of the k-th largest value (k blocks reaching it hold k values >= it); the values
+// >= that bound (ties with it: only the first k), usually little more than k, from the blocks
+// that reach it; an exact selection among those. Rows are
 // shared between the calling thread and XLA's intra-op thread pool.
 //
 // Semantics equal lax.top_k: values descending in the IEEE total order (-0 < +0, NaN above
 // +inf), ties broken towards the lower index. Comparisons run on int32 keys with that order.
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <climits>
 #include <cstring>
 #include <functional>
-#include <memory>
-#include <thread>
 #include <vector>
 
+#include "cpu_ffi.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-struct Item {
-  int32_t v;  // total-order key of the value
-  int32_t i;
-};
+// A candidate as one integer: ascending order = larger value first, then lower index, so the
+// selection and the sort compare one uint64 instead of two fields.
+using Item = uint64_t;
 
 // Sign-magnitude float bits -> two's complement order; the map is its own inverse.
 inline int32_t Key(int32_t bits) { return bits ^ ((bits >> 31) & 0x7fffffff); }
+
+const int32_t kNegInf = Key(static_cast<int32_t>(0xff800000u));  // the key of -inf
 
 inline float KeyFloat(int32_t key) {
   int32_t bits = Key(key);
@@ -40,108 +40,139 @@ inline float KeyFloat(int32_t key) {
   return f;
 }
 
-// "a is better than b": a larger value, or an equal value at a lower index.
-inline bool Better(const Item& a, const Item& b) {
-  return a.v > b.v || (a.v == b.v && a.i < b.i);
+inline Item MakeItem(int32_t key, int64_t index) {
+  const uint32_t order = static_cast<uint32_t>(key) ^ 0x80000000u;  // monotone in key
+  return (static_cast<uint64_t>(~order) << 32) | static_cast<uint32_t>(index);
 }
 
-constexpr int64_t kBlock = 16;
+inline int32_t ItemKey(Item item) {
+  return static_cast<int32_t>(~static_cast<uint32_t>(item >> 32) ^ 0x80000000u);
+}
+
+inline int32_t ItemIndex(Item item) { return static_cast<int32_t>(item & 0xffffffffu); }
+
 
 struct Scratch {
-  std::vector<int32_t> block_max;
+  std::vector<int32_t> max4, max16, tmp;  // block maxima of 4 and of 16 values; a work copy
   std::vector<Item> cand;
+  std::vector<Item> ties;  // values equal to the threshold, the first k in index order
 };
 
-void TopKRow(const float* xf, int64_t m, int k, float* out_v, int32_t* out_i, Scratch& s) {
-  const int32_t* x = reinterpret_cast<const int32_t*>(xf);  // raw bits; Key() orders them
-  const int64_t full = m / kBlock;
-  const int64_t n_blocks = full + (m % kBlock != 0);
-  s.block_max.resize(n_blocks);
+// Maxima of blocks of `size` values of x[0:m] (the last block may be short).
+template <int64_t size, typename Get>
+void BlockMax(int64_t m, const Get& get, std::vector<int32_t>& out) {
+  const int64_t full = m / size;
+  out.resize(full + (m % size != 0));
   for (int64_t b = 0; b < full; ++b) {
-    const int32_t* p = x + b * kBlock;
-    int32_t mx = Key(p[0]);
-    for (int t = 1; t < kBlock; ++t) mx = std::max(mx, Key(p[t]));
-    s.block_max[b] = mx;
+    int32_t mx = get(b * size);
+    for (int64_t t = 1; t < size; ++t) mx = std::max(mx, get(b * size + t));
+    out[b] = mx;
   }
-  if (full < n_blocks) {
-    int32_t mx = Key(x[full * kBlock]);
-    for (int64_t j = full * kBlock + 1; j < m; ++j) mx = std::max(mx, Key(x[j]));
-    s.block_max[full] = mx;
+  if (full < static_cast<int64_t>(out.size())) {
+    int32_t mx = get(full * size);
+    for (int64_t j = full * size + 1; j < m; ++j) mx = std::max(mx, get(j));
+    out[full] = mx;
   }
-  int32_t thr;
-  if (n_blocks <= k) {
-    thr = INT32_MIN;  // every value is a candidate
-  } else {
-    std::vector<int32_t> tmp(s.block_max);
-    std::nth_element(tmp.begin(), tmp.begin() + (k - 1), tmp.end(), std::greater<int32_t>());
-    thr = tmp[k - 1];
+}
+
+// The k-th largest block maximum: at least k values reach it (INT32_MIN: k >= blocks).
+int32_t Threshold(const std::vector<int32_t>& block_max, int k, std::vector<int32_t>& tmp) {
+  if (static_cast<int64_t>(block_max.size()) <= k) return INT32_MIN;
+  tmp.assign(block_max.begin(), block_max.end());
+  std::nth_element(tmp.begin(), tmp.begin() + (k - 1), tmp.end(), std::greater<int32_t>());
+  return tmp[k - 1];
+}
+
+// key_of(j): the order key of the row's value j.
+template <typename KeyOf>
+void TopKRow(const KeyOf& key_of, int64_t m, int k, float* out_v, int32_t* out_i, Scratch& s) {
+  BlockMax<4>(m, key_of, s.max4);
+  BlockMax<4>(static_cast<int64_t>(s.max4.size()), [&s](int64_t j) { return s.max4[j]; },
+              s.max16);
+  // Blocks of 16 keep the threshold search short. Blocks of 4 when those give no finite bound:
+  // AuxK's input has every live latent at -inf, and its dead latents may fill fewer than k
+  // blocks of 16 (the benchmark's first quarter: 128 blocks for k_aux = 256).
+  int64_t block = 16;
+  const std::vector<int32_t>* block_max = &s.max16;
+  int32_t thr = Threshold(s.max16, k, s.tmp);
+  if (thr <= kNegInf) {
+    block = 4;
+    block_max = &s.max4;
+    thr = Threshold(s.max4, k, s.tmp);
   }
+  const int64_t n_blocks = static_cast<int64_t>(block_max->size());
+  // Values above thr, and the first k values equal to it: only those ties can be selected
+  // (ties go to the lower index). Without this cap a row whose threshold is shared by most of
+  // its values (the AuxK input: every live latent masked to -inf) makes them all candidates.
   s.cand.clear();
+  s.ties.clear();
   for (int64_t b = 0; b < n_blocks; ++b) {
-    if (s.block_max[b] < thr) continue;
-    const int64_t end = std::min(m, (b + 1) * kBlock);
-    for (int64_t j = b * kBlock; j < end; ++j) {
-      const int32_t key = Key(x[j]);
-      if (key >= thr) s.cand.push_back(Item{key, static_cast<int32_t>(j)});
+    if ((*block_max)[b] < thr) continue;
+    const int64_t end = std::min(m, (b + 1) * block);
+    for (int64_t j = b * block; j < end; ++j) {
+      const int32_t key = key_of(j);
+      if (key > thr) {
+        s.cand.push_back(MakeItem(key, j));
+      } else if (key == thr && static_cast<int64_t>(s.ties.size()) < k) {
+        s.ties.push_back(MakeItem(key, j));
+      }
     }
   }
-  // s.cand holds every value >= thr (at least k of them) in index order.
+  if (static_cast<int64_t>(s.cand.size()) < k)
+    s.cand.insert(s.cand.end(), s.ties.begin(), s.ties.begin() + (k - s.cand.size()));
+  // s.cand holds at least k values, among them the top k.
   if (static_cast<int64_t>(s.cand.size()) > k)
-    std::nth_element(s.cand.begin(), s.cand.begin() + (k - 1), s.cand.end(), Better);
-  std::sort(s.cand.begin(), s.cand.begin() + k, Better);
+    std::nth_element(s.cand.begin(), s.cand.begin() + (k - 1), s.cand.end());
+  std::sort(s.cand.begin(), s.cand.begin() + k);
   for (int t = 0; t < k; ++t) {
-    out_v[t] = KeyFloat(s.cand[t].v);
-    out_i[t] = s.cand[t].i;
+    out_v[t] = KeyFloat(ItemKey(s.cand[t]));
+    out_i[t] = ItemIndex(s.cand[t]);
   }
 }
 
-struct Work {
-  const float* x;
-  float* vals;
-  int32_t* idx;
-  int64_t rows, m;
-  int k;
-  int64_t block_rows, n_blocks;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-};
-
-// Claim row blocks until none are left. The caller runs this too and then waits only for
-// blocks already claimed by running workers, so it never waits on a task that has not started.
-void Drain(Work* w) {
-  Scratch scratch;
-  scratch.cand.reserve(static_cast<size_t>(std::min<int64_t>(w->m, 4 * w->k + 64)));
-  while (true) {
-    int64_t b = w->next.fetch_add(1);
-    if (b >= w->n_blocks) return;
-    int64_t r0 = b * w->block_rows, r1 = std::min(w->rows, r0 + w->block_rows);
-    for (int64_t r = r0; r < r1; ++r)
-      TopKRow(w->x + r * w->m, w->m, w->k, w->vals + r * w->k, w->idx + r * w->k, scratch);
-    w->done.fetch_add(1);
-  }
-}
-
-ffi::Error TopKImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                    ffi::ResultBuffer<ffi::F32> vals, ffi::ResultBuffer<ffi::S32> idx) {
+// Top-k of every row of x [rows, m]; with a mask [m], entries where it is false count as -inf.
+ffi::Error RunTopK(ffi::ThreadPool& pool, const ffi::Buffer<ffi::F32>& x, const bool* mask,
+                   ffi::ResultBuffer<ffi::F32>& vals, ffi::ResultBuffer<ffi::S32>& idx) {
   auto dims = x.dimensions();
   if (dims.size() < 1) return ffi::Error::InvalidArgument("top-k input must have rank >= 1");
   const int64_t m = dims.back();
   const int64_t k = vals->dimensions().back();
   if (k < 1 || k > m) return ffi::Error::InvalidArgument("top-k needs 1 <= k <= row length");
-  auto w = std::make_shared<Work>();
-  w->x = x.typed_data();
-  w->vals = vals->typed_data();
-  w->idx = idx->typed_data();
-  w->m = m;
-  w->k = static_cast<int>(k);
-  w->rows = m ? static_cast<int64_t>(x.element_count()) / m : 0;
-  w->block_rows = 16;
-  w->n_blocks = (w->rows + w->block_rows - 1) / w->block_rows;
-  int64_t helpers = std::min<int64_t>(pool.num_threads(), w->n_blocks - 1);
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([w] { Drain(w.get()); });
-  Drain(w.get());
-  while (w->done.load() < w->n_blocks) std::this_thread::yield();
+  const float* xp = x.typed_data();
+  float* vp = vals->typed_data();
+  int32_t* ip = idx->typed_data();
+  const int64_t rows = m ? static_cast<int64_t>(x.element_count()) / m : 0;
+  constexpr int64_t kBlockRows = 16;
+  sae_jax::ParallelFor(pool, (rows + kBlockRows - 1) / kBlockRows, [&](int64_t b) {
+    thread_local Scratch scratch;  // reused across calls: no allocation per row block
+    const int64_t r1 = std::min(rows, (b + 1) * kBlockRows);
+    for (int64_t r = b * kBlockRows; r < r1; ++r) {
+      const int32_t* row = reinterpret_cast<const int32_t*>(xp + r * m);  // raw bits
+      if (mask == nullptr) {
+        TopKRow([row](int64_t j) { return Key(row[j]); }, m, static_cast<int>(k), vp + r * k,
+                ip + r * k, scratch);
+      } else {
+        TopKRow([row, mask](int64_t j) { return mask[j] ? Key(row[j]) : kNegInf; }, m,
+                static_cast<int>(k), vp + r * k, ip + r * k, scratch);
+      }
+    }
+  });
   return ffi::Error::Success();
+}
+
+ffi::Error TopKImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                    ffi::ResultBuffer<ffi::F32> vals, ffi::ResultBuffer<ffi::S32> idx) {
+  return RunTopK(pool, x, nullptr, vals, idx);
+}
+
+// The AuxK selection without writing the masked copy of the pre-activations first.
+ffi::Error MaskedTopKImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                          ffi::Buffer<ffi::PRED> mask, ffi::ResultBuffer<ffi::F32> vals,
+                          ffi::ResultBuffer<ffi::S32> idx) {
+  if (mask.dimensions().size() != 1 || x.dimensions().size() < 1 ||
+      mask.dimensions()[0] != x.dimensions().back())
+    return ffi::Error::InvalidArgument("masked top-k: mask must be [row length]");
+  return RunTopK(pool, x, mask.typed_data(), vals, idx);
 }
 
 }  // namespace
@@ -150,5 +181,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SaeJaxTopK, TopKImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SaeJaxMaskedTopK, MaskedTopKImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::S32>>());

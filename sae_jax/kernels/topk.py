@@ -55,6 +55,20 @@ def local_top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
   return _block_top_k(x, k)
 
 
+def masked_top_k(x: jax.Array, mask: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """:func:`local_top_k` of ``where(mask, x, -inf)``: [N, M], bool [M] -> [N, k] values, indices.
+
+  On CPU the FFI kernel reads the mask itself (no masked [N, M] copy is written).
+  """
+  def xla(x, mask):
+    return _block_top_k(jnp.where(mask[None, :], x, -jnp.inf), k)
+
+  if x.dtype == jnp.float32 and cpu_topk.available():
+    return lax.platform_dependent(x, mask, cpu=lambda x, m: cpu_topk.ffi_masked_top_k(x, m, k),
+                                  default=xla)
+  return xla(x, mask)
+
+
 def _block_top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
   """Exact top-k with XLA ops only.
 
@@ -143,8 +157,7 @@ def _encode_select(xc, W_enc, b_enc, aux_mask, k, k_aux, compute_dtype, platform
     pre = jnp.dot(x_chunk.astype(cdt), w, preferred_element_type=jnp.float32) + b
     out = tuple(local_top_k(pre, min(k, m_local)))
     if k_aux:
-      masked = jnp.where(aux_mask[None, :], pre, -jnp.inf)
-      out = out + tuple(local_top_k(masked, min(k_aux, m_local)))
+      out = out + tuple(masked_top_k(pre, aux_mask, min(k_aux, m_local)))
     return out
 
   def chunked(xc, platform):
