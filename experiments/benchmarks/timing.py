@@ -3,9 +3,8 @@
 import time
 
 
-def lower_quartile_seconds(fn, steps: int) -> float:
-  """Lower-quartile seconds per call of ``fn`` (its result blocked on) after two warm-up calls:
-  robust to a noisy neighbour."""
+def call_seconds(fn, steps: int) -> list[float]:
+  """Sorted seconds of ``steps`` calls of ``fn`` (its result blocked on) after two warm-ups."""
   import jax
   for _ in range(2):
     jax.block_until_ready(fn())
@@ -14,5 +13,10 @@ def lower_quartile_seconds(fn, steps: int) -> float:
     t = time.perf_counter()
     jax.block_until_ready(fn())
     times.append(time.perf_counter() - t)
-  times.sort()
+  return sorted(times)
+
+
+def lower_quartile_seconds(fn, steps: int) -> float:
+  """Lower-quartile seconds per call of ``fn``: robust to a noisy neighbour."""
+  times = call_seconds(fn, steps)
   return times[len(times) // 4]
