@@ -56,6 +56,7 @@ struct Scratch {
   std::vector<int32_t> max4, max16, tmp;  // block maxima of 4 and of 16 values; a work copy
   std::vector<Item> cand;
   std::vector<Item> ties;  // values equal to the threshold, the first k in index order
+  std::vector<int32_t> packed;  // a masked row's unmasked keys, in column order
 };
 
 // Maxima of blocks of `size` values of x[0:m] (the last block may be short).
@@ -142,6 +143,14 @@ ffi::Error RunTopK(ffi::ThreadPool& pool, const ffi::Buffer<ffi::F32>& x, const 
   float* vp = vals->typed_data();
   int32_t* ip = idx->typed_data();
   const int64_t rows = m ? static_cast<int64_t>(x.element_count()) / m : 0;
+  // A masked row is selected among its unmasked columns only (AuxK: the dead latents, often a
+  // small share), packed in column order so ties still go to the lower index; listed once.
+  std::vector<int32_t> cols;
+  if (mask != nullptr) {
+    for (int64_t j = 0; j < m; ++j)
+      if (mask[j]) cols.push_back(static_cast<int32_t>(j));
+  }
+  const int64_t n_cols = static_cast<int64_t>(cols.size());
   constexpr int64_t kBlockRows = 16;
   sae_jax::ParallelFor(pool, (rows + kBlockRows - 1) / kBlockRows, [&](int64_t b) {
     thread_local Scratch scratch;  // reused across calls: no allocation per row block
@@ -151,6 +160,18 @@ ffi::Error RunTopK(ffi::ThreadPool& pool, const ffi::Buffer<ffi::F32>& x, const 
       if (mask == nullptr) {
         TopKRow([row](int64_t j) { return Key(row[j]); }, m, static_cast<int>(k), vp + r * k,
                 ip + r * k, scratch);
+      } else if (n_cols >= k) {
+        scratch.packed.resize(n_cols);
+        for (int64_t c = 0; c < n_cols; ++c) scratch.packed[c] = Key(row[cols[c]]);
+        const int32_t* packed = scratch.packed.data();
+        TopKRow([packed](int64_t c) { return packed[c]; }, n_cols, static_cast<int>(k),
+                vp + r * k, ip + r * k, scratch);
+        for (int64_t t = 0; t < k; ++t) ip[r * k + t] = cols[ip[r * k + t]];
+        // A selected -inf ties with the masked columns, which lax.top_k orders by index
+        // among them: only the full row gives that order.
+        if (Key(*reinterpret_cast<const int32_t*>(vp + r * k + k - 1)) <= kNegInf)
+          TopKRow([row, mask](int64_t j) { return mask[j] ? Key(row[j]) : kNegInf; }, m,
+                  static_cast<int>(k), vp + r * k, ip + r * k, scratch);
       } else {
         TopKRow([row, mask](int64_t j) { return mask[j] ? Key(row[j]) : kNegInf; }, m,
                 static_cast<int>(k), vp + r * k, ip + r * k, scratch);
