@@ -19,6 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from sae_jax import sharding
 from sae_jax.config import SAEConfig, TrainConfig
 from sae_jax.errors import ConfigError, DataError
+from sae_jax.kernels.topk import sparse_decode
 from sae_jax.sharding import Axes
 from sae_jax.saes import registry
 from sae_jax.saes.base import expected_norm_scale, geometric_median, normalize_inputs
@@ -104,9 +105,13 @@ def state_shardings(sae_cfg: SAEConfig, tcfg: TrainConfig, mesh: Mesh) -> TrainS
   return sharding.tree_shardings(state_axes(sae_cfg, abstract), mesh)
 
 
+# Encoder inits that start from the linear draw and scale W_enc to fit the first batch (TopK).
+FITTED_INITS = ("linear_fit", "data")
+
+
 def _init_state(sae_cfg, tcfg, first_batch, key, init_params=None) -> TrainState:
   arch = registry.get(sae_cfg.architecture)
-  fit = tcfg.encoder_init in ("linear_fit", "data")
+  fit = tcfg.encoder_init in FITTED_INITS
   params = arch.init_params(key, sae_cfg, "linear" if fit else tcfg.encoder_init)
   warm = init_params is not None
   if warm:  # warm start: another SAE's parameters (same shapes), fresh optimizer and counters
@@ -137,7 +142,7 @@ def fitted_encoder_scale(arch, params, buffers, x: jax.Array, cfg: SAEConfig,
 
   With b_enc = 0 the top-k selection is the same at c W_enc for every c > 0 (ReLU, then top-k)
   and the reconstruction is c r(x), so W_enc <- c W_enc gives the lowest first-batch error for
-  the drawn directions. Chunks of ``chunk`` tokens bound the [chunk, k, D] gathered rows; the
+  the drawn directions. Chunks of ``chunk`` tokens bound the [chunk, M] pre-activations; the
   padding rows are b_dec (no pre-activation, so they add nothing to either sum).
   """
   b_dec = params["b_dec"].astype(jnp.float32)
@@ -148,7 +153,7 @@ def fitted_encoder_scale(arch, params, buffers, x: jax.Array, cfg: SAEConfig,
 
   def sums(xb):
     vals, idx = arch.encode_sparse(params, buffers, xb, cfg, cfg.k)
-    r = jnp.einsum("nk,nkd->nd", vals, w_dec[idx])
+    r = sparse_decode(vals, idx, w_dec)
     return jnp.stack([jnp.sum((xb - b_dec) * r), jnp.sum(r * r)])
 
   num, den = jnp.sum(lax.map(sums, xs.reshape(-1, chunk, x.shape[1])), axis=0)
@@ -203,7 +208,7 @@ def init_train_state(sae_cfg: SAEConfig, tcfg: TrainConfig, mesh: Mesh, first_ba
   if not bool(jnp.isfinite(first_batch).all()):
     raise DataError("the first batch contains NaN or Inf; b_dec cannot be initialised from it")
   sharding.check_divisible(sae_cfg.d_sae, mesh, "model", "d_sae")
-  if tcfg.encoder_init in ("linear_fit", "data") and sae_cfg.architecture != "topk":
+  if tcfg.encoder_init in FITTED_INITS and sae_cfg.architecture != "topk":
     raise ConfigError(f"encoder_init={tcfg.encoder_init!r} needs architecture 'topk' (got "
                       f"{sae_cfg.architecture!r}); for it use 'linear' or 'tied'")
   key = jax.random.key(tcfg.seed) if key is None else key
