@@ -103,7 +103,8 @@ class DeviceStream:
     # Block 0 of a round's pool, on the devices once (a take returns the next slot).
     self._slot0 = jax.device_put(np.int32(0), NamedSharding(mesh, P()))
     self._sizes: dict[int, int] = {}
-    self._compiled: dict[int, tuple] = {}
+    self._compiled: dict[exchange.Layout, tuple] = {}  # (zeros, take) per layout
+    self._mixes: dict[tuple[exchange.Layout, int], object] = {}  # per layout and pair width
     # The last round's host data, built once on the main thread: round_size, plan and
     # round_meta all read it (building a batch is a Python loop over its rows).
     self._last: HostRound | None = None
@@ -160,8 +161,7 @@ class DeviceStream:
     if size % n:
       raise ConfigError(f"blocks of {size} rows do not split over the mesh's 'data' axis of "
                         f"size {n}")
-    return exchange.layout(n, size, self.capacity, self.step_shape[0] * self.step_shape[1],
-                           self.step_shape[1], self.step_shape[0] % n == 0)
+    return exchange.stream_layout(n, size, *self.step_shape, self.steps_per_round)
 
   def stage(self, host: HostRound, lay: exchange.Layout, have: int = 0,
             skip: int = 0) -> StagedRound:
@@ -211,17 +211,21 @@ class DeviceStream:
       out.append(acts if self.on_mesh else jax.device_put(acts, acts_sharding))
     return out + [out[-1]] * (self.steps_per_round - len(out))  # never indexed
 
-  def _programs(self, lay: exchange.Layout, m: int):
-    """(zeros, mix, take) for ``lay`` and ``m`` rows per exchanged pair: each compiles once."""
-    key = (lay, m)
-    if key not in self._compiled:
+  def _programs(self, lay: exchange.Layout):
+    """(zeros, take) for blocks of ``lay``: each compiles once."""
+    if lay not in self._compiled:
       block = sharding.sharding_for_shape(self.mesh, ("batch", "embed"),
                                           (lay.size, self.d_model))
       zeros = jax.jit(lambda: {h: jnp.zeros((lay.size, self.d_model), jnp.float32)
                                for h in self.hooks}, out_shardings={h: block for h in self.hooks})
-      self._compiled[key] = (zeros, exchange.mix_program(self.mesh, lay, m),
-                             exchange.take_program(self.mesh, lay))
-    return self._compiled[key]
+      self._compiled[lay] = zeros, exchange.take_program(self.mesh, lay)
+    return self._compiled[lay]
+
+  def _mix(self, lay: exchange.Layout, m: int):
+    """The exchange for ``lay`` and ``m`` rows per pair (a few widths per stream)."""
+    if (lay, m) not in self._mixes:
+      self._mixes[lay, m] = exchange.mix_program(self.mesh, lay, m)
+    return self._mixes[lay, m]
 
   def _first_round(self, start: int) -> tuple[int, int]:
     """(the round holding row ``start``, the rows before it), counted from the token ids."""
@@ -239,12 +243,13 @@ class DeviceStream:
     first, seen = self._first_round(start)
     if first == self.n_rounds:
       return
+    lay = self.layout(size)
+    zeros, take = self._programs(lay)
     rounds = self.staged_rounds(first, size, start - seen)
     with contextlib.closing(rounds):
-      carry = None  # block 0's first rows of the next round: the unfinished block
+      carry = zeros()  # block 0's first rows of the next round: the unfinished block
       for staged in rounds:
-        zeros, mix, take = self._programs(self.layout(size), staged.moves.m)
-        carry = zeros() if carry is None else carry
+        mix = self._mix(lay, staged.moves.m)
         pool = sharding.settle(mix(carry, self._forward(staged), staged.send, staged.gather),
                                self.mesh)
         at = self._slot0

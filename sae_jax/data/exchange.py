@@ -66,6 +66,14 @@ def layout(shards: int, size: int, capacity: int, step_rows: int, ctx: int,
   return Layout(shards, size, (size - 1 + capacity) // size + 1, step_rows, ctx, sharded)
 
 
+def stream_layout(shards: int, size: int, step_batch: int, ctx: int,
+                  steps_per_round: int) -> Layout:
+  """The layout of a stream whose rounds are ``steps_per_round`` forwards of [step_batch, ctx]
+  token batches (every process's), served in blocks of ``size`` rows."""
+  return layout(shards, size, steps_per_round * step_batch * ctx, step_batch * ctx, ctx,
+                step_batch % shards == 0)
+
+
 def expected_width(lay: Layout, rows: int) -> int:
   """The all-to-all's per-pair width for ``rows`` round rows spread uniformly (the planner's
   estimate: the mean pair count plus four standard deviations, bucketed as :func:`plan` does)."""

@@ -99,7 +99,7 @@ def _mix(cfg: TraceConfig, mesh: Mesh, d: int, dtype, rows: int) -> Built:
   hook at once), its all-to-all as wide as a uniform round needs (:mod:`sae_jax.data.exchange`)."""
   b, t, n = cfg.data.batch_size, cfg.data.ctx_len, mesh.shape["data"]
   steps_per_round = cfg.data.buffer_batches
-  lay = exchange.layout(n, cfg.train.batch_size, steps_per_round * b * t, b * t, t, b % n == 0)
+  lay = exchange.stream_layout(n, cfg.train.batch_size, b, t, steps_per_round)
   m = exchange.expected_width(lay, steps_per_round * rows)
   row = lambda shape, dt, axes: _abstract(shape, dt, mesh, axes)
   carry = {h: row((lay.size, d), jnp.float32, ("batch", "embed")) for h in cfg.hooks}

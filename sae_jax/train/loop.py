@@ -239,16 +239,18 @@ class Trainer:
     if self.eval_rows is not None:
       sae.metadata["eval"] = evals.reconstruction_metrics(sae, r.rows(self.eval_rows))
       r.log.write(served, "eval", sae.metadata["eval"])
+    if r.run is None:
+      return sae
     primary, hook = distributed.is_primary(), r.job.on_complete
-    if r.run is not None and primary:
+    if primary:
       sae.save(r.run.sae)
       store.atomic_write_json(r.run.eval, sae.metadata.get("eval", {}))
       r.log.close()
     # A collective hook (an evaluation on a mesh across processes) runs on every process, in
     # the same order of jobs; any other on process 0 only.
-    if r.run is not None and hook is not None and (primary or getattr(hook, "collective", False)):
+    if hook is not None and (primary or getattr(hook, "collective", False)):
       hook(sae, r.run)
-    if r.run is not None and primary:
+    if primary:
       r.run.mark_complete({"steps": steps, "tokens_seen": meta["tokens_seen"]})
     return sae
 
