@@ -13,7 +13,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
 from sae_jax import sharding
 from sae_jax.saes import registry
@@ -83,14 +83,6 @@ class SpliceReconstruct:
     return reconstruct_rows(self.cfg, args["params"], args["buffers"], flat).reshape(x.shape)
 
 
-def _global(a, mesh: Mesh, axes) -> jax.Array:
-  """A host array every process holds whole -> a global array on ``mesh`` (each device copies
-  its own slice: no process needs another's data)."""
-  a = np.asarray(a)
-  spec = sharding.sharding_for_shape(mesh, axes, a.shape) if axes else NamedSharding(mesh, P())
-  return jax.make_array_from_callback(a.shape, spec, lambda index: a[index])
-
-
 def spliced_metrics(model, sae: SAE, hook: str, batches, max_batches: int | None = None,
                     mesh: Mesh | None = None) -> dict[str, float]:
   """LM-loss metrics with the SAE's reconstruction spliced in at ``hook``.
@@ -109,9 +101,10 @@ def spliced_metrics(model, sae: SAE, hook: str, batches, max_batches: int | None
   else:  # anything with reconstruct([N, D]) (a baseline, a peer's SAE): spliced as a closure
     recon = lambda x, args: sae.reconstruct(x.reshape(-1, x.shape[-1])).reshape(x.shape)
     state = {}
-  put = jnp.asarray if mesh is None else (lambda a: _global(a, mesh, ("batch", "length")))
+  put = jnp.asarray if mesh is None else (
+      lambda a: sharding.place(np.asarray(a), mesh, ("batch", "length")))
   if mesh is not None:
-    state = jax.tree.map(lambda a: _global(a, mesh, None), state)
+    state = jax.tree.map(lambda a: sharding.place(np.asarray(a), mesh), state)
   sums = {"clean": 0.0, "sae": 0.0, "ablated": 0.0, "kl": 0.0}
   count = 0.0
   for i, b in enumerate(batches):

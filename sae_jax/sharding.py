@@ -93,6 +93,16 @@ def sharding_for_shape(mesh: Mesh, axes: Sequence[str | None], shape: Sequence[i
   return NamedSharding(mesh, P(*fitted))
 
 
+def place(host: np.ndarray, mesh: Mesh | None, axes: Sequence[str | None] = ()) -> jax.Array:
+  """A host array every process holds whole -> on the default device (no mesh), or a global
+  array on ``mesh`` split by logical ``axes`` (none: replicated), each device copying only its
+  own slice (no device ever holds the whole of a sharded array, no process needs another's)."""
+  if mesh is None:
+    return jax.device_put(host)
+  sh = sharding_for_shape(mesh, axes, host.shape)
+  return jax.make_array_from_callback(host.shape, sh, lambda index: host[index])
+
+
 def tree_shardings(axes_tree, mesh: Mesh):
   """Map a pytree whose leaves are :class:`Axes` to NamedShardings on ``mesh``."""
   return jax.tree.map(lambda a: named_sharding(mesh, a), axes_tree,

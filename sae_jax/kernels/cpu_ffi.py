@@ -48,17 +48,18 @@ def _build() -> Path:
       "clang++")
   if cxx is None:
     raise RuntimeError("no C++ compiler found (set CXX)")
+  flags = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC"]
   text = b"".join((_DIR / name).read_bytes() for name in _SOURCES + _HEADERS)
-  key = hashlib.sha256(text + jax.__version__.encode() + _cpu_signature().encode()).hexdigest()
+  key = hashlib.sha256(text + " ".join([jax.__version__, *flags]).encode()
+                       + _cpu_signature().encode()).hexdigest()
   out = _cache_dir() / f"cpu_kernels_{key[:16]}.so"
   if out.exists():
     return out
   out.parent.mkdir(parents=True, exist_ok=True)
   with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
     tmp_so = Path(tmp) / out.name
-    cmd = [cxx, "-O3", "-march=native", "-std=c++20", "-shared", "-fPIC",
-           f"-I{jax.ffi.include_dir()}", f"-I{_DIR}", *(str(_DIR / s) for s in _SOURCES),
-           "-o", str(tmp_so)]
+    cmd = [cxx, *flags, f"-I{jax.ffi.include_dir()}", f"-I{_DIR}",
+           *(str(_DIR / s) for s in _SOURCES), "-o", str(tmp_so)]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode:
       raise RuntimeError(f"compiling {', '.join(_SOURCES)} failed: {proc.stderr.strip()[-300:]}")

@@ -185,7 +185,7 @@ def load_model(name_or_dir: str | os.PathLike, revision: str | None = None, *,
   flat = list(nnx.to_flat_state(abstract))
   source = _TensorSource(path)
   _check_tensors(path, source, [(param_name(p), v.shape) for p, v in flat])
-  state = nnx.from_flat_state([(p, v.replace(_place(source.get(param_name(p)).astype(
+  state = nnx.from_flat_state([(p, v.replace(sharding.place(source.get(param_name(p)).astype(
       pdt, copy=False), mesh, axes_of(v)))) for p, v in flat])
   model = nnx.merge(graphdef, state)
   model.path, model.revision, model.mesh = str(path), revision, mesh
@@ -203,15 +203,6 @@ def _check_tensors(path: Path, source: _TensorSource, expected: list[tuple[str, 
     if source.shape(name) != tuple(shape):
       raise CheckpointError(f"{path}: tensor {name!r} has shape {source.shape(name)}, expected "
                             f"{tuple(shape)}")
-
-
-def _place(host: np.ndarray, mesh: Mesh | None, axes) -> jax.Array:
-  """One tensor onto the default device, or into its shards on ``mesh`` (each device copies
-  only its own slice of the host array: no device ever holds the whole of a sharded tensor)."""
-  if mesh is None:
-    return jax.device_put(host)
-  sh = sharding.sharding_for_shape(mesh, axes, host.shape)
-  return jax.make_array_from_callback(host.shape, sh, lambda index: host[index])
 
 
 def abstract_model(cfg: TransformerConfig, dtype="float32", mesh: Mesh | None = None
