@@ -65,6 +65,25 @@ def make_mesh(cfg: MeshConfig | None = None, devices: Sequence[jax.Device] | Non
   return Mesh(grid, MeshConfig.AXES, axis_types=(AxisType.Auto, AxisType.Auto))
 
 
+def spans_processes(mesh: Mesh | None) -> bool:
+  """Whether ``mesh`` holds devices of another process (its programs are collective)."""
+  return mesh is not None and any(d.process_index != jax.process_index()
+                                  for d in mesh.devices.flat)
+
+
+def local_mesh(mesh: Mesh) -> Mesh:
+  """This process's share of ``mesh``: a ("data", "model") mesh over its own devices with the
+  same "model" size (each host then runs the model whole on its own chips, with no collective
+  across hosts). One-line ConfigError when "model" does not divide the host's devices."""
+  mine = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+  model = mesh.shape["model"]
+  if len(mine) % model:
+    raise ConfigError(f"mesh model={model} does not divide this host's {len(mine)} devices: "
+                      f"a per-host model copy (cache mode on several hosts) needs a 'model' "
+                      f"axis that divides {len(mine)}")
+  return make_mesh(MeshConfig(data=len(mine) // model, model=model), mine)
+
+
 def logical_to_spec(axes: Sequence[str | None], rules: dict[str, str | None] | None = None) -> P:
   """PartitionSpec for an array whose dimensions carry the logical names ``axes``."""
   rules = LOGICAL_RULES if rules is None else rules

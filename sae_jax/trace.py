@@ -263,10 +263,14 @@ def _trace_checkpoint(cfg: TraceConfig, st: store.Store, rev: str, todo: list[_P
   sae_cfg = sae_config_for(cfg, model_cfg.d_model)
   registry.check(sae_cfg)  # k against the real d_sae, before any extraction
   sharding.check_divisible(sae_cfg.d_sae, mesh, "model", "d_sae")
-  # Cache mode on several hosts: each host writes its own batches with its own model copy.
-  local = cfg.extract.activations == "cache" and jax.process_count() > 1
-  model = load_model(cfg.model, revision=rev, dtype=cfg.extract.dtype,
-                     mesh=None if local else mesh)
+  # Cache mode on several hosts: each host writes its own batches with the model on its own
+  # devices (sharded over its "model" axis; no collective across hosts while extracting).
+  local = cfg.extract.activations == "cache" and sharding.spans_processes(mesh)
+  model_mesh = sharding.local_mesh(mesh) if local else mesh
+  if local:
+    log_fn(f"{rev}: cache mode on {jax.process_count()} processes: each host extracts with the "
+           f"model on its own {dict(model_mesh.shape)} devices")
+  model = load_model(cfg.model, revision=rev, dtype=cfg.extract.dtype, mesh=model_mesh)
   hooks = list(dict.fromkeys(p.hook for p in todo))
   if cfg.extract.activations == "cache":
     caches = write_caches(cfg, model, rev, hooks, st, log_fn)
@@ -292,12 +296,14 @@ class EvaluateAndExport:
 
   def __init__(self, cfg: TraceConfig, model, rev: str, log_fn):
     self.cfg, self.model, self.rev, self.log_fn = cfg, model, rev, log_fn
-    self.collective = model.mesh is not None and jax.process_count() > 1
+    self.collective = sharding.spans_processes(model.mesh)
     self.eval_batches = sj_data.token_batches(
         model, cfg.data.replace(seed=cfg.data.seed + 7919), 0, 1)
     self._said = False
 
   def __call__(self, sae: SAE, run: store.RunDir) -> None:
+    if not (self.collective or distributed.is_primary()):
+      return  # a model each host holds alone: process 0 evaluates and writes
     hook = sae.metadata["hook_name"]
     mesh = self.model.mesh if self.collective else None
     lm = evals.spliced_metrics(self.model, sae, hook, self.eval_batches,

@@ -81,6 +81,40 @@ def test_two_process_trace_gives_the_same_saes_as_one(tiny_toy, tmp_path):
           in (tmp_path / "two" / "trace.log").read_text())
 
 
+@pytest.mark.slow
+def test_two_process_cache_mode_extracts_per_host_and_trains_the_same_sae(tiny_toy, tmp_path):
+  """Cache mode on a (data=2, model=2) mesh spanning two processes: each host extracts its own
+  batches with the model sharded over its own two devices (no per-host unsharded copy), the
+  cache holds the same activations as one process's, and the SAE trained from it is the same."""
+  import tensorstore as ts
+  common = ["experiments/trace.py", "--config=experiments/configs/toy.py:tiny",
+            f"--config.model={tiny_toy}", f"--config.data.path={tiny_toy}",
+            "--config.revisions=('step30',)", "--config.seed_baseline=('none',)",
+            "--config.outputs.analyze=False", "--config.extract.activations=cache",
+            "--config.extract.cache_dtype=float32",
+            "--config.outputs.eval_batches=1", "--config.mesh.data=2", "--config.mesh.model=2",
+            "--config.data.max_docs=400", "--config.train.total_tokens=4096"]
+  two = _two_processes(common + [f"--workdir={tmp_path / 'two'}"], tmp_path, timeout=600)
+  assert two.returncode == 0, two.stderr[-3000:]
+  one = _one_process(common + [f"--workdir={tmp_path / 'one'}"], timeout=600)
+  assert one.returncode == 0, one.stderr[-3000:]
+  assert ("each host extracts with the model on its own {'data': 1, 'model': 2} devices"
+          in (tmp_path / "two" / "trace.log").read_text())
+
+  def acts(w):
+    path = tmp_path / w / "activations" / "step30" / "resid_post.0" / "acts"
+    spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)}}
+    return ts.open(spec).result().read().result()
+  a, b = acts("one"), acts("two")
+  assert a.shape == b.shape and np.abs(a).sum() > 0
+  np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  pa, pb = (tmp_path / w / "step30" / "resid_post.0" for w in ("one", "two"))
+  sa, sb = sj.load_sae(pa / "sae"), sj.load_sae(pb / "sae")
+  for k in sa.params:
+    np.testing.assert_allclose(np.asarray(sa.params[k]), np.asarray(sb.params[k]),
+                               rtol=1e-5, atol=1e-5, err_msg=k)
+
+
 def test_per_host_streams_of_unequal_length_stop_together(tmp_path):
   """Host 0 has 7 local batches of 128 rows, host 1 has 10: both stop after 7, no hang."""
   two = _two_processes([str(SCRIPT), str(tmp_path / "w"), str(tmp_path / "two.npz"), "-1"],
