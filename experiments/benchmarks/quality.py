@@ -45,6 +45,9 @@ flags.DEFINE_string("encoder_init", None, "ours' encoder_init (default: TrainCon
 flags.DEFINE_integer("geometric_median_iters", None,
                      "ours' b_dec initialisation: Weiszfeld iterations from the first batch's "
                      "mean (0: the mean, as sparsify's trainer; default: TrainConfig's)")
+flags.DEFINE_integer("dead_tokens", None,
+                     "AuxK's dead window in tokens, for every system (default: TrainConfig's, 10M, "
+                     "which these short runs never reach)")
 flags.DEFINE_integer("points", 8, "evaluations per run (plus the final one)")
 
 # name: (d_sae, k, batch, steps, lr)
@@ -125,7 +128,7 @@ def runs(name: str) -> list[dict]:
     for seed in range(FLAGS.seeds):
       out.append({"d_sae": d_sae, "k": k, "batch_size": batch, "lr": lr, "warmup": warm,
                   "b1": o.adam_b1, "b2": o.adam_b2, "eps": o.adam_eps, "seed": seed,
-                  "dead_tokens": t.dead_tokens, "auxk_coef": t.auxk_coef,
+                  "dead_tokens": FLAGS.dead_tokens or t.dead_tokens, "auxk_coef": t.auxk_coef,
                   "tag": {"dataset": name, "schedule": sched, "seed": seed}})
   return out
 
@@ -147,7 +150,8 @@ def train_ours(run: dict, data, emit) -> None:
   init = {"encoder_init": FLAGS.encoder_init} if FLAGS.encoder_init else {}
   if FLAGS.geometric_median_iters is not None:
     init["geometric_median_iters"] = FLAGS.geometric_median_iters
-  tcfg = sj.TrainConfig(batch_size=bs, seed=run["seed"], **init, optim=sj.OptimConfig(
+  tcfg = sj.TrainConfig(batch_size=bs, seed=run["seed"], dead_tokens=run["dead_tokens"],
+                        auxk_coef=run["auxk_coef"], **init, optim=sj.OptimConfig(
       lr=run["lr"], warmup_steps=run["warmup"], adam_b1=run["b1"], adam_b2=run["b2"],
       adam_eps=run["eps"]))
   mesh = sj.make_mesh(devices=jax.devices()[:1])
