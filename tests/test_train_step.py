@@ -198,6 +198,49 @@ def test_auxk_width_follows_the_dead_count_with_identical_results():
     np.testing.assert_allclose(narrow.params[k], wide.params[k], rtol=1e-6, atol=1e-7)
 
 
+def _dots(jaxpr):
+  """Every dot_general equation of a jaxpr, sub-jaxprs included."""
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      yield eqn
+    for v in eqn.params.values():
+      for sub in (v if isinstance(v, (list, tuple)) else [v]):
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          yield from _dots(inner)
+
+
+def test_dense_auxk_gradient_matmuls_run_in_the_compute_dtype():
+  """At compute_dtype bfloat16 the dense AuxK's backward matmuls take bfloat16 operands (plain
+  autodiff multiplied the float32 cotangent in float32: TF32 matmuls on a GPU), and its
+  gradients stay those of the float32 computation to bfloat16 rounding."""
+  from sae_jax.kernels.auxk import dense_auxk_decode
+  d, m, n = 16, 64, 32
+  ks = jax.random.split(jax.random.key(3), 5)
+  w_enc = jax.random.normal(ks[0], (d, m)) / 4
+  w_dec = jax.random.normal(ks[1], (m, d)) / 4
+  b_enc, b_dec = jax.random.normal(ks[2], (m,)) / 10, jax.random.normal(ks[3], (d,)) / 10
+  x = jax.random.normal(ks[4], (n, d))
+  dead = jnp.arange(m) % 3 == 0
+
+  def grads(cdt):
+    loss = lambda we, be, bd, wd: jnp.sum(
+        dense_auxk_decode(x, we, be, bd, wd, dead, 4, 32, cdt) ** 2)
+    return jax.grad(loss, argnums=(0, 1, 2, 3)), loss
+
+  g16, loss16 = grads("bfloat16")
+  dots = list(_dots(jax.make_jaxpr(g16)(w_enc, b_enc, b_dec, w_dec).jaxpr))
+  big = [e for e in dots if all(v.aval.ndim == 2 for v in e.invars)]
+  assert len(big) >= 5  # two forward matmuls, three backward ones
+  assert all(v.aval.dtype == jnp.bfloat16 for e in big for v in e.invars), [
+      [str(v.aval) for v in e.invars] for e in big]
+  got = g16(w_enc, b_enc, b_dec, w_dec)
+  want = grads("float32")[0](w_enc, b_enc, b_dec, w_dec)
+  for a, b in zip(got, want):
+    scale = float(jnp.abs(b).max())
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b), atol=0.03 * scale)
+
+
 @pytest.mark.parametrize("arch", ["topk", "batchtopk"])
 def test_dense_auxk_equals_sparse_auxk(arch):
   """AuxK over a dense block of dead latents: the sparse path's loss and gradients (to float

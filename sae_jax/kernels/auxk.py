@@ -14,11 +14,37 @@ latent axis keeps the sparse path.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 from sae_jax.kernels.topk import local_top_k
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _dot(a: jax.Array, b: jax.Array, cdt) -> jax.Array:
+  """[N, K] x [K, L] -> [N, L] float32 from ``cdt`` inputs, its two gradient matmuls in ``cdt``
+  too (autodiff would multiply the float32 cotangent by the cdt operand in float32: on a GPU
+  at bfloat16 the dense AuxK's backward ran as three float32 (TF32) matmuls, 12 % of the
+  paper-shape AuxK step)."""
+  return jnp.dot(a.astype(cdt), b.astype(cdt), preferred_element_type=jnp.float32)
+
+
+def _dot_fwd(a, b, cdt):
+  return _dot(a, b, cdt), (a, b)
+
+
+def _dot_bwd(cdt, res, g):
+  a, b = res
+  g = g.astype(cdt)
+  ga = jnp.dot(g, b.astype(cdt).T, preferred_element_type=jnp.float32)
+  gb = jnp.dot(a.astype(cdt).T, g, preferred_element_type=jnp.float32)
+  return ga.astype(a.dtype), gb.astype(b.dtype)
+
+
+_dot.defvjp(_dot_fwd, _dot_bwd)
 
 
 def dead_columns(aux_mask: jax.Array, capacity: int) -> tuple[jax.Array, jax.Array]:
@@ -55,7 +81,7 @@ def dense_auxk_decode(x: jax.Array, W_enc: jax.Array, b_enc: jax.Array, b_dec: j
   # (x - b_dec) @ W = x @ W - b_dec @ W: b_dec's gradient is then a mat-vec, not a third
   # [N, C] x [C, D] matmul for the gradient of (x - b_dec).
   x = lax.stop_gradient(x)
-  pre = jnp.dot(x.astype(cdt), w_enc, preferred_element_type=jnp.float32)
+  pre = _dot(x.astype(cdt), w_enc, cdt)
   shift = jnp.dot(b_dec.astype(cdt), w_enc, preferred_element_type=jnp.float32)
   pre = pre - shift[None, :] + jnp.take(b_enc, cols).astype(jnp.float32)
   pre = jnp.where(valid[None, :], pre, -jnp.inf)  # padding is never selected
@@ -66,4 +92,4 @@ def dense_auxk_decode(x: jax.Array, W_enc: jax.Array, b_enc: jax.Array, b_dec: j
   n = x.shape[0]
   codes = jnp.zeros((n, capacity), jnp.float32).at[jnp.arange(n)[:, None], pos].set(vals)
   w_dec = jnp.take(W_dec, cols, axis=0).astype(cdt)  # [C, D]
-  return jnp.dot(codes.astype(cdt), w_dec, preferred_element_type=jnp.float32)
+  return _dot(codes.astype(cdt), w_dec, cdt)

@@ -6,7 +6,7 @@ axes of each leaf, then initialised straight into place with ``jax.jit(out_shard
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any
 
 import flax.struct
 import jax
@@ -45,41 +45,8 @@ class TrainState:
   nan_batches: jax.Array
 
 
-# Encoder inits that start from the linear draw and scale W_enc to fit the first batch (TopK).
-FITTED_INITS = ("linear_fit", "data")
-# Parameters whose Adam steps the fitted inits scale by the fit (the encoder's pre-activations).
-ENCODER_PARAMS = ("W_enc", "b_enc")
-
-
-class EncoderStepScale(NamedTuple):
-  """Optax state of :func:`encoder_step_scale`: the fitted encoder scale c (a scalar)."""
-  scale: jax.Array
-
-
-def encoder_step_scale() -> optax.GradientTransformation:
-  """Multiply the encoder's updates (W_enc, b_enc) by the scale held in the state.
-
-  A fitted init multiplies the encoder by c; Adam moves each entry by about lr whatever its
-  size, so at c < 1 the encoder would change 1/c times faster relative to itself than the
-  unscaled draw does, and latents pushed out of the top-k early stay dead (quality_note.md).
-  Steps times c are exactly the steps of W_enc = c V with V trained at the drawn scale.
-  """
-  def init(params):
-    del params
-    return EncoderStepScale(jnp.ones((), jnp.float32))
-
-  def update(updates, state, params=None):
-    del params
-    scaled = {n: (u * state.scale).astype(u.dtype) if n in ENCODER_PARAMS else u
-              for n, u in updates.items()}
-    return scaled, state
-
-  return optax.GradientTransformation(init, update)
-
-
 def make_optimizer(sae_cfg: SAEConfig, tcfg: TrainConfig) -> optax.GradientTransformation:
-  """Adam with linear warm-up then constant or cosine decay (eps 6.25e-10 by default); the
-  fitted inits add :func:`encoder_step_scale` after it."""
+  """Adam with linear warm-up then constant or cosine decay (eps 6.25e-10 by default)."""
   opt = tcfg.optim
   lr = opt.learning_rate(sae_cfg.d_sae)
   warmup = max(opt.warmup_steps, 1)
@@ -100,8 +67,7 @@ def make_optimizer(sae_cfg: SAEConfig, tcfg: TrainConfig) -> optax.GradientTrans
     # (count + 1): the very first step already moves (a zero-lr step would waste a batch).
     return lr * jnp.minimum(1.0, (count + 1) / warmup) * decay(count)
 
-  adam = optax.adam(schedule, b1=opt.adam_b1, b2=opt.adam_b2, eps=opt.adam_eps)
-  return optax.chain(adam, encoder_step_scale()) if tcfg.encoder_init in FITTED_INITS else adam
+  return optax.adam(schedule, b1=opt.adam_b1, b2=opt.adam_b2, eps=opt.adam_eps)
 
 
 def long_warmup_message(tcfg: TrainConfig, total_steps: int | None) -> str | None:
@@ -139,10 +105,13 @@ def state_shardings(sae_cfg: SAEConfig, tcfg: TrainConfig, mesh: Mesh) -> TrainS
   return sharding.tree_shardings(state_axes(sae_cfg, abstract), mesh)
 
 
+# Encoder inits that start from the linear draw and scale W_enc to fit the first batch (TopK).
+FITTED_INITS = ("linear_fit", "data")
+
+
 def _init_state(sae_cfg, tcfg, first_batch, key, init_params=None) -> TrainState:
   arch = registry.get(sae_cfg.architecture)
   fit = tcfg.encoder_init in FITTED_INITS
-  c = jnp.ones((), jnp.float32)
   params = arch.init_params(key, sae_cfg, "linear" if fit else tcfg.encoder_init)
   warm = init_params is not None
   if warm:  # warm start: another SAE's parameters (same shapes), fresh optimizer and counters
@@ -161,8 +130,6 @@ def _init_state(sae_cfg, tcfg, first_batch, key, init_params=None) -> TrainState
         c = fitted_encoder_scale(arch, params, buffers, x, sae_cfg)
         params["W_enc"] = (params["W_enc"].astype(jnp.float32) * c).astype(params["W_enc"].dtype)
   opt_state = make_optimizer(sae_cfg, tcfg).init(params)
-  if fit and not __import__("os").environ.get("NOSCALE"):  # TEMP the fitted scale also sets the encoder's step (encoder_step_scale)
-    opt_state = (opt_state[0], EncoderStepScale(jnp.asarray(c, jnp.float32)))
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
                     buffers=buffers, tokens_since_fired=jnp.zeros((sae_cfg.d_sae,), jnp.int32),
                     nan_batches=jnp.zeros((), jnp.int32))
