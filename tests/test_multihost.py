@@ -51,21 +51,27 @@ def test_two_processes_train_the_same_sae_as_one(tmp_path):
   assert steps == sorted(set(steps)) == [10, 20, 30, 40]
 
 
+def _trace_one_and_two(tiny_toy, tmp_path, *extra: str) -> None:
+  """The toy trace (step30, one hook) on a (data=2, model=2) mesh: under the launcher with 2
+  processes x 2 devices into tmp_path/two, and 1 process x 4 devices into tmp_path/one."""
+  common = ["experiments/trace.py", "--config=experiments/configs/toy.py:tiny",
+            f"--config.model={tiny_toy}", f"--config.data.path={tiny_toy}",
+            "--config.revisions=('step30',)", "--config.seed_baseline=('none',)",
+            "--config.outputs.analyze=False", "--config.outputs.eval_batches=1",
+            "--config.mesh.data=2", "--config.mesh.model=2", *extra]
+  two = _two_processes(common + [f"--workdir={tmp_path / 'two'}"], tmp_path, timeout=600)
+  assert two.returncode == 0, two.stderr[-3000:]
+  one = _one_process(common + [f"--workdir={tmp_path / 'one'}"], timeout=600)
+  assert one.returncode == 0, one.stderr[-3000:]
+
+
 @pytest.mark.slow
 def test_two_process_trace_gives_the_same_saes_as_one(tiny_toy, tmp_path):
   """The README's entry point under the launcher on a (data=2, model=2) mesh spanning both
   processes, stream mode (activations mixed on the devices, a global stream): the SAEs of one
   process with the same 4 devices, to float rounding (the forward batches differ in size)."""
-  common = ["experiments/trace.py", "--config=experiments/configs/toy.py:tiny",
-            f"--config.model={tiny_toy}", f"--config.data.path={tiny_toy}",
-            "--config.revisions=('step30',)", "--config.seed_baseline=('none',)",
-            "--config.outputs.analyze=False",
-            "--config.outputs.eval_batches=1", "--config.mesh.data=2", "--config.mesh.model=2",
-            "--config.data.max_docs=800", "--config.train.total_tokens=8192"]
-  two = _two_processes(common + [f"--workdir={tmp_path / 'two'}"], tmp_path, timeout=600)
-  assert two.returncode == 0, two.stderr[-3000:]
-  one = _one_process(common + [f"--workdir={tmp_path / 'one'}"], timeout=600)
-  assert one.returncode == 0, one.stderr[-3000:]
+  _trace_one_and_two(tiny_toy, tmp_path, "--config.data.max_docs=800",
+                     "--config.train.total_tokens=8192")
   pa, pb = (tmp_path / w / "step30" / "resid_post.0" for w in ("one", "two"))
   a, b = sj.load_sae(pa / "sae"), sj.load_sae(pb / "sae")
   for k in a.params:
@@ -87,17 +93,9 @@ def test_two_process_cache_mode_extracts_per_host_and_trains_the_same_sae(tiny_t
   batches with the model sharded over its own two devices (no per-host unsharded copy), the
   cache holds the same activations as one process's, and the SAE trained from it is the same."""
   import tensorstore as ts
-  common = ["experiments/trace.py", "--config=experiments/configs/toy.py:tiny",
-            f"--config.model={tiny_toy}", f"--config.data.path={tiny_toy}",
-            "--config.revisions=('step30',)", "--config.seed_baseline=('none',)",
-            "--config.outputs.analyze=False", "--config.extract.activations=cache",
-            "--config.extract.cache_dtype=float32",
-            "--config.outputs.eval_batches=1", "--config.mesh.data=2", "--config.mesh.model=2",
-            "--config.data.max_docs=400", "--config.train.total_tokens=4096"]
-  two = _two_processes(common + [f"--workdir={tmp_path / 'two'}"], tmp_path, timeout=600)
-  assert two.returncode == 0, two.stderr[-3000:]
-  one = _one_process(common + [f"--workdir={tmp_path / 'one'}"], timeout=600)
-  assert one.returncode == 0, one.stderr[-3000:]
+  _trace_one_and_two(tiny_toy, tmp_path, "--config.extract.activations=cache",
+                     "--config.extract.cache_dtype=float32", "--config.data.max_docs=400",
+                     "--config.train.total_tokens=4096")
   assert ("each host extracts with the model on its own {'data': 1, 'model': 2} devices"
           in (tmp_path / "two" / "trace.log").read_text())
 

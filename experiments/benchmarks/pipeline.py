@@ -25,6 +25,11 @@ machine the figures are noisy: each is the best of ``--repeats`` passes.
 ``pipeline_results.jsonl``: ``--docs=2000`` on the 8-device CPU mesh (data=8) of a 2-core
 machine shared with three other jobs (load average ~11): the forward reference itself varied
 2x between runs, so read the ratios as "the data path is not the bottleneck", not to 10%.
+Idle figures: ``cpu/round7/pipeline.jsonl`` (8 CPU devices: device_mix 0.975, device_train
+0.759 where running the forward and the step one after the other on the same two cores bounds
+it at 0.754) and ``gpu_h200/round8/pipeline_30k.jsonl`` (one H200, ``--d_model=1024
+--n_layers=8 --batch=256 --sae_batch=16384 --docs=30000 --repeats=3 --cache=false``:
+device_mix 1.006, device_train 0.919, host_train 0.154).
 """
 
 from __future__ import annotations

@@ -5,12 +5,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-gpu_profile}; mkdir -p "$OUT"
-PY=${PYTHON:-python3}
-if compgen -G ".whl/*.whl" >/dev/null; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-fi
-export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
+. experiments/benchmarks/gpu_env.sh
 P="timeout ${PART_TIMEOUT:-90} $PY experiments/benchmarks/profile_step.py"
 quiet() { grep '^{' ; }
 $P --tag=default_xla 2>&1 | quiet | tee "$OUT/default.jsonl"
