@@ -18,7 +18,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 LR_SCHEDULES = ("constant", "cosine")
 ENCODER_INITS = ("tied", "linear", "linear_fit", "data")
 AUXK_IMPLS = ("auto", "sparse", "dense")
-KERNELS = ("xla", "pallas")
+KERNELS = ("auto", "xla", "pallas")  # "auto": per platform, kernels.sparse_ops.resolve_kernels
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -230,10 +230,10 @@ class TrainConfig(_JsonMixin):
       layer, uniform in +-1/sqrt(d_in), decoder a unit copy), ``linear_fit`` (TopK: W_enc times
       the scalar best fitting the first batch), ``data`` (TopK: min(n, d_sae) latents along
       first-batch tokens less b_dec, then fitted so), ``tied``; benchmarks/quality_note.md.
-    kernels: how the sparse parts of the TopK step run: ``xla`` (the default: gathers and
-      scatter-adds) or ``pallas`` (Pallas kernels: Triton on GPU, Mosaic on TPU, interpreted
-      elsewhere; opt-in until measured faster on the hardware). Same results up to float32
-      summation order, so a restart may change it.
+    kernels: how the sparse parts of the TopK step run: ``xla`` (gathers, scatter-adds),
+      ``pallas`` (Triton on GPU, Mosaic on TPU, interpreted elsewhere) or ``auto`` (the default:
+      pallas on a GPU, where it measured faster on an H200, else xla). Same results up to
+      float32 summation order, so a restart may change it.
     update_blocks: B > 1 (TopK): the update runs over B blocks of each chip's latents, so only
       one block's gradients are ever in memory (train/blockwise.py); 1: whole arrays at once.
     optim: Adam and the learning-rate schedule (:class:`OptimConfig`).
@@ -251,7 +251,7 @@ class TrainConfig(_JsonMixin):
   geometric_median_iters: int = 50
   auxk_impl: str = "auto"
   encoder_init: str = "linear"
-  kernels: str = "xla"
+  kernels: str = "auto"
   update_blocks: int = 1
   optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
   run: RunConfig = dataclasses.field(default_factory=RunConfig)

@@ -146,6 +146,18 @@ def test_unknown_kernels_is_one_line_error():
     sj.TrainConfig(kernels="triton")
 
 
+def test_auto_kernels_are_pallas_on_a_gpu_and_xla_elsewhere():
+  assert sparse_ops.resolve_kernels("auto", "gpu") == "pallas"
+  assert sparse_ops.resolve_kernels("auto", "tpu") == "xla"
+  assert sparse_ops.resolve_kernels("pallas", "cpu") == "pallas"
+  assert sj.TrainConfig().kernels == "auto"
+  cfg = sj.SAEConfig(d_in=8, d_sae=16, k=2)
+  mesh = sj.make_mesh(devices=jax.devices()[:1])
+  assert make_train_step(cfg, sj.TrainConfig(batch_size=4), mesh).tcfg.kernels == "xla"
+  with pytest.raises(ConfigError, match="resolve 'auto' first"):
+    sparse_ops.check_kernels("auto")
+
+
 def test_train_step_uses_the_kernels_it_is_configured_with():
   """TrainConfig.kernels reaches every sparse op of the sharded step (with AuxK columns); the
   default step has none of the Pallas kernels. Traced only: the numbers are the tests above."""

@@ -23,9 +23,20 @@ from sae_jax.kernels import pallas_gpu, pallas_tpu
 
 
 def check_kernels(kernels: str) -> None:
-  """One-line error for an unknown ``kernels`` name."""
-  if kernels not in KERNELS:
-    raise ConfigError(f"kernels={kernels!r}; allowed: {list(KERNELS)}")
+  """One-line error for a ``kernels`` name the kernels cannot run (``auto`` is resolved by the
+  train step, :func:`resolve_kernels`)."""
+  allowed = [k for k in KERNELS if k != "auto"]
+  if kernels not in allowed:
+    raise ConfigError(f"kernels={kernels!r}; allowed here: {allowed} (resolve 'auto' first)")
+
+
+def resolve_kernels(kernels: str, platform: str) -> str:
+  """TrainConfig.kernels for a mesh of ``platform`` devices: ``auto`` is ``pallas`` on a GPU
+  (faster on an H200 at both benchmark shapes, benchmarks/gpu_h200/) and ``xla`` elsewhere (the
+  TPU kernels are compiled, not yet timed on a chip; the CPU would interpret them)."""
+  if kernels != "auto":
+    return kernels
+  return "pallas" if platform in ("gpu", "cuda", "rocm") else "xla"
 
 
 # The kernels other platforms (the CPU) run in interpret mode; the tests switch it to pallas_tpu.

@@ -12,6 +12,7 @@ instead (:mod:`sae_jax.train.blockwise`), never forming a whole gradient.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Callable
 
@@ -23,6 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from sae_jax import sharding
 from sae_jax.config import SAEConfig, TrainConfig
 from sae_jax.errors import ConfigError
+from sae_jax.kernels import sparse_ops
 from sae_jax.saes import registry
 from sae_jax.saes.base import ShardCtx, TrainForward, TrainInfo, normalize_inputs
 from sae_jax.train import blockwise
@@ -114,6 +116,9 @@ class TrainStep:
 
   def __init__(self, sae_cfg: SAEConfig, tcfg: TrainConfig, mesh: Mesh):
     self.arch = registry.get(sae_cfg.architecture)
+    # "auto" kernels: the platform's choice, fixed here so every program of the step agrees.
+    tcfg = dataclasses.replace(tcfg, kernels=sparse_ops.resolve_kernels(
+        tcfg.kernels, mesh.devices.flat[0].platform))
     self.sae_cfg, self.tcfg, self.mesh = sae_cfg, tcfg, mesh
     sharding.check_divisible(tcfg.batch_size, mesh, "data", "batch_size")
     sharding.check_divisible(sae_cfg.d_sae, mesh, "model", "d_sae")
