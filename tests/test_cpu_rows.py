@@ -70,6 +70,16 @@ def test_scatter_rows_matches_scan(monkeypatch, n, j, m, d):
   assert np.all(np.asarray(fast)[~used] == 0)
 
 
+@pytest.mark.parametrize("n, j, m, d", SHAPES)
+def test_scatter_cols_is_scatter_rows_transposed(monkeypatch, n, j, m, d):
+  r, w, _ = _case(n, j, m, d)
+  src = jax.random.normal(jax.random.key(7), (n, d))
+  fast, ref = _ffi_and_scan(monkeypatch, lambda r, w, s: rows.scatter_cols(r, w, s, m,
+                                                                           jnp.float32), r, w, src)
+  assert fast.shape == ref.shape == (d, m)
+  _close(fast, ref)
+
+
 def test_bfloat16_table_is_read_as_float32(monkeypatch):
   r, w, table = _case(40, 9, 30, 24)
   w = jnp.where(r < 30, w, 0.0)

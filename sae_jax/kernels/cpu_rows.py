@@ -16,7 +16,8 @@ from sae_jax.kernels import cpu_ffi
 
 _TARGETS = {"sae_jax_cpu_gather_sum": "SaeJaxGatherSum",
             "sae_jax_cpu_gather_dot": "SaeJaxGatherDot",
-            "sae_jax_cpu_scatter_rows": "SaeJaxScatterRows"}
+            "sae_jax_cpu_scatter_rows": "SaeJaxScatterRows",
+            "sae_jax_cpu_scatter_cols": "SaeJaxScatterCols"}
 
 
 def available() -> bool:
@@ -58,3 +59,11 @@ def scatter_rows(rows: jax.Array, weights: jax.Array, source: jax.Array, m: int)
   """
   return _call("sae_jax_cpu_scatter_rows", (m, source.shape[1]), rows.astype(jnp.int32),
                weights.astype(jnp.float32), source.astype(jnp.float32))
+
+
+def scatter_cols(rows: jax.Array, weights: jax.Array, source: jax.Array, m: int) -> jax.Array:
+  """:func:`scatter_rows` written transposed, as columns of a [D, m] float32 array (no [m, D]
+  array and transpose: the encoder's weight gradient is used as W_enc [D, M])."""
+  return _call("sae_jax_cpu_scatter_cols", (source.shape[1], m), rows.astype(jnp.int32),
+               weights.astype(jnp.float32), source.astype(jnp.float32))
+

@@ -87,6 +87,22 @@ def scatter_rows(rows_of: jax.Array, weights: jax.Array, source: jax.Array, m_lo
   return _per_platform(fn, rows_of, weights, source)
 
 
+def _scatter_cols(rows_of, weights, source, m_local, dtype, platform):
+  if platform == "cpu" and jnp.dtype(dtype) == jnp.float32 and cpu_rows.available():
+    return cpu_rows.scatter_cols(rows_of, weights, source, m_local)
+  return _scatter_rows(rows_of, weights, source, m_local, dtype, platform).T
+
+
+def scatter_cols(rows_of: jax.Array, weights: jax.Array, source: jax.Array, m_local: int,
+                 dtype) -> jax.Array:
+  """:func:`scatter_rows` transposed: [N, J], [N, J], [N, D] -> [D, m_local].
+
+  The CPU kernel writes the columns directly; elsewhere XLA transposes the rows' result.
+  """
+  fn = functools.partial(_scatter_cols, m_local=m_local, dtype=dtype)
+  return _per_platform(fn, rows_of, weights, source)
+
+
 def _gather_sum(rows_of, weights, table, platform):
   if platform == "cpu" and cpu_rows.available():
     return cpu_rows.gather_sum(rows_of, weights, table)
