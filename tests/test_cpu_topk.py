@@ -55,3 +55,20 @@ def test_auxk_masked_rows_match_lax_top_k(n_dead, k, layout):
                     jax.jit(lambda x, d: cpu_topk.ffi_masked_top_k(x, d, k))(x, dead)):
     np.testing.assert_array_equal(idx, ref_idx)
     np.testing.assert_array_equal(vals, ref_vals)
+
+
+@pytest.mark.parametrize("k", [256, 300, 1023])
+def test_large_k_rows_ordered_by_every_byte(k):
+  # k >= m / 8 takes the radix path: keys that share their top bytes and differ (or tie) only
+  # in the low ones, so a selection that stopped at a higher byte would pick by index.
+  m = 2048
+  base = np.array([0x3F800000, 0xBF800000], np.uint32)  # 1.0 and -1.0: sign and exponent shared
+  steps = np.stack([np.random.default_rng(r).permutation(m) // 2 for r in range(6)])  # ties
+  bits = base[np.arange(6) % 2][:, None] + steps.astype(np.uint32)
+  x = jnp.asarray(bits.view(np.float32))
+  ref_vals, ref_idx = lax.top_k(x, k)
+  everything = jnp.ones((m,), bool)
+  for vals, idx in (jax.jit(lambda x: cpu_topk.ffi_top_k(x, k))(x),
+                    jax.jit(lambda x, d: cpu_topk.ffi_masked_top_k(x, d, k))(x, everything)):
+    np.testing.assert_array_equal(idx, ref_idx)
+    np.testing.assert_array_equal(vals, ref_vals)
