@@ -154,3 +154,28 @@ def gather_dot(rows_of: jax.Array, g_rows: jax.Array, table: jax.Array) -> jax.A
   Row ids >= M_l read the last row: mask those entries afterwards.
   """
   return _per_platform(_gather_dot, rows_of, g_rows, table)
+
+
+def _decode_pair_backward(rows_of, weights, g0, g1, table, split, platform):
+  if platform == "cpu" and cpu_rows.available():
+    return cpu_rows.decode_pair_backward(rows_of, weights, g0, g1, table, split)
+  m_local = table.shape[0]
+  owned = rows_of < m_local
+  parts = [(rows_of[:, :split], weights[:, :split], g0),
+           (rows_of[:, split:], weights[:, split:], g1)]
+  dots = jnp.concatenate([_gather_dot(r, g, table, platform) for r, _, g in parts], axis=1)
+  d_table = sum(_scatter_rows(r, w, g, m_local, jnp.float32, platform) for r, w, g in parts)
+  return jnp.where(owned, dots, 0.0), d_table
+
+
+def decode_pair_backward(rows_of: jax.Array, weights: jax.Array, g0: jax.Array, g1: jax.Array,
+                         table: jax.Array, split: int) -> tuple[jax.Array, jax.Array]:
+  """Backward of two sparse decodes sharing ``table``: columns [0, split) against g0, the rest
+  against g1. rows_of, weights: [N, J]; g0, g1: [N, D] float32; table: [M_l, D].
+
+  Returns d_weights [N, J] float32 (<g[n], table[row]> where owned, else 0) and d_table
+  [M_l, D] float32 (sum_j weights[n, j] g[n] into row rows_of[n, j]). On the CPU one FFI call
+  (``cpu_rows.decode_pair_backward``); elsewhere :func:`gather_dot` and :func:`scatter_rows`.
+  """
+  fn = functools.partial(_decode_pair_backward, split=split)
+  return _per_platform(fn, rows_of, weights, g0, g1, table)
