@@ -224,9 +224,38 @@ void AnyTopKRow(const KeyOf& key_of, int64_t m, int k, float* out_v, int32_t* ou
     TopKRow(key_of, m, k, out_v, out_i, s);
 }
 
-// Top-k of every row of x [rows, m]; with a mask [m], entries where it is false count as -inf.
-ffi::Error RunTopK(ffi::ThreadPool& pool, const ffi::Buffer<ffi::F32>& x, const bool* mask,
-                   ffi::ResultBuffer<ffi::F32>& vals, ffi::ResultBuffer<ffi::S32>& idx) {
+// One row's top-k from key_at(j), the key of its value j; with a mask, among the columns cols
+// (the unmasked ones) packed in column order, so ties still go to the lower index.
+template <typename KeyAt>
+void SelectRow(const KeyAt& key_at, int64_t m, int64_t k, const bool* mask,
+               const std::vector<int32_t>& cols, float* out_v, int32_t* out_i, Scratch& s) {
+  const int64_t n_cols = static_cast<int64_t>(cols.size());
+  if (mask == nullptr) {
+    AnyTopKRow(key_at, m, static_cast<int>(k), out_v, out_i, s);
+  } else if (n_cols >= k) {
+    s.packed.resize(n_cols);
+    for (int64_t c = 0; c < n_cols; ++c) s.packed[c] = key_at(cols[c]);
+    const int32_t* packed = s.packed.data();
+    AnyTopKRow([packed](int64_t c) { return packed[c]; }, n_cols, static_cast<int>(k), out_v,
+               out_i, s);
+    for (int64_t t = 0; t < k; ++t) out_i[t] = cols[out_i[t]];
+    // A selected -inf ties with the masked columns, which lax.top_k orders by index
+    // among them: only the full row gives that order.
+    if (Key(*reinterpret_cast<const int32_t*>(out_v + k - 1)) <= kNegInf)
+      AnyTopKRow([&](int64_t j) { return mask[j] ? key_at(j) : kNegInf; }, m,
+                 static_cast<int>(k), out_v, out_i, s);
+  } else {
+    AnyTopKRow([&](int64_t j) { return mask[j] ? key_at(j) : kNegInf; }, m,
+               static_cast<int>(k), out_v, out_i, s);
+  }
+}
+
+// Top-k of every row of x [rows, m] (+ bias [m], when given); with a mask [m], entries where it
+// is false count as -inf. The bias is added where a key is read (x + bias is never written: the
+// encoder's pre-activations need no pass of their own, XLA's add wrote and re-read them all).
+ffi::Error RunTopK(ffi::ThreadPool& pool, const ffi::Buffer<ffi::F32>& x, const float* bias,
+                   const bool* mask, ffi::ResultBuffer<ffi::F32>& vals,
+                   ffi::ResultBuffer<ffi::S32>& idx) {
   auto dims = x.dimensions();
   if (dims.size() < 1) return ffi::Error::InvalidArgument("top-k input must have rank >= 1");
   const int64_t m = dims.back();
@@ -236,38 +265,28 @@ ffi::Error RunTopK(ffi::ThreadPool& pool, const ffi::Buffer<ffi::F32>& x, const 
   float* vp = vals->typed_data();
   int32_t* ip = idx->typed_data();
   const int64_t rows = m ? static_cast<int64_t>(x.element_count()) / m : 0;
-  // A masked row is selected among its unmasked columns only (AuxK: the dead latents, often a
-  // small share), packed in column order so ties still go to the lower index; listed once.
-  std::vector<int32_t> cols;
+  std::vector<int32_t> cols;  // the unmasked columns, listed once
   if (mask != nullptr) {
     for (int64_t j = 0; j < m; ++j)
       if (mask[j]) cols.push_back(static_cast<int32_t>(j));
   }
-  const int64_t n_cols = static_cast<int64_t>(cols.size());
   constexpr int64_t kBlockRows = 16;
   sae_jax::ParallelFor(pool, (rows + kBlockRows - 1) / kBlockRows, [&](int64_t b) {
     thread_local Scratch scratch;  // reused across calls: no allocation per row block
     const int64_t r1 = std::min(rows, (b + 1) * kBlockRows);
     for (int64_t r = b * kBlockRows; r < r1; ++r) {
-      const int32_t* row = reinterpret_cast<const int32_t*>(xp + r * m);  // raw bits
-      if (mask == nullptr) {
-        AnyTopKRow([row](int64_t j) { return Key(row[j]); }, m, static_cast<int>(k), vp + r * k,
-                ip + r * k, scratch);
-      } else if (n_cols >= k) {
-        scratch.packed.resize(n_cols);
-        for (int64_t c = 0; c < n_cols; ++c) scratch.packed[c] = Key(row[cols[c]]);
-        const int32_t* packed = scratch.packed.data();
-        AnyTopKRow([packed](int64_t c) { return packed[c]; }, n_cols, static_cast<int>(k),
-                vp + r * k, ip + r * k, scratch);
-        for (int64_t t = 0; t < k; ++t) ip[r * k + t] = cols[ip[r * k + t]];
-        // A selected -inf ties with the masked columns, which lax.top_k orders by index
-        // among them: only the full row gives that order.
-        if (Key(*reinterpret_cast<const int32_t*>(vp + r * k + k - 1)) <= kNegInf)
-          AnyTopKRow([row, mask](int64_t j) { return mask[j] ? Key(row[j]) : kNegInf; }, m,
-                  static_cast<int>(k), vp + r * k, ip + r * k, scratch);
+      const float* xr = xp + r * m;
+      if (bias == nullptr) {
+        const int32_t* row = reinterpret_cast<const int32_t*>(xr);  // raw bits
+        SelectRow([row](int64_t j) { return Key(row[j]); }, m, k, mask, cols, vp + r * k,
+                  ip + r * k, scratch);
       } else {
-        AnyTopKRow([row, mask](int64_t j) { return mask[j] ? Key(row[j]) : kNegInf; }, m,
-                static_cast<int>(k), vp + r * k, ip + r * k, scratch);
+        SelectRow([xr, bias](int64_t j) {
+                    const float v = xr[j] + bias[j];
+                    int32_t bits;
+                    std::memcpy(&bits, &v, sizeof bits);
+                    return Key(bits);
+                  }, m, k, mask, cols, vp + r * k, ip + r * k, scratch);
       }
     }
   });
@@ -276,17 +295,31 @@ ffi::Error RunTopK(ffi::ThreadPool& pool, const ffi::Buffer<ffi::F32>& x, const 
 
 ffi::Error TopKImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                     ffi::ResultBuffer<ffi::F32> vals, ffi::ResultBuffer<ffi::S32> idx) {
-  return RunTopK(pool, x, nullptr, vals, idx);
+  return RunTopK(pool, x, nullptr, nullptr, vals, idx);
 }
 
-// The AuxK selection without writing the masked copy of the pre-activations first.
+bool IsRowVector(const ffi::Buffer<ffi::F32>& x, int64_t size) {
+  return x.dimensions().size() == 1 && x.dimensions()[0] == size;
+}
+
+// Top-k of x + bias [row length], without writing the sum.
+ffi::Error BiasTopKImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> bias,
+                        ffi::ResultBuffer<ffi::F32> vals, ffi::ResultBuffer<ffi::S32> idx) {
+  if (x.dimensions().size() < 1 || !IsRowVector(bias, x.dimensions().back()))
+    return ffi::Error::InvalidArgument("top-k: bias must be [row length]");
+  return RunTopK(pool, x, bias.typed_data(), nullptr, vals, idx);
+}
+
+// The AuxK selection of x + bias without writing the masked copy of the pre-activations first.
 ffi::Error MaskedTopKImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                          ffi::Buffer<ffi::PRED> mask, ffi::ResultBuffer<ffi::F32> vals,
-                          ffi::ResultBuffer<ffi::S32> idx) {
+                          ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::PRED> mask,
+                          ffi::ResultBuffer<ffi::F32> vals, ffi::ResultBuffer<ffi::S32> idx) {
   if (mask.dimensions().size() != 1 || x.dimensions().size() < 1 ||
-      mask.dimensions()[0] != x.dimensions().back())
-    return ffi::Error::InvalidArgument("masked top-k: mask must be [row length]");
-  return RunTopK(pool, x, mask.typed_data(), vals, idx);
+      mask.dimensions()[0] != x.dimensions().back() ||
+      (bias.element_count() != 0 && !IsRowVector(bias, x.dimensions().back())))
+    return ffi::Error::InvalidArgument("masked top-k: mask [row length], bias [row length] or []");
+  return RunTopK(pool, x, bias.element_count() ? bias.typed_data() : nullptr, mask.typed_data(),
+                 vals, idx);
 }
 
 }  // namespace
@@ -298,10 +331,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SaeJaxTopK, TopKImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::S32>>());
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SaeJaxBiasTopK, BiasTopKImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>());
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SaeJaxMaskedTopK, MaskedTopKImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // bias [m], or [0]: none
                                   .Arg<ffi::Buffer<ffi::PRED>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::S32>>());
