@@ -10,6 +10,9 @@ contributing zero) and is lowered per platform:
   (``SAE_JAX_CPU_ROWS=0``, no compiler, or a scatter into a non-float32 array): a scan over J of
   [N, D] gathers / scatter-adds, several times faster than one [N*K, D] gather (measured:
   5.6 ms vs 80 ms at N=4096 D=512 K=32).
+- Two more for the train step: ``scatter_cols`` (scatter_rows written as [D, M_l] columns, the
+  encoder gradient's layout) and ``decode_pair_backward`` (the TopK and AuxK decodes' backward
+  as one CPU call; elsewhere the gather-dots and scatters below).
 - GPU/TPU: a scan over groups of G columns, each one [N*G, D] gather or scatter-add, G chosen so
   a group's rows hold about GROUP_BYTES[platform] (TPU: small, its HBM is 16 GB a chip and the
   planner holds temp memory to half the pre-activations' share). A per-column scan there re-reads and
