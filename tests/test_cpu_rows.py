@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from sae_jax.kernels import cpu_rows, rows, sparse_decode, topk_encode
+from sae_jax.kernels.decode_pair import sparse_decode_pair
 
 RTOL, ATOL = 1e-5, 1e-5  # fixed up front: float32 sums in a different order (ATOL x max |ref|)
 SHAPES = [(7, 1, 5, 3), (50, 37, 97, 13), (64, 256, 300, 40), (33, 5, 2, 512)]  # n, j, m, d
@@ -68,6 +69,69 @@ def test_scatter_rows_matches_scan(monkeypatch, n, j, m, d):
   used = np.zeros(m, bool)
   used[np.asarray(r)[(np.asarray(r) < m) & (np.asarray(w) != 0)]] = True
   assert np.all(np.asarray(fast)[~used] == 0)
+
+
+@pytest.mark.parametrize("n, j, m, d", SHAPES)
+def test_scatter_cols_is_scatter_rows_transposed(monkeypatch, n, j, m, d):
+  r, w, _ = _case(n, j, m, d)
+  src = jax.random.normal(jax.random.key(7), (n, d))
+  fast, ref = _ffi_and_scan(monkeypatch, lambda r, w, s: rows.scatter_cols(r, w, s, m,
+                                                                           jnp.float32), r, w, src)
+  assert fast.shape == ref.shape == (d, m)
+  _close(fast, ref)
+
+
+@pytest.mark.parametrize("n, j, m, d", SHAPES)
+@pytest.mark.parametrize("where", ["first", "middle", "last"])
+def test_decode_pair_backward_matches_scan(monkeypatch, n, j, m, d, where):
+  r, w, table = _case(n, j, m, d)
+  split = {"first": 0, "middle": j // 2, "last": j}[where]
+  g0 = jax.random.normal(jax.random.key(5), (n, d))
+  g1 = jax.random.normal(jax.random.key(6), (n, d))
+  fast, ref = _ffi_and_scan(monkeypatch, lambda r, w, a, b, t: rows.decode_pair_backward(
+      r, w, a, b, t, split), r, w, g0, g1, table)
+  _close(fast[0], ref[0])  # not-owned pairs: 0 in both
+  assert np.all(np.asarray(fast[0])[np.asarray(r) >= m] == 0)
+  _close(fast[1], ref[1])
+  # The columns past split read g1: against g0 alone the dots differ there.
+  if split < j:
+    alone = rows.gather_dot(r, g0, table)
+    assert not np.allclose(np.asarray(fast[0])[:, split:], np.asarray(alone)[:, split:])
+
+
+def _pair_grads(args):
+  values, indices, aux_values, aux_indices, W_dec, g = args
+
+  def pair(v, av, w):
+    main, aux = sparse_decode_pair(v, indices, av, aux_indices, w)
+    return jnp.sum(main * g) + jnp.sum(jnp.sin(aux))
+
+  def apart(v, av, w):
+    main, aux = sparse_decode(v, indices, w), sparse_decode(av, aux_indices, w)
+    return jnp.sum(main * g) + jnp.sum(jnp.sin(aux))
+
+  return [jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(values, aux_values, W_dec)
+          for f in (pair, apart)]
+
+
+@pytest.mark.parametrize("ffi", [True, False])
+def test_decode_pair_equals_two_decodes(monkeypatch, ffi):
+  n, d, m, k, k_aux = 64, 24, 300, 5, 37
+  ks = jax.random.split(jax.random.key(11), 6)
+  values = jnp.maximum(jax.random.normal(ks[0], (n, k)), 0.0)
+  aux_values = jnp.maximum(jax.random.normal(ks[1], (n, k_aux)), 0.0)
+  indices = jax.random.randint(ks[2], (n, k), 0, m)
+  aux_indices = jax.random.randint(ks[3], (n, k_aux), 0, m // 4)  # AuxK: the dead quarter
+  args = (values, indices, aux_values, aux_indices, jax.random.normal(ks[4], (m, d)),
+          jax.random.normal(ks[5], (n, d)))
+  if not ffi:
+    monkeypatch.setenv("SAE_JAX_CPU_ROWS", "0")
+  (v1, g1), (v2, g2) = _pair_grads(args)
+  _close(v1, v2)
+  for name, a, b in zip(["values", "aux_values", "W_dec"], g1, g2):
+    assert float(jnp.max(jnp.abs(b))) > 0, name
+    np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL * float(jnp.max(jnp.abs(b))),
+                               err_msg=name)
 
 
 def test_bfloat16_table_is_read_as_float32(monkeypatch):

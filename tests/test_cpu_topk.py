@@ -55,3 +55,40 @@ def test_auxk_masked_rows_match_lax_top_k(n_dead, k, layout):
                     jax.jit(lambda x, d: cpu_topk.ffi_masked_top_k(x, d, k))(x, dead)):
     np.testing.assert_array_equal(idx, ref_idx)
     np.testing.assert_array_equal(vals, ref_vals)
+
+
+@pytest.mark.parametrize("k", [256, 300, 1023])
+def test_large_k_rows_ordered_by_every_byte(k):
+  # k >= m / 8 takes the radix path: keys that share their top bytes and differ (or tie) only
+  # in the low ones, so a selection that stopped at a higher byte would pick by index.
+  m = 2048
+  base = np.array([0x3F800000, 0xBF800000], np.uint32)  # 1.0 and -1.0: sign and exponent shared
+  steps = np.stack([np.random.default_rng(r).permutation(m) // 2 for r in range(6)])  # ties
+  bits = base[np.arange(6) % 2][:, None] + steps.astype(np.uint32)
+  x = jnp.asarray(bits.view(np.float32))
+  ref_vals, ref_idx = lax.top_k(x, k)
+  everything = jnp.ones((m,), bool)
+  for vals, idx in (jax.jit(lambda x: cpu_topk.ffi_top_k(x, k))(x),
+                    jax.jit(lambda x, d: cpu_topk.ffi_masked_top_k(x, d, k))(x, everything)):
+    np.testing.assert_array_equal(idx, ref_idx)
+    np.testing.assert_array_equal(vals, ref_vals)
+
+
+@pytest.mark.parametrize("k", [1, 32, 256])
+def test_bias_is_added_as_xla_adds_it(k):
+  # The encoder's selections add b_enc themselves: same values and order as top_k(x + b),
+  # signed zeros included (-0.0 + 0.0 is +0.0).
+  assert cpu_topk.available()  # registers the targets
+  x = jnp.round(jax.random.normal(jax.random.key(5), (40, 2048)) * 4) / 4
+  x = x.at[:, :8].set(-0.0)
+  bias = jnp.round(jax.random.normal(jax.random.key(6), (2048,)) * 4) / 4
+  bias = bias.at[:4].set(0.0)
+  dead = jax.random.bernoulli(jax.random.key(7), 0.3, (2048,))
+  ref = lax.top_k(x + bias, k)
+  got = jax.jit(lambda x, b: cpu_topk.ffi_top_k(x, k, b))(x, bias)
+  masked_ref = lax.top_k(jnp.where(dead[None], x + bias, -jnp.inf), k)
+  masked = jax.jit(lambda x, d, b: cpu_topk.ffi_masked_top_k(x, d, k, b))(x, dead, bias)
+  for (vals, idx), (ref_vals, ref_idx) in ((got, ref), (masked, masked_ref)):
+    np.testing.assert_array_equal(idx, ref_idx)
+    np.testing.assert_array_equal(np.signbit(vals), np.signbit(ref_vals))
+    np.testing.assert_array_equal(vals, ref_vals)

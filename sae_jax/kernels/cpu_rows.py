@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sae_jax.kernels import cpu_ffi
 
 _TARGETS = {"sae_jax_cpu_gather_sum": "SaeJaxGatherSum",
             "sae_jax_cpu_gather_dot": "SaeJaxGatherDot",
-            "sae_jax_cpu_scatter_rows": "SaeJaxScatterRows"}
+            "sae_jax_cpu_scatter_rows": "SaeJaxScatterRows",
+            "sae_jax_cpu_scatter_cols": "SaeJaxScatterCols",
+            "sae_jax_cpu_decode_pair_backward": "SaeJaxDecodePairBackward"}
 
 
 def available() -> bool:
@@ -58,3 +61,27 @@ def scatter_rows(rows: jax.Array, weights: jax.Array, source: jax.Array, m: int)
   """
   return _call("sae_jax_cpu_scatter_rows", (m, source.shape[1]), rows.astype(jnp.int32),
                weights.astype(jnp.float32), source.astype(jnp.float32))
+
+
+def scatter_cols(rows: jax.Array, weights: jax.Array, source: jax.Array, m: int) -> jax.Array:
+  """:func:`scatter_rows` written transposed, as columns of a [D, m] float32 array (no [m, D]
+  array and transpose: the encoder's weight gradient is used as W_enc [D, M])."""
+  return _call("sae_jax_cpu_scatter_cols", (source.shape[1], m), rows.astype(jnp.int32),
+               weights.astype(jnp.float32), source.astype(jnp.float32))
+
+
+
+def decode_pair_backward(rows: jax.Array, vals: jax.Array, g0: jax.Array, g1: jax.Array,
+                         table: jax.Array, split: int) -> tuple[jax.Array, jax.Array]:
+  """Two sparse decodes' backward in one call (the TopK and the AuxK codes, one table).
+
+  rows, vals: [N, J], columns [0, split) decoded against cotangent g0 [N, D], the rest against
+  g1 [N, D]; table [M, D]; row ids outside [0, M) not owned. Returns float32 d_vals [N, J]
+  (:func:`gather_dot` with each column's cotangent where owned, else 0) and d_table [M, D]
+  (:func:`scatter_rows` of vals, each pair's source row from its column's cotangent).
+  """
+  m, d = table.shape
+  out = (jax.ShapeDtypeStruct(rows.shape, jnp.float32), jax.ShapeDtypeStruct((m, d), jnp.float32))
+  f32 = lambda a: a.astype(jnp.float32)
+  return jax.ffi.ffi_call("sae_jax_cpu_decode_pair_backward", out, vmap_method="sequential")(
+      rows.astype(jnp.int32), f32(vals), f32(g0), f32(g1), f32(table), split=np.int64(split))

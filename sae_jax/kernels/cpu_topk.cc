@@ -57,6 +57,8 @@ struct Scratch {
   std::vector<Item> cand;
   std::vector<Item> ties;  // values equal to the threshold, the first k in index order
   std::vector<int32_t> packed;  // a masked row's unmasked keys, in column order
+  std::vector<uint32_t> order, sel, sel2;  // radix path: keys as unsigned; the selection
+  std::vector<int32_t> at, at2;  // radix path: the selection's indices
 };
 
 // Maxima of blocks of `size` values of x[0:m] (the last block may be short).
@@ -131,9 +133,129 @@ void TopKRow(const KeyOf& key_of, int64_t m, int k, float* out_v, int32_t* out_i
   }
 }
 
-// Top-k of every row of x [rows, m]; with a mask [m], entries where it is false count as -inf.
-ffi::Error RunTopK(ffi::ThreadPool& pool, const ffi::Buffer<ffi::F32>& x, const bool* mask,
-                   ffi::ResultBuffer<ffi::F32>& vals, ffi::ResultBuffer<ffi::S32>& idx) {
+// Top-k when k is a large share of the row (AuxK: 256 of 2048 dead latents), where the block
+// bound prunes little and nth_element + sort of the candidates cost 29 us a row. A radix
+// select instead: byte by byte from the top, the bucket holding the k-th largest key, until the
+// taken keys are exactly those above a prefix plus the first `need` (by index) equal to it; then
+// a stable radix sort, descending, of the k taken keys gathered in index order, so ties keep
+// the lower index first. Same result as TopKRow.
+template <typename KeyOf>
+void RadixTopKRow(const KeyOf& key_of, int64_t m, int k, float* out_v, int32_t* out_i,
+                  Scratch& s) {
+  s.order.resize(m);
+  // Four histograms, by j % 4: one would stall on the same counter (most keys of a row share a
+  // top byte: sign and exponent).
+  uint32_t hist4[4][256];
+  std::memset(hist4, 0, sizeof hist4);
+  for (int64_t j = 0; j < m; ++j) {
+    const uint32_t u = static_cast<uint32_t>(key_of(j)) ^ 0x80000000u;  // monotone in the key
+    s.order[j] = u;
+    ++hist4[j & 3][u >> 24];
+  }
+  uint32_t hist[256];
+  for (int d = 0; d < 256; ++d) hist[d] = hist4[0][d] + hist4[1][d] + hist4[2][d] + hist4[3][d];
+  uint32_t prefix = 0, mask = 0;
+  int64_t need = k;  // still to take among the keys that match prefix under mask
+  // The next bytes only among the keys that match so far (a short list). Lists and the
+  // selection below are written without branches: a row's matches are unpredictable.
+  s.sel2.resize(m);
+  int64_t n_match = m;
+  for (int shift = 24;; shift -= 8) {
+    if (shift < 24) {
+      std::memset(hist, 0, sizeof hist);
+      const uint32_t* from = shift == 16 ? s.order.data() : s.sel2.data();
+      const int64_t n_from = n_match;
+      n_match = 0;
+      for (int64_t t = 0; t < n_from; ++t) {
+        const uint32_t u = from[t];
+        s.sel2[n_match] = u;
+        n_match += (u & mask) == prefix;
+      }
+      for (int64_t t = 0; t < n_match; ++t) ++hist[(s.sel2[t] >> shift) & 0xffu];
+    }
+    int b = 255;
+    while (hist[b] < need) need -= hist[b--];
+    prefix |= static_cast<uint32_t>(b) << shift;
+    mask |= 0xffu << shift;
+    if (hist[b] == need || shift == 0) break;  // the bucket is taken whole, or exact ties
+  }
+  // Exactly k keys qualify: those above prefix, and the first `need` equal to it.
+  s.sel.resize(k + 1);
+  s.at.resize(k + 1);
+  int64_t n_sel = 0;
+  for (int64_t j = 0; j < m; ++j) {
+    const uint32_t v = s.order[j] & mask;
+    const int64_t tie = (v == prefix) & (need > 0);
+    s.sel[n_sel] = s.order[j];
+    s.at[n_sel] = static_cast<int32_t>(j);
+    n_sel += (v > prefix) | tie;
+    need -= tie;
+  }
+  // Stable LSD radix sort by key, descending; a byte every key shares needs no pass.
+  s.sel2.resize(k);
+  s.at2.resize(k);
+  for (int shift = 0; shift < 32; shift += 8) {
+    uint32_t count[257] = {0};
+    for (int t = 0; t < k; ++t) ++count[1 + (255 - ((s.sel[t] >> shift) & 0xffu))];
+    if (*std::max_element(count + 1, count + 257) == static_cast<uint32_t>(k)) continue;
+    for (int d = 0; d < 256; ++d) count[d + 1] += count[d];
+    for (int t = 0; t < k; ++t) {
+      const uint32_t q = count[255 - ((s.sel[t] >> shift) & 0xffu)]++;
+      s.sel2[q] = s.sel[t];
+      s.at2[q] = s.at[t];
+    }
+    s.sel.swap(s.sel2);
+    s.at.swap(s.at2);
+  }
+  for (int t = 0; t < k; ++t) {
+    out_v[t] = KeyFloat(static_cast<int32_t>(s.sel[t] ^ 0x80000000u));
+    out_i[t] = s.at[t];
+  }
+}
+
+// The row's top-k by whichever path suits k / m (measured on AuxK's 256 of 2048: 29 us a row by
+// blocks, ~8 by radix; 32 of 8192 stays with the blocks, which read most of the row once).
+template <typename KeyOf>
+void AnyTopKRow(const KeyOf& key_of, int64_t m, int k, float* out_v, int32_t* out_i,
+                Scratch& s) {
+  if (static_cast<int64_t>(k) * 8 >= m)
+    RadixTopKRow(key_of, m, k, out_v, out_i, s);
+  else
+    TopKRow(key_of, m, k, out_v, out_i, s);
+}
+
+// One row's top-k from key_at(j), the key of its value j; with a mask, among the columns cols
+// (the unmasked ones) packed in column order, so ties still go to the lower index.
+template <typename KeyAt>
+void SelectRow(const KeyAt& key_at, int64_t m, int64_t k, const bool* mask,
+               const std::vector<int32_t>& cols, float* out_v, int32_t* out_i, Scratch& s) {
+  const int64_t n_cols = static_cast<int64_t>(cols.size());
+  if (mask == nullptr) {
+    AnyTopKRow(key_at, m, static_cast<int>(k), out_v, out_i, s);
+  } else if (n_cols >= k) {
+    s.packed.resize(n_cols);
+    for (int64_t c = 0; c < n_cols; ++c) s.packed[c] = key_at(cols[c]);
+    const int32_t* packed = s.packed.data();
+    AnyTopKRow([packed](int64_t c) { return packed[c]; }, n_cols, static_cast<int>(k), out_v,
+               out_i, s);
+    for (int64_t t = 0; t < k; ++t) out_i[t] = cols[out_i[t]];
+    // A selected -inf ties with the masked columns, which lax.top_k orders by index
+    // among them: only the full row gives that order.
+    if (Key(*reinterpret_cast<const int32_t*>(out_v + k - 1)) <= kNegInf)
+      AnyTopKRow([&](int64_t j) { return mask[j] ? key_at(j) : kNegInf; }, m,
+                 static_cast<int>(k), out_v, out_i, s);
+  } else {
+    AnyTopKRow([&](int64_t j) { return mask[j] ? key_at(j) : kNegInf; }, m,
+               static_cast<int>(k), out_v, out_i, s);
+  }
+}
+
+// Top-k of every row of x [rows, m] (+ bias [m], when given); with a mask [m], entries where it
+// is false count as -inf. The bias is added where a key is read (x + bias is never written: the
+// encoder's pre-activations need no pass of their own, XLA's add wrote and re-read them all).
+ffi::Error RunTopK(ffi::ThreadPool& pool, const ffi::Buffer<ffi::F32>& x, const float* bias,
+                   const bool* mask, ffi::ResultBuffer<ffi::F32>& vals,
+                   ffi::ResultBuffer<ffi::S32>& idx) {
   auto dims = x.dimensions();
   if (dims.size() < 1) return ffi::Error::InvalidArgument("top-k input must have rank >= 1");
   const int64_t m = dims.back();
@@ -143,38 +265,28 @@ ffi::Error RunTopK(ffi::ThreadPool& pool, const ffi::Buffer<ffi::F32>& x, const 
   float* vp = vals->typed_data();
   int32_t* ip = idx->typed_data();
   const int64_t rows = m ? static_cast<int64_t>(x.element_count()) / m : 0;
-  // A masked row is selected among its unmasked columns only (AuxK: the dead latents, often a
-  // small share), packed in column order so ties still go to the lower index; listed once.
-  std::vector<int32_t> cols;
+  std::vector<int32_t> cols;  // the unmasked columns, listed once
   if (mask != nullptr) {
     for (int64_t j = 0; j < m; ++j)
       if (mask[j]) cols.push_back(static_cast<int32_t>(j));
   }
-  const int64_t n_cols = static_cast<int64_t>(cols.size());
   constexpr int64_t kBlockRows = 16;
   sae_jax::ParallelFor(pool, (rows + kBlockRows - 1) / kBlockRows, [&](int64_t b) {
     thread_local Scratch scratch;  // reused across calls: no allocation per row block
     const int64_t r1 = std::min(rows, (b + 1) * kBlockRows);
     for (int64_t r = b * kBlockRows; r < r1; ++r) {
-      const int32_t* row = reinterpret_cast<const int32_t*>(xp + r * m);  // raw bits
-      if (mask == nullptr) {
-        TopKRow([row](int64_t j) { return Key(row[j]); }, m, static_cast<int>(k), vp + r * k,
-                ip + r * k, scratch);
-      } else if (n_cols >= k) {
-        scratch.packed.resize(n_cols);
-        for (int64_t c = 0; c < n_cols; ++c) scratch.packed[c] = Key(row[cols[c]]);
-        const int32_t* packed = scratch.packed.data();
-        TopKRow([packed](int64_t c) { return packed[c]; }, n_cols, static_cast<int>(k),
-                vp + r * k, ip + r * k, scratch);
-        for (int64_t t = 0; t < k; ++t) ip[r * k + t] = cols[ip[r * k + t]];
-        // A selected -inf ties with the masked columns, which lax.top_k orders by index
-        // among them: only the full row gives that order.
-        if (Key(*reinterpret_cast<const int32_t*>(vp + r * k + k - 1)) <= kNegInf)
-          TopKRow([row, mask](int64_t j) { return mask[j] ? Key(row[j]) : kNegInf; }, m,
-                  static_cast<int>(k), vp + r * k, ip + r * k, scratch);
+      const float* xr = xp + r * m;
+      if (bias == nullptr) {
+        const int32_t* row = reinterpret_cast<const int32_t*>(xr);  // raw bits
+        SelectRow([row](int64_t j) { return Key(row[j]); }, m, k, mask, cols, vp + r * k,
+                  ip + r * k, scratch);
       } else {
-        TopKRow([row, mask](int64_t j) { return mask[j] ? Key(row[j]) : kNegInf; }, m,
-                static_cast<int>(k), vp + r * k, ip + r * k, scratch);
+        SelectRow([xr, bias](int64_t j) {
+                    const float v = xr[j] + bias[j];
+                    int32_t bits;
+                    std::memcpy(&bits, &v, sizeof bits);
+                    return Key(bits);
+                  }, m, k, mask, cols, vp + r * k, ip + r * k, scratch);
       }
     }
   });
@@ -183,17 +295,31 @@ ffi::Error RunTopK(ffi::ThreadPool& pool, const ffi::Buffer<ffi::F32>& x, const 
 
 ffi::Error TopKImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                     ffi::ResultBuffer<ffi::F32> vals, ffi::ResultBuffer<ffi::S32> idx) {
-  return RunTopK(pool, x, nullptr, vals, idx);
+  return RunTopK(pool, x, nullptr, nullptr, vals, idx);
 }
 
-// The AuxK selection without writing the masked copy of the pre-activations first.
+bool IsRowVector(const ffi::Buffer<ffi::F32>& x, int64_t size) {
+  return x.dimensions().size() == 1 && x.dimensions()[0] == size;
+}
+
+// Top-k of x + bias [row length], without writing the sum.
+ffi::Error BiasTopKImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> bias,
+                        ffi::ResultBuffer<ffi::F32> vals, ffi::ResultBuffer<ffi::S32> idx) {
+  if (x.dimensions().size() < 1 || !IsRowVector(bias, x.dimensions().back()))
+    return ffi::Error::InvalidArgument("top-k: bias must be [row length]");
+  return RunTopK(pool, x, bias.typed_data(), nullptr, vals, idx);
+}
+
+// The AuxK selection of x + bias without writing the masked copy of the pre-activations first.
 ffi::Error MaskedTopKImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                          ffi::Buffer<ffi::PRED> mask, ffi::ResultBuffer<ffi::F32> vals,
-                          ffi::ResultBuffer<ffi::S32> idx) {
+                          ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::PRED> mask,
+                          ffi::ResultBuffer<ffi::F32> vals, ffi::ResultBuffer<ffi::S32> idx) {
   if (mask.dimensions().size() != 1 || x.dimensions().size() < 1 ||
-      mask.dimensions()[0] != x.dimensions().back())
-    return ffi::Error::InvalidArgument("masked top-k: mask must be [row length]");
-  return RunTopK(pool, x, mask.typed_data(), vals, idx);
+      mask.dimensions()[0] != x.dimensions().back() ||
+      (bias.element_count() != 0 && !IsRowVector(bias, x.dimensions().back())))
+    return ffi::Error::InvalidArgument("masked top-k: mask [row length], bias [row length] or []");
+  return RunTopK(pool, x, bias.element_count() ? bias.typed_data() : nullptr, mask.typed_data(),
+                 vals, idx);
 }
 
 }  // namespace
@@ -205,10 +331,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SaeJaxTopK, TopKImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::S32>>());
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SaeJaxBiasTopK, BiasTopKImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>());
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SaeJaxMaskedTopK, MaskedTopKImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // bias [m], or [0]: none
                                   .Arg<ffi::Buffer<ffi::PRED>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::S32>>());

@@ -15,35 +15,42 @@ import jax.numpy as jnp
 from sae_jax.kernels import cpu_ffi
 
 _TARGET = "sae_jax_cpu_topk"
+_BIAS_TARGET = "sae_jax_cpu_bias_topk"
 _MASKED_TARGET = "sae_jax_cpu_masked_topk"
 
 
 def available() -> bool:
   """Whether the FFI top-k is built and registered (False with ``SAE_JAX_CPU_TOPK=0``)."""
   return cpu_ffi.register("SAE_JAX_CPU_TOPK",
-                          {_TARGET: "SaeJaxTopK", _MASKED_TARGET: "SaeJaxMaskedTopK"})
+                          {_TARGET: "SaeJaxTopK", _BIAS_TARGET: "SaeJaxBiasTopK",
+                           _MASKED_TARGET: "SaeJaxMaskedTopK"})
 
 
-def ffi_top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-  """lax.top_k semantics for float32 [..., M] -> values, int32 indices [..., k] (CPU only).
+def ffi_top_k(x: jax.Array, k: int, bias: jax.Array | None = None
+              ) -> tuple[jax.Array, jax.Array]:
+  """lax.top_k semantics for float32 [..., M] (plus bias [M], when given, added in float32 as
+  ``x + bias`` would) -> values, int32 indices [..., k] (CPU only).
 
   Call only when :func:`available` is True, and only in code compiled for the CPU (wrap it in
   ``lax.platform_dependent`` where the program may run elsewhere).
   """
   shape = x.shape[:-1] + (k,)
-  call = jax.ffi.ffi_call(_TARGET, (jax.ShapeDtypeStruct(shape, jnp.float32),
-                                    jax.ShapeDtypeStruct(shape, jnp.int32)),
-                          vmap_method="broadcast_all")
-  vals, idx = call(x)
-  return vals, idx
+  out = (jax.ShapeDtypeStruct(shape, jnp.float32), jax.ShapeDtypeStruct(shape, jnp.int32))
+  if bias is None:
+    return tuple(jax.ffi.ffi_call(_TARGET, out, vmap_method="broadcast_all")(x))
+  # "sequential": the bias is not batched with x.
+  return tuple(jax.ffi.ffi_call(_BIAS_TARGET, out, vmap_method="sequential")(
+      x, bias.astype(jnp.float32)))
 
 
-def ffi_masked_top_k(x: jax.Array, mask: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-  """:func:`ffi_top_k` of ``where(mask, x, -inf)`` without forming it: float32 [..., M], bool
-  [M] -> values, int32 indices [..., k] (CPU only, as :func:`ffi_top_k`)."""
+def ffi_masked_top_k(x: jax.Array, mask: jax.Array, k: int, bias: jax.Array | None = None
+                     ) -> tuple[jax.Array, jax.Array]:
+  """:func:`ffi_top_k` of ``where(mask, x (+ bias), -inf)`` without forming it: float32 [..., M],
+  bool [M], float32 [M] or None -> values, int32 indices [..., k] (CPU only, as :func:`ffi_top_k`)."""
   shape = x.shape[:-1] + (k,)
   call = jax.ffi.ffi_call(_MASKED_TARGET, (jax.ShapeDtypeStruct(shape, jnp.float32),
                                            jax.ShapeDtypeStruct(shape, jnp.int32)),
                           vmap_method="sequential")  # the mask is not batched with x
-  vals, idx = call(x, mask.astype(bool))
+  bias = jnp.zeros((0,), jnp.float32) if bias is None else bias.astype(jnp.float32)
+  vals, idx = call(x, bias, mask.astype(bool))
   return vals, idx

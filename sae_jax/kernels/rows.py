@@ -10,6 +10,9 @@ contributing zero) and is lowered per platform:
   (``SAE_JAX_CPU_ROWS=0``, no compiler, or a scatter into a non-float32 array): a scan over J of
   [N, D] gathers / scatter-adds, several times faster than one [N*K, D] gather (measured:
   5.6 ms vs 80 ms at N=4096 D=512 K=32).
+- Two more for the train step: ``scatter_cols`` (scatter_rows written as [D, M_l] columns, the
+  encoder gradient's layout) and ``decode_pair_backward`` (the TopK and AuxK decodes' backward
+  as one CPU call; elsewhere the gather-dots and scatters below).
 - GPU/TPU: a scan over groups of G columns, each one [N*G, D] gather or scatter-add, G chosen so
   a group's rows hold about GROUP_BYTES[platform] (TPU: small, its HBM is 16 GB a chip and the
   planner holds temp memory to half the pre-activations' share). A per-column scan there re-reads and
@@ -87,6 +90,22 @@ def scatter_rows(rows_of: jax.Array, weights: jax.Array, source: jax.Array, m_lo
   return _per_platform(fn, rows_of, weights, source)
 
 
+def _scatter_cols(rows_of, weights, source, m_local, dtype, platform):
+  if platform == "cpu" and jnp.dtype(dtype) == jnp.float32 and cpu_rows.available():
+    return cpu_rows.scatter_cols(rows_of, weights, source, m_local)
+  return _scatter_rows(rows_of, weights, source, m_local, dtype, platform).T
+
+
+def scatter_cols(rows_of: jax.Array, weights: jax.Array, source: jax.Array, m_local: int,
+                 dtype) -> jax.Array:
+  """:func:`scatter_rows` transposed: [N, J], [N, J], [N, D] -> [D, m_local].
+
+  The CPU kernel writes the columns directly; elsewhere XLA transposes the rows' result.
+  """
+  fn = functools.partial(_scatter_cols, m_local=m_local, dtype=dtype)
+  return _per_platform(fn, rows_of, weights, source)
+
+
 def _gather_sum(rows_of, weights, table, platform):
   if platform == "cpu" and cpu_rows.available():
     return cpu_rows.gather_sum(rows_of, weights, table)
@@ -138,3 +157,28 @@ def gather_dot(rows_of: jax.Array, g_rows: jax.Array, table: jax.Array) -> jax.A
   Row ids >= M_l read the last row: mask those entries afterwards.
   """
   return _per_platform(_gather_dot, rows_of, g_rows, table)
+
+
+def _decode_pair_backward(rows_of, weights, g0, g1, table, split, platform):
+  if platform == "cpu" and cpu_rows.available():
+    return cpu_rows.decode_pair_backward(rows_of, weights, g0, g1, table, split)
+  m_local = table.shape[0]
+  owned = rows_of < m_local
+  parts = [(rows_of[:, :split], weights[:, :split], g0),
+           (rows_of[:, split:], weights[:, split:], g1)]
+  dots = jnp.concatenate([_gather_dot(r, g, table, platform) for r, _, g in parts], axis=1)
+  d_table = sum(_scatter_rows(r, w, g, m_local, jnp.float32, platform) for r, w, g in parts)
+  return jnp.where(owned, dots, 0.0), d_table
+
+
+def decode_pair_backward(rows_of: jax.Array, weights: jax.Array, g0: jax.Array, g1: jax.Array,
+                         table: jax.Array, split: int) -> tuple[jax.Array, jax.Array]:
+  """Backward of two sparse decodes sharing ``table``: columns [0, split) against g0, the rest
+  against g1. rows_of, weights: [N, J]; g0, g1: [N, D] float32; table: [M_l, D].
+
+  Returns d_weights [N, J] float32 (<g[n], table[row]> where owned, else 0) and d_table
+  [M_l, D] float32 (sum_j weights[n, j] g[n] into row rows_of[n, j]). On the CPU one FFI call
+  (``cpu_rows.decode_pair_backward``); elsewhere :func:`gather_dot` and :func:`scatter_rows`.
+  """
+  fn = functools.partial(_decode_pair_backward, split=split)
+  return _per_platform(fn, rows_of, weights, g0, g1, table)

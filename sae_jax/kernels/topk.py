@@ -43,30 +43,42 @@ def shard_offset(m_local: int, axis_name: str | None) -> jax.Array | int:
   return lax.axis_index(axis_name) * m_local
 
 
-def local_top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-  """Exact top-k along the last axis ([N, M] -> [N, k] values, int32 indices).
+def local_top_k(x: jax.Array, k: int, bias: jax.Array | None = None
+                ) -> tuple[jax.Array, jax.Array]:
+  """Exact top-k along the last axis of x (+ bias [M]): [N, M] -> [N, k] values, int32 indices.
 
-  On CPU, the FFI kernel of ``cpu_topk`` (one thresholded pass per row, multi-threaded) when it
-  could be built; elsewhere, or without it, XLA's top-k via :func:`_block_top_k`.
+  On CPU, the FFI kernel of ``cpu_topk`` (one thresholded pass per row, multi-threaded; it adds
+  the bias row by row, so x + bias is never written) when it could be built; elsewhere, or
+  without it, XLA's top-k via :func:`_block_top_k`.
   """
+  bias = jnp.zeros((0,), jnp.float32) if bias is None else bias
   if x.dtype == jnp.float32 and cpu_topk.available():
-    return lax.platform_dependent(x, cpu=lambda x: cpu_topk.ffi_top_k(x, k),
-                                  default=lambda x: _block_top_k(x, k))
-  return _block_top_k(x, k)
+    return lax.platform_dependent(
+        x, bias, cpu=lambda x, b: cpu_topk.ffi_top_k(x, k, b if b.size else None),
+        default=lambda x, b: _block_top_k(_plus(x, b), k))
+  return _block_top_k(_plus(x, bias), k)
 
 
-def masked_top_k(x: jax.Array, mask: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-  """:func:`local_top_k` of ``where(mask, x, -inf)``: [N, M], bool [M] -> [N, k] values, indices.
+def _plus(x, bias):
+  return x + bias if bias.size else x
+
+
+def masked_top_k(x: jax.Array, mask: jax.Array, k: int, bias: jax.Array | None = None
+                 ) -> tuple[jax.Array, jax.Array]:
+  """:func:`local_top_k` of ``where(mask, x (+ bias), -inf)``: [N, M], bool [M], [M] or None ->
+  [N, k] values, indices.
 
   On CPU the FFI kernel reads the mask itself (no masked [N, M] copy is written).
   """
-  def xla(x, mask):
-    return _block_top_k(jnp.where(mask[None, :], x, -jnp.inf), k)
+  bias = jnp.zeros((0,), jnp.float32) if bias is None else bias
+
+  def xla(x, mask, b):
+    return _block_top_k(jnp.where(mask[None, :], _plus(x, b), -jnp.inf), k)
 
   if x.dtype == jnp.float32 and cpu_topk.available():
-    return lax.platform_dependent(x, mask, cpu=lambda x, m: cpu_topk.ffi_masked_top_k(x, m, k),
-                                  default=xla)
-  return xla(x, mask)
+    return lax.platform_dependent(
+        x, mask, bias, cpu=lambda x, m, b: cpu_topk.ffi_masked_top_k(x, m, k, b), default=xla)
+  return xla(x, mask, bias)
 
 
 def _block_top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
@@ -154,10 +166,11 @@ def _encode_select(xc, W_enc, b_enc, aux_mask, k, k_aux, compute_dtype, platform
   b = b_enc.astype(jnp.float32)
 
   def one_chunk(x_chunk):
-    pre = jnp.dot(x_chunk.astype(cdt), w, preferred_element_type=jnp.float32) + b
-    out = tuple(local_top_k(pre, min(k, m_local)))
+    # The bias is added inside the selections (pre + b is never written on the CPU).
+    pre = jnp.dot(x_chunk.astype(cdt), w, preferred_element_type=jnp.float32)
+    out = tuple(local_top_k(pre, min(k, m_local), b))
     if k_aux:
-      out = out + tuple(masked_top_k(pre, aux_mask, min(k_aux, m_local)))
+      out = out + tuple(masked_top_k(pre, aux_mask, min(k_aux, m_local), b))
     return out
 
   def chunked(xc, platform):
@@ -177,7 +190,9 @@ def _encode_select(xc, W_enc, b_enc, aux_mask, k, k_aux, compute_dtype, platform
 def _merge_shards(vals, idx, k, m_local, axis_name):
   """Local candidates (local ids) -> the global top-k, identical on every shard."""
   idx = idx.astype(jnp.int32) + shard_offset(m_local, axis_name)
-  if axis_name is None:
+  if axis_name is None or lax.axis_size(axis_name) == 1:
+    # One shard: its candidates are the answer (a merge would re-sort [N, k] for nothing; on
+    # the CPU the AuxK re-sort of [4096, 256] cost 0.1 s a step).
     return vals, idx
   # Candidates from every shard in shard order: ties resolve to the lower global index, as
   # lax.top_k does on one device.
@@ -217,7 +232,7 @@ def _encode_bwd(k, k_aux, axis_name, compute_dtype, kernels, res, g):
   weights = jnp.where(owned, weights, 0.0).astype(jnp.float32)
   # dL/dW_enc[:, m] = sum over (n, j) selecting m of weights[n, j] * xc[n]: rows of W_enc^T.
   if kernels == "xla":
-    d_w_enc = row_ops.scatter_rows(rows, weights, xc, m_local, jnp.float32).T
+    d_w_enc = row_ops.scatter_cols(rows, weights, xc, m_local, jnp.float32)
   else:
     d_w_enc = sparse_ops.scatter_rows(rows, weights, xc, m_local).T
   d_b_enc, d_b_dec = encoder_bias_grads(rows, weights, W_enc)

@@ -12,6 +12,7 @@ from jax import lax
 
 from sae_jax.kernels import select_topk, sparse_decode, topk_encode
 from sae_jax.kernels.auxk import dense_auxk_decode
+from sae_jax.kernels.decode_pair import sparse_decode_pair
 from sae_jax.saes.base import Architecture, TrainForward, TrainInfo, fired_counts
 from sae_jax.saes.registry import register
 
@@ -45,13 +46,18 @@ class TopK(Architecture):
 
   def _decode(self, params, codes, values, ctx, k_aux, threshold, x, dead, cfg):
     W_dec = params["W_dec"]
-    partial = sparse_decode(values, codes.indices, W_dec, ctx.model_axis, ctx.kernels)
+    if k_aux and not ctx.aux_capacity and ctx.kernels == "xla":
+      # One op for both decodes: its backward is one pass on the CPU (kernels/decode_pair.py).
+      partial, aux = sparse_decode_pair(values, codes.indices, codes.aux_values,
+                                        codes.aux_indices, W_dec, ctx.model_axis)
+    else:
+      partial = sparse_decode(values, codes.indices, W_dec, ctx.model_axis, ctx.kernels)
     if not k_aux:
       aux = None
     elif ctx.aux_capacity:
       aux = dense_auxk_decode(x, params["W_enc"], params["b_enc"], params["b_dec"], W_dec, dead,
                               k_aux, ctx.aux_capacity, cfg.compute_dtype)
-    else:
+    elif ctx.kernels != "xla":
       aux = sparse_decode(codes.aux_values, codes.aux_indices, W_dec, ctx.model_axis, ctx.kernels)
     m_local = W_dec.shape[0]
     fired = fired_counts(codes.indices, lax.stop_gradient(values), m_local, ctx.model_axis)
