@@ -46,19 +46,20 @@ class TopK(Architecture):
 
   def _decode(self, params, codes, values, ctx, k_aux, threshold, x, dead, cfg):
     W_dec = params["W_dec"]
-    if k_aux and not ctx.aux_capacity and ctx.kernels == "xla":
+    sparse_aux = bool(k_aux) and not ctx.aux_capacity
+    if sparse_aux and ctx.kernels == "xla":
       # One op for both decodes: its backward is one pass on the CPU (kernels/decode_pair.py).
       partial, aux = sparse_decode_pair(values, codes.indices, codes.aux_values,
                                         codes.aux_indices, W_dec, ctx.model_axis)
     else:
       partial = sparse_decode(values, codes.indices, W_dec, ctx.model_axis, ctx.kernels)
-    if not k_aux:
       aux = None
-    elif ctx.aux_capacity:
-      aux = dense_auxk_decode(x, params["W_enc"], params["b_enc"], params["b_dec"], W_dec, dead,
-                              k_aux, ctx.aux_capacity, cfg.compute_dtype)
-    elif ctx.kernels != "xla":
-      aux = sparse_decode(codes.aux_values, codes.aux_indices, W_dec, ctx.model_axis, ctx.kernels)
+      if sparse_aux:
+        aux = sparse_decode(codes.aux_values, codes.aux_indices, W_dec, ctx.model_axis,
+                            ctx.kernels)
+      elif k_aux:
+        aux = dense_auxk_decode(x, params["W_enc"], params["b_enc"], params["b_dec"], W_dec,
+                                dead, k_aux, ctx.aux_capacity, cfg.compute_dtype)
     m_local = W_dec.shape[0]
     fired = fired_counts(codes.indices, lax.stop_gradient(values), m_local, ctx.model_axis)
     return (TrainForward(partial, jnp.zeros((), jnp.float32), aux),
