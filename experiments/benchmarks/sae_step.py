@@ -19,7 +19,7 @@ import os
 import subprocess
 
 from absl import app, flags
-from timing import call_seconds, lower_quartile_seconds
+from timing import call_seconds, lower_quartile, lower_quartile_seconds
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("d_in", 512, "activation width D")
@@ -114,7 +114,7 @@ def bench_shape(d: int, m: int, k: int, n: int, archs, dead_fraction: float, ste
           return metrics["loss"]
 
       times = call_seconds(run, steps)
-      t, t_mean = times[len(times) // 4], sum(times) / len(times)
+      t, t_mean = lower_quartile(times), sum(times) / len(times)
       name = f"sae_step_{arch}{suffix}"
       # Against the peers, the statistic their harness reports: the mean over the timed steps.
       results[name] = n / t_mean

@@ -16,7 +16,11 @@ def call_seconds(fn, steps: int) -> list[float]:
   return sorted(times)
 
 
-def lower_quartile_seconds(fn, steps: int) -> float:
-  """Lower-quartile seconds per call of ``fn``: robust to a noisy neighbour."""
-  times = call_seconds(fn, steps)
+def lower_quartile(times: list[float]) -> float:
+  """The lower quartile of sorted ``times``: robust to a noisy neighbour."""
   return times[len(times) // 4]
+
+
+def lower_quartile_seconds(fn, steps: int) -> float:
+  """Lower-quartile seconds per call of ``fn``."""
+  return lower_quartile(call_seconds(fn, steps))

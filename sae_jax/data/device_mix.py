@@ -35,7 +35,7 @@ from typing import Iterator, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
 from sae_jax import distributed, sharding
 from sae_jax.data import exchange
@@ -101,7 +101,7 @@ class DeviceStream:
       raise ConfigError("on several processes the model must be loaded onto the mesh "
                         "(sj.load_model(..., mesh=mesh)) for the on-device data path")
     # Block 0 of a round's pool, on the devices once (a take returns the next slot).
-    self._slot0 = jax.device_put(np.int32(0), NamedSharding(mesh, P()))
+    self._slot0 = sharding.place(np.asarray(0, np.int32), mesh)
     self._sizes: dict[int, int] = {}
     self._compiled: dict[exchange.Layout, tuple] = {}  # (zeros, take) per layout
     self._mixes: dict[tuple[exchange.Layout, int], object] = {}  # per layout and pair width

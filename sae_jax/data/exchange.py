@@ -31,7 +31,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, PartitionSpec as P
+
+from sae_jax import sharding
 
 
 class Layout(NamedTuple):
@@ -169,6 +171,6 @@ def take_program(mesh: Mesh, lay: Layout):
 
 
 def put(ex: Exchange, mesh: Mesh) -> tuple[jax.Array, jax.Array]:
-  """The round's (send, gather) on the devices, each shard its own row (explicit puts)."""
-  spec = NamedSharding(mesh, P("data"))
-  return jax.device_put(ex.send, spec), jax.device_put(ex.gather, spec)
+  """The round's (send, gather) on the devices, each shard its own row (explicit puts; every
+  process computed the same host arrays)."""
+  return sharding.place(ex.send, mesh, ("batch",)), sharding.place(ex.gather, mesh, ("batch",))

@@ -70,7 +70,6 @@ def scatter_cols(rows: jax.Array, weights: jax.Array, source: jax.Array, m: int)
                weights.astype(jnp.float32), source.astype(jnp.float32))
 
 
-
 def decode_pair_backward(rows: jax.Array, vals: jax.Array, g0: jax.Array, g1: jax.Array,
                          table: jax.Array, split: int) -> tuple[jax.Array, jax.Array]:
   """Two sparse decodes' backward in one call (the TopK and the AuxK codes, one table).
