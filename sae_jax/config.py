@@ -16,7 +16,7 @@ from sae_jax.errors import ConfigError
 NORMALIZATIONS = ("none", "unit_norm", "expected_norm")
 DTYPES = ("float32", "bfloat16", "float16")
 LR_SCHEDULES = ("constant", "cosine")
-ENCODER_INITS = ("tied", "linear", "linear_fit", "data")
+ENCODER_INITS = ("auto", "data", "linear", "linear_fit", "tied")  # "auto": data on TopK, else linear
 AUXK_IMPLS = ("auto", "sparse", "dense")
 KERNELS = ("auto", "xla", "pallas")  # "auto": per platform, kernels.sparse_ops.resolve_kernels
 
@@ -226,10 +226,10 @@ class TrainConfig(_JsonMixin):
       ``dense`` (matmuls over a block of the dead latents; unsharded latents only) or ``auto``
       (dense on GPU/TPU when k_aux is at least 1/64 of that block; sparse on the CPU, where
       both measured alike at the default shape, and whenever the latents are sharded).
-    encoder_init: ``linear`` (the default; the paper's and sparsify's: W_enc a default linear
-      layer, uniform in +-1/sqrt(d_in), decoder a unit copy), ``linear_fit`` (TopK: W_enc times
-      the scalar best fitting the first batch), ``data`` (TopK: min(n, d_sae) latents along
-      first-batch tokens less b_dec, then fitted so), ``tied``; benchmarks/quality_note.md.
+    encoder_init: ``auto`` (the default: ``data`` on TopK, else ``linear``), ``data`` (TopK:
+      min(n, d_sae) latents along first-batch tokens less b_dec, W_enc scaled toward the first
+      batch's fit), ``linear`` (the paper's and sparsify's: W_enc a default linear layer, decoder
+      a unit copy), ``linear_fit`` (TopK), ``tied``; experiments/benchmarks/quality_note.md.
     kernels: how the sparse parts of the TopK step run: ``xla`` (gathers, scatter-adds),
       ``pallas`` (Triton on GPU, Mosaic on TPU, interpreted elsewhere) or ``auto`` (the default:
       pallas on a GPU, where it measured faster on an H200, else xla). Same results up to
@@ -250,7 +250,7 @@ class TrainConfig(_JsonMixin):
   dead_tokens: int = 10_000_000
   geometric_median_iters: int = 50
   auxk_impl: str = "auto"
-  encoder_init: str = "linear"
+  encoder_init: str = "auto"
   kernels: str = "auto"
   update_blocks: int = 1
   optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)

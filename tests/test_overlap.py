@@ -95,7 +95,11 @@ def test_two_seeds_recover_planted_features_and_match_each_other():
     codes[np.arange(n), rng.integers(0, n_true, n)] = rng.uniform(0.5, 1.5, n)
   x = codes @ true
   cfg = sj.SAEConfig(architecture="topk", d_in=d, d_sae=64, k=3, normalize="none")
+  # The paper's (and sparsify's) encoder init, on which these thresholds were set. With the
+  # TopK default ("data") this converged, barely overcomplete case recovers a little less:
+  # overlap(0.9) 0.930 against 0.951 over init seeds 1-12 (quality_note.md, round 9).
   tcfg = sj.TrainConfig(batch_size=512, total_tokens=512 * 600, eval_tokens=0,
+                        encoder_init="linear",
                         dead_tokens=512 * 50, optim=sj.OptimConfig(lr=3e-3, warmup_steps=20),
                         run=sj.RunConfig(eval_every=0))
   mesh = sj.make_mesh(sj.MeshConfig(data=1, model=1), devices=jax.devices()[:1])

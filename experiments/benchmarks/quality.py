@@ -12,6 +12,10 @@ directions recovered (a decoder row within cos 0.9) where they are known. Datase
   paper_scaled  the paper's shape scaled to a small machine: d_in 256, 4096 latents, k 32,
                 on planted data (1024 directions, 16 active)
 
+and two held out from the choice of ``DATA_FIT_POWER`` (the default TopK init's encoder scale,
+chosen on the four above): ``toy_mid`` (the toy model's checkpoint at a quarter of its training) and ``planted_wide``
+(d_in 128, 512 directions, 8 active, 1024 latents, k 16).
+
 Prints JSON lines (also written to ``--workdir/quality.jsonl``), a summary line per dataset x
 schedule x system, and draws ``--workdir/quality.png``. The peers run in their own venv
 (``--peer_python``, default ``$SAE_JAX_PEER_PYTHON``), as the interop tests do.
@@ -31,7 +35,8 @@ import numpy as np
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("datasets", ["planted", "toy_early", "toy_final", "paper_scaled"], "datasets")
+flags.DEFINE_list("datasets", ["planted", "toy_early", "toy_final", "paper_scaled", "toy_mid",
+                                "planted_wide"], "datasets")
 flags.DEFINE_list("schedules", ["default", "none"], "warm-up: the default's, or none")
 flags.DEFINE_integer("seeds", 3, "seeds per dataset x schedule x system")
 flags.DEFINE_list("peers", ["sparsify", "sae_lens"], "peer systems")
@@ -49,13 +54,14 @@ flags.DEFINE_integer("dead_tokens", None,
                      "AuxK's dead window in tokens, for every system (default: TrainConfig's, 10M, "
                      "which these short runs never reach)")
 flags.DEFINE_integer("points", 8, "evaluations per run (plus the final one)")
+flags.DEFINE_integer("eval_tokens", 65536,
+                     "held-out tokens (FVU, and dead = firing on none of them; the first 4,096 "
+                     "give dead_fraction_4096, the window of rounds 6-8)")
 
 # name: (d_sae, k, batch, steps, lr)
 SHAPES = {"planted": (512, 8, 1024, 400, 1e-3), "toy_early": (512, 8, 1024, 300, 1e-3),
-          "toy_final": (512, 8, 1024, 300, 1e-3), "paper_scaled": (4096, 32, 512, 120, 5e-4)}
-EVAL_TOKENS = 4096
-
-
+          "toy_final": (512, 8, 1024, 300, 1e-3), "paper_scaled": (4096, 32, 512, 120, 5e-4),
+          "toy_mid": (512, 8, 1024, 300, 1e-3), "planted_wide": (1024, 16, 1024, 300, 1e-3)}
 def planted(seed: int, n: int, d: int, p: int, active: int, noise: float = 0.01):
   """n tokens, each a sum of ``active`` of ``p`` random unit directions (magnitudes 0.5-2)."""
   rng = np.random.default_rng(seed)
@@ -99,21 +105,25 @@ def dataset(name: str, workdir: Path) -> Path:
   """The dataset's .npz (train, eval, planted?), built once into workdir."""
   d_sae, k, batch, steps, lr = SHAPES[name]
   steps = max(1, int(steps * FLAGS.scale))
-  path = workdir / f"{name}_{steps}.npz"
+  ev = FLAGS.eval_tokens
+  path = workdir / (f"{name}_{steps}.npz" if ev == 4096 else f"{name}_{steps}_eval{ev}.npz")
   if path.exists():
     return path
-  n = steps * batch + EVAL_TOKENS
+  n = steps * batch + ev
   if name == "planted":
     x, dirs = planted(0, n, 64, 256, 4)
   elif name == "paper_scaled":
     x, dirs = planted(1, n, 256, 1024, 16)
+  elif name == "planted_wide":
+    x, dirs = planted(2, n, 128, 512, 8)
   else:
     toy = toy_model(workdir)
     revs = sorted(int(p.name[4:]) for p in toy.glob("step*"))
-    rev = "step30" if name == "toy_early" else f"step{revs[-1]}"
+    mid = max(r for r in revs if r <= revs[-1] // 4)  # step100 of the tiny model's 400
+    rev = {"toy_early": "step30", "toy_mid": f"step{mid}"}.get(name, f"step{revs[-1]}")
     x, dirs = toy_rows(toy, rev, n), None
   extra = {} if dirs is None else {"planted": dirs}
-  np.savez(path, train=x[EVAL_TOKENS:], eval=x[:EVAL_TOKENS], **extra)
+  np.savez(path, train=x[ev:], eval=x[:ev], **extra)
   return path
 
 
@@ -195,7 +205,7 @@ def summarise(records: list[dict], emit) -> list[dict]:
   out = []
   for (ds, sched, system), rs in sorted(finals.items()):
     rec = {"summary": True, "dataset": ds, "schedule": sched, "system": system, "seeds": len(rs)}
-    for m in ("fvu", "dead_fraction", "recovered", "l0"):
+    for m in ("fvu", "dead_fraction", "dead_fraction_4096", "recovered", "l0"):
       vals = [r[m] for r in rs if m in r]
       if vals:
         rec[m] = round(float(np.mean(vals)), 4)
@@ -206,13 +216,14 @@ def summarise(records: list[dict], emit) -> list[dict]:
 
 
 def plot(records: list[dict], path: Path) -> None:
-  """FVU (top) and dead fraction (bottom) against tokens, mean over seeds, per dataset x
-  schedule."""
+  """FVU (top), dead fraction on all held-out tokens and on the first 4,096 against tokens,
+  mean over seeds, per dataset x schedule."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   cols = [(d, s) for d in FLAGS.datasets for s in FLAGS.schedules]
-  fig, axes = plt.subplots(2, len(cols), figsize=(3.2 * len(cols), 5.5), squeeze=False)
+  rows = ("fvu", "dead_fraction", "dead_fraction_4096")
+  fig, axes = plt.subplots(len(rows), len(cols), figsize=(3.2 * len(cols), 7.5), squeeze=False)
   for c, (ds, sched) in enumerate(cols):
     curves: dict[str, dict[int, list]] = {}
     for r in records:
@@ -220,13 +231,15 @@ def plot(records: list[dict], path: Path) -> None:
         curves.setdefault(r["system"], {}).setdefault(r["tokens"], []).append(r)
     for system, pts in sorted(curves.items()):
       t = sorted(pts)
-      for row, m in enumerate(("fvu", "dead_fraction")):
-        axes[row, c].plot(t, [np.mean([r[m] for r in pts[x]]) for x in t], label=system)
+      for row, m in enumerate(rows):
+        axes[row, c].plot(t, [np.mean([r.get(m, np.nan) for r in pts[x]]) for x in t],
+                          label=system)
     axes[0, c].set_title(f"{ds} / warm-up {sched}", fontsize=8)
     axes[0, c].set_yscale("log")
-    axes[1, c].set_xlabel("tokens", fontsize=8)
+    axes[-1, c].set_xlabel("tokens", fontsize=8)
   axes[0, 0].set_ylabel("held-out FVU")
-  axes[1, 0].set_ylabel("dead fraction")
+  axes[1, 0].set_ylabel("dead (all held-out)")
+  axes[2, 0].set_ylabel("dead (first 4,096)")
   axes[0, 0].legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=90)

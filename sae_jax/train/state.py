@@ -107,12 +107,26 @@ def state_shardings(sae_cfg: SAEConfig, tcfg: TrainConfig, mesh: Mesh) -> TrainS
 
 # Encoder inits that start from the linear draw and scale W_enc to fit the first batch (TopK).
 FITTED_INITS = ("linear_fit", "data")
+# "data" scales W_enc by c ** DATA_FIT_POWER, c the first batch's fitted scale: the whole fit
+# (power 1) removes the k-fold overshoot of aligned latents on correlated tokens, but an
+# encoder that starts small against Adam's fixed step size loses latents from the top-k early
+# (dead for good); three quarters of the way from the draw to the fit (in log scale) kept
+# fewer dead latents than sparsify on every benchmark dataset (quality_note.md, round 9).
+DATA_FIT_POWER = 0.75
+
+
+def resolve_encoder_init(encoder_init: str, architecture: str) -> str:
+  """``auto`` -> ``data`` for TopK SAEs (it learns fastest: quality_note.md), else ``linear``."""
+  if encoder_init != "auto":
+    return encoder_init
+  return "data" if architecture == "topk" else "linear"
 
 
 def _init_state(sae_cfg, tcfg, first_batch, key, init_params=None) -> TrainState:
   arch = registry.get(sae_cfg.architecture)
-  fit = tcfg.encoder_init in FITTED_INITS
-  params = arch.init_params(key, sae_cfg, "linear" if fit else tcfg.encoder_init)
+  init = resolve_encoder_init(tcfg.encoder_init, sae_cfg.architecture)
+  fit = init in FITTED_INITS
+  params = arch.init_params(key, sae_cfg, "linear" if fit else init)
   warm = init_params is not None
   if warm:  # warm start: another SAE's parameters (same shapes), fresh optimizer and counters
     params = {k: jnp.asarray(init_params[k], v.dtype) for k, v in params.items()}
@@ -124,10 +138,11 @@ def _init_state(sae_cfg, tcfg, first_batch, key, init_params=None) -> TrainState
       x, _ = normalize_inputs(first_batch, sae_cfg.normalize, buffers["norm_scale"])
       b_dec = geometric_median(x, tcfg.geometric_median_iters)
       params["b_dec"] = b_dec.astype(params["b_dec"].dtype)
-      if tcfg.encoder_init == "data":
+      if init == "data":
         params = data_directions(params, x, jax.random.fold_in(key, 1), arch.decoder_row_norm())
       if fit:  # "data" too: on correlated tokens the k aligned latents overshoot ~k-fold
         c = fitted_encoder_scale(arch, params, buffers, x, sae_cfg)
+        c = c ** DATA_FIT_POWER if init == "data" else c
         params["W_enc"] = (params["W_enc"].astype(jnp.float32) * c).astype(params["W_enc"].dtype)
   opt_state = make_optimizer(sae_cfg, tcfg).init(params)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
