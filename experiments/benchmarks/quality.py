@@ -54,6 +54,7 @@ flags.DEFINE_integer("dead_tokens", None,
                      "AuxK's dead window in tokens, for every system (default: TrainConfig's, 10M, "
                      "which these short runs never reach)")
 flags.DEFINE_integer("points", 8, "evaluations per run (plus the final one)")
+flags.DEFINE_string("replot", None, "only redraw the PNG (and the summary) from this JSONL")
 flags.DEFINE_integer("eval_tokens", 65536,
                      "held-out tokens (FVU, and dead = firing on none of them; the first 4,096 "
                      "give dead_fraction_4096, the window of rounds 6-8)")
@@ -216,33 +217,37 @@ def summarise(records: list[dict], emit) -> list[dict]:
 
 
 def plot(records: list[dict], path: Path) -> None:
-  """FVU (top), dead fraction on all held-out tokens and on the first 4,096 against tokens,
-  mean over seeds, per dataset x schedule."""
+  """One row per dataset; per schedule, held-out FVU (log), dead fraction on all held-out
+  tokens and on the first 4,096, against tokens (mean over seeds, one line per system)."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  cols = [(d, s) for d in FLAGS.datasets for s in FLAGS.schedules]
-  rows = ("fvu", "dead_fraction", "dead_fraction_4096")
-  fig, axes = plt.subplots(len(rows), len(cols), figsize=(3.2 * len(cols), 7.5), squeeze=False)
-  for c, (ds, sched) in enumerate(cols):
-    curves: dict[str, dict[int, list]] = {}
-    for r in records:
-      if r.get("dataset") == ds and r.get("schedule") == sched and "tokens" in r:
-        curves.setdefault(r["system"], {}).setdefault(r["tokens"], []).append(r)
-    for system, pts in sorted(curves.items()):
-      t = sorted(pts)
-      for row, m in enumerate(rows):
-        axes[row, c].plot(t, [np.mean([r.get(m, np.nan) for r in pts[x]]) for x in t],
-                          label=system)
-    axes[0, c].set_title(f"{ds} / warm-up {sched}", fontsize=8)
-    axes[0, c].set_yscale("log")
-    axes[-1, c].set_xlabel("tokens", fontsize=8)
-  axes[0, 0].set_ylabel("held-out FVU")
-  axes[1, 0].set_ylabel("dead (all held-out)")
-  axes[2, 0].set_ylabel("dead (first 4,096)")
+  metrics = (("fvu", "held-out FVU"), ("dead_fraction", "dead (all held-out)"),
+             ("dead_fraction_4096", "dead (first 4,096)"))
+  datasets = [d for d in FLAGS.datasets if any(r.get("dataset") == d for r in records)]
+  cols = [(s, m) for s in FLAGS.schedules for m in metrics]
+  fig, axes = plt.subplots(len(datasets), len(cols), figsize=(2.6 * len(cols),
+                           2.0 * len(datasets)), squeeze=False)
+  for row, ds in enumerate(datasets):
+    for c, (sched, (m, label)) in enumerate(cols):
+      ax = axes[row, c]
+      curves: dict[str, dict[int, list]] = {}
+      for r in records:
+        if r.get("dataset") == ds and r.get("schedule") == sched and "tokens" in r:
+          curves.setdefault(r["system"], {}).setdefault(r["tokens"], []).append(r)
+      for system, pts in sorted(curves.items()):
+        t = sorted(pts)
+        ax.plot([x / 1e3 for x in t], [np.mean([r.get(m, np.nan) for r in pts[x]]) for x in t],
+                label=system)
+      if m == "fvu":
+        ax.set_yscale("log")
+      ax.set_title(f"{ds}, warm-up {sched}: {label}", fontsize=7)
+      ax.tick_params(labelsize=6)
+  for c in range(len(cols)):
+    axes[-1, c].set_xlabel("thousand tokens", fontsize=7)
   axes[0, 0].legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(path, dpi=90)
+  fig.savefig(path, dpi=80)
 
 
 def main(argv):
@@ -250,6 +255,11 @@ def main(argv):
   sys.path.insert(0, str(Path(__file__).parent))
   workdir = Path(FLAGS.workdir)
   workdir.mkdir(parents=True, exist_ok=True)
+  if FLAGS.replot:
+    records = [json.loads(line) for line in open(FLAGS.replot) if line.startswith("{")]
+    summarise([r for r in records if not r.get("summary")], lambda rec: print(json.dumps(rec)))
+    plot(records, workdir / "quality.png")
+    return
   records: list[dict] = []
   log = open(workdir / "quality.jsonl", "w")
 
