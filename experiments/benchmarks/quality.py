@@ -54,6 +54,7 @@ flags.DEFINE_integer("dead_tokens", None,
                      "AuxK's dead window in tokens, for every system (default: TrainConfig's, 10M, "
                      "which these short runs never reach)")
 flags.DEFINE_integer("points", 8, "evaluations per run (plus the final one)")
+flags.DEFINE_bool("ours", True, "train ours too (--noours: the peers only, e.g. SAELens later)")
 flags.DEFINE_string("replot", None, "only redraw the PNG (and the summary) from this JSONL")
 flags.DEFINE_integer("eval_tokens", 65536,
                      "held-out tokens (FVU, and dead = firing on none of them; the first 4,096 "
@@ -276,7 +277,7 @@ def main(argv):
     steps = len(data["train"]) // SHAPES[name][2]
     for r in rs:
       r["eval_steps"] = eval_steps(steps)
-    for r in rs:
+    for r in rs if FLAGS.ours else []:
       train_ours({**r, "tag": {**r["tag"], "system": "ours"}}, data, emit)
     if FLAGS.peer_python:
       train_peers(path, rs, workdir, emit)
