@@ -222,20 +222,20 @@ class TrainConfig(_JsonMixin):
     auxk_coef: weight of the AuxK loss (Gao et al.: 1/32).
     dead_tokens: a latent is dead after this many tokens without firing (Gao et al.: 10M).
     geometric_median_iters: Weiszfeld iterations for the b_dec initialisation.
-    auxk_impl: how the AuxK reconstruction is computed: ``sparse`` (N * k_aux gathered rows),
-      ``dense`` (matmuls over a block of the dead latents; unsharded latents only) or ``auto``
-      (dense on GPU/TPU when k_aux is at least 1/64 of that block; sparse on the CPU, where
-      both measured alike at the default shape, and whenever the latents are sharded).
+    auxk_impl: the AuxK reconstruction: ``sparse`` (N * k_aux gathered rows), ``dense`` (matmuls
+      over a block of the dead latents; unsharded latents only) or ``auto`` (dense on GPU/TPU
+      when k_aux is at least 1/64 of that block; else, and whenever latents are sharded, sparse).
     encoder_init: ``auto`` (the default: ``data`` on TopK, else ``linear``), ``data`` (TopK:
       min(n, d_sae) latents along first-batch tokens less b_dec, W_enc scaled toward the first
       batch's fit), ``linear`` (the paper's and sparsify's: W_enc a default linear layer, decoder
       a unit copy), ``linear_fit`` (TopK), ``tied``; experiments/benchmarks/quality_note.md.
-    kernels: how the sparse parts of the TopK step run: ``xla`` (gathers, scatter-adds),
-      ``pallas`` (Triton on GPU, Mosaic on TPU, interpreted elsewhere) or ``auto`` (the default:
-      pallas on a GPU, where it measured faster on an H200, else xla). Same results up to
-      float32 summation order, so a restart may change it.
+    kernels: the TopK step's sparse parts: ``xla`` (gathers, scatter-adds), ``pallas`` (Triton on
+      GPU, Mosaic on TPU, interpreted elsewhere) or ``auto`` (the default: pallas on a GPU, where
+      it measured faster on an H200, else xla). Same results up to float32 summation order.
     update_blocks: B > 1 (TopK): the update runs over B blocks of each chip's latents, so only
       one block's gradients are ever in memory (train/blockwise.py); 1: whole arrays at once.
+    lazy_updates: TopK: a latent no token selected (nor AuxK trained) keeps its parameters this
+      step, not moved further out of the top-k by Adam's momentum (quality_note.md).
     optim: Adam and the learning-rate schedule (:class:`OptimConfig`).
     run: logging, evaluation and checkpoint cadence (:class:`RunConfig`).
   """
@@ -253,11 +253,11 @@ class TrainConfig(_JsonMixin):
   encoder_init: str = "auto"
   kernels: str = "auto"
   update_blocks: int = 1
+  lazy_updates: bool = True
   optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
   run: RunConfig = dataclasses.field(default_factory=RunConfig)
 
-  # Fields that do not change what is computed (auxk_impl, kernels: only the order of float
-  # sums): a restart may change them freely.
+  # Fields a restart may change: they change no result, or only the order of float sums.
   RESTART_SAFE: ClassVar[tuple[str, ...]] = ("run", "auxk_impl", "kernels", "update_blocks")
   # Fields of the shared token stream: equal across the SAEs trained side by side on it.
   STREAM_FIELDS: ClassVar[tuple[str, ...]] = (
@@ -290,12 +290,12 @@ class TrainConfig(_JsonMixin):
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]):
-    """From JSON; a flat pre-split dict (``lr``, ``log_every``, ... at the top) still loads.
-
-    A pre-split dict records a run that used the ``tied`` encoder init (the default then)."""
+    """From JSON. A flat pre-split dict (``lr``, ... at the top) records a ``tied`` encoder init,
+    one without ``lazy_updates`` plain Adam updates (the defaults then)."""
     d = dict(d)
     if "optim" not in d and "encoder_init" not in d:
       d["encoder_init"] = "tied"
+    d.setdefault("lazy_updates", False)
     d, _ = _split_legacy_options(d)  # penalties moved to the SAE's options (see SAEConfig)
     d = _nest(d, "optim", OptimConfig)
     d = _nest(d, "run", RunConfig)

@@ -97,3 +97,21 @@ def test_default_init_learns_more_than_linear_under_the_default_warmup():
   fvu_lin, dead_lin = _fit_and_score(train, held, cfg, tcfg.replace(encoder_init="linear"))
   assert fvu <= 0.8 * fvu_lin, (fvu, fvu_lin)
   assert dead <= dead_lin, (dead, dead_lin)
+
+
+def test_lazy_updates_keep_every_latent_alive_where_plain_adam_loses_some():
+  """The default TopK step leaves a latent that no token selected where it was (lazy updates).
+  On this planted case, run to convergence (1,200 steps), plain Adam from the same init loses
+  7 of 256 latents for good (firing on none of 32,768 held-out tokens; 1 at 600 steps); the
+  case was picked after seeing that. The claim under test: none with lazy updates, at an FVU
+  within 0.002 of plain Adam's (measured: 0.0997 vs 0.0995)."""
+  x, _ = planted(0, 512 * 1200 + 32768)
+  train, held = x[32768:], x[:32768]
+  cfg = sj.SAEConfig(d_in=32, d_sae=256, k=6)
+  tcfg = sj.TrainConfig(batch_size=512, total_tokens=len(train),
+                        optim=sj.OptimConfig(lr=1e-3, warmup_steps=0))
+  fvu, dead = _fit_and_score(train, held, cfg, tcfg)
+  fvu_plain, dead_plain = _fit_and_score(train, held, cfg, tcfg.replace(lazy_updates=False))
+  assert dead_plain > 0.01, dead_plain  # the case loses latents under plain Adam
+  assert dead == 0.0, dead
+  assert fvu <= fvu_plain + 0.002, (fvu, fvu_plain)

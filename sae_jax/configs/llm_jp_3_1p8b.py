@@ -5,7 +5,7 @@
 - TopK SAE: 16 x 2048 = 32,768 latents, k = 32, bfloat16 parameters; the encoder a default
   linear layer and the decoder a unit-normalised copy (``encoder_init="linear"``); b_dec the
   geometric median of the first batch (100 Weiszfeld iterations); no dead-latent handling
-  (``aux_k=0``).
+  (``aux_k=0``); plain Adam updates (``lazy_updates=False``).
 - Adam lr 1e-3 (eps 6.25e-10), 1,000 linear warm-up steps then constant, 32,768 tokens a step.
 - Data: Japanese and English Wikipedia from two sources, 50/50 (``balance``); sequences of 64
   tokens after BOS (``ctx_len=65``, the BOS position dropped from the activations), shorter
@@ -41,6 +41,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                param_dtype="bfloat16", compute_dtype="bfloat16")
   c.train = dict(batch_size=32768, total_tokens=32768 * (4 if tiny else TRAIN_STEPS),
                  eval_tokens=32768, aux_k=0, geometric_median_iters=100, encoder_init="linear",
+                 lazy_updates=False,  # plain Adam, as the paper
                  update_blocks=1,  # --config.train.update_blocks=16: see README "Planning"
                  optim=dict(lr=1e-3, warmup_steps=1000, lr_schedule="constant",
                             adam_eps=6.25e-10),

@@ -18,7 +18,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.expansion = 16
   c.sae = dict(architecture="topk", d_in=768, d_sae=12288, k=32, normalize="expected_norm")
   c.train = dict(batch_size=4096, total_tokens=4096 * (4 if tiny else 20_000), eval_tokens=8192,
-                 encoder_init="linear",
+                 encoder_init="linear", lazy_updates=False,
                  optim=dict(lr=None, warmup_steps=1000), run=dict(log_every=100))
   c.data = dict(source="hf", path="text.jsonl", ctx_len=128, mode="pack", batch_size=32,
                 buffer_batches=32, max_docs=2000 if tiny else None)

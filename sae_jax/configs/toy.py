@@ -23,6 +23,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # latents) through it.
   c.train = dict(batch_size=1024, total_tokens=(40 if tiny else 300) * 1024, eval_tokens=2048,
                  dead_tokens=200_000 if tiny else 50_000, encoder_init="linear",
+                 lazy_updates=False,
                  optim=dict(lr=2e-3, warmup_steps=20),
                  run=dict(log_every=20, checkpoint_every=1000))
   c.data = dict(source="toy", path="toy_model", max_docs=2500 if tiny else 15000, ctx_len=48,

@@ -67,6 +67,26 @@ def _shard_body(params, buffers, tsf, x_raw, *, sae_cfg: SAEConfig, tcfg: TrainC
   return grads, fired, info.threshold, metrics
 
 
+# Latent-indexed parameters and the axis of their latents.
+LATENT_AXES = {"W_enc": 1, "b_enc": 0, "W_dec": 0}
+
+
+def lazy_latents(new: dict, old: dict, touched: jax.Array) -> dict:
+  """``new`` with the old W_enc columns, b_enc and W_dec rows of latents not ``touched`` [M].
+
+  A latent that left the top-k gets a zero gradient, yet Adam's momentum keeps moving it the way
+  that pushed it out (about ten steps of lr at b1 = 0.9): out of reach, it is dead for good. Kept
+  where it left, it can come back (quality_note.md, round 9); a selected latent moves as before.
+  """
+  out = dict(new)
+  for name, axis in LATENT_AXES.items():
+    if name in out:
+      shape = [1] * out[name].ndim
+      shape[axis] = -1
+      out[name] = jnp.where(touched.reshape(shape), new[name], old[name].astype(new[name].dtype))
+  return out
+
+
 # The fewest AuxK columns a program computes: each width is its own compiled program, and the
 # narrow ones (1, 2, 4, ... while the first latents die) cost compiles, not steps. The extra
 # columns select only latents that are not dead, whose values are zero, so results are the same.
@@ -206,6 +226,16 @@ class TrainStep:
 
   def _update(self, state: TrainState, x: jax.Array, ok, aux_columns: int, aux_capacity: int):
     """(params, opt_state, fired, threshold, metrics) after this batch (unchanged if not ok)."""
+    params, opt_state, fired, threshold, metrics = self._adam(state, x, ok, aux_columns,
+                                                              aux_capacity)
+    if self.tcfg.lazy_updates and self.arch.sparse:
+      touched = fired > 0
+      if aux_columns:  # AuxK trains the dead latents: their updates stand
+        touched = touched | (state.tokens_since_fired >= self.tcfg.dead_tokens)
+      params = lazy_latents(params, state.params, touched)
+    return params, opt_state, fired, threshold, metrics
+
+  def _adam(self, state: TrainState, x: jax.Array, ok, aux_columns: int, aux_capacity: int):
     if self.blocks > 1:
       params, opt_state, fired, metrics = self._blockwise(aux_columns)(
           state.params, state.opt_state, state.buffers, state.tokens_since_fired, x, ok)
