@@ -51,16 +51,16 @@ def local_top_k(x: jax.Array, k: int, bias: jax.Array | None = None
   the bias row by row, so x + bias is never written) when it could be built; elsewhere, or
   without it, XLA's top-k via :func:`_block_top_k`.
   """
-  bias = jnp.zeros((0,), jnp.float32) if bias is None else bias
+  plus = _adder(bias)
   if x.dtype == jnp.float32 and cpu_topk.available():
-    return lax.platform_dependent(
-        x, bias, cpu=lambda x, b: cpu_topk.ffi_top_k(x, k, b if b.size else None),
-        default=lambda x, b: _block_top_k(_plus(x, b), k))
-  return _block_top_k(_plus(x, bias), k)
+    return lax.platform_dependent(x, cpu=lambda x: cpu_topk.ffi_top_k(x, k, bias),
+                                  default=lambda x: _block_top_k(plus(x), k))
+  return _block_top_k(plus(x), k)
 
 
-def _plus(x, bias):
-  return x + bias if bias.size else x
+def _adder(bias: jax.Array | None):
+  """x -> x + bias (x itself without a bias)."""
+  return (lambda x: x) if bias is None else (lambda x: x + bias)
 
 
 def masked_top_k(x: jax.Array, mask: jax.Array, k: int, bias: jax.Array | None = None
@@ -70,15 +70,15 @@ def masked_top_k(x: jax.Array, mask: jax.Array, k: int, bias: jax.Array | None =
 
   On CPU the FFI kernel reads the mask itself (no masked [N, M] copy is written).
   """
-  bias = jnp.zeros((0,), jnp.float32) if bias is None else bias
+  plus = _adder(bias)
 
-  def xla(x, mask, b):
-    return _block_top_k(jnp.where(mask[None, :], _plus(x, b), -jnp.inf), k)
+  def xla(x, mask):
+    return _block_top_k(jnp.where(mask[None, :], plus(x), -jnp.inf), k)
 
   if x.dtype == jnp.float32 and cpu_topk.available():
     return lax.platform_dependent(
-        x, mask, bias, cpu=lambda x, m, b: cpu_topk.ffi_masked_top_k(x, m, k, b), default=xla)
-  return xla(x, mask, bias)
+        x, mask, cpu=lambda x, m: cpu_topk.ffi_masked_top_k(x, m, k, bias), default=xla)
+  return xla(x, mask)
 
 
 def _block_top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:

@@ -83,7 +83,7 @@ def lazy_latents(new: dict, old: dict, touched: jax.Array) -> dict:
     if name in out:
       shape = [1] * out[name].ndim
       shape[axis] = -1
-      out[name] = jnp.where(touched.reshape(shape), new[name], old[name].astype(new[name].dtype))
+      out[name] = jnp.where(touched.reshape(shape), new[name], old[name])
   return out
 
 
