@@ -9,6 +9,13 @@ from jax import lax
 from sae_jax.kernels import cpu_topk
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _registered():
+  # available() registers the FFI targets the tests below call directly: on an xdist worker
+  # that did not run test_builds_on_this_machine first they were missing (NOT_FOUND).
+  cpu_topk.available()
+
+
 def test_builds_on_this_machine():
   # CI and developer machines have a C++ compiler: the fast path must be the one tested.
   assert cpu_topk.available()
