@@ -20,9 +20,9 @@ import gzip
 import json
 import os
 import tempfile
-import time
 
 from absl import app, flags
+from timing import call_seconds, dead_marker
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("d_in", 512, "activation width D")
@@ -71,21 +71,13 @@ def main(argv):
   mesh = sj.make_mesh(devices=jax.devices()[:1])
   box = [init_train_state(cfg, tcfg, mesh, x)]
   step = make_train_step(cfg, tcfg, mesh)
-  dead = jnp.arange(m) < int(m * FLAGS.dead_fraction)
-  mark = jax.jit(lambda s: s.replace(tokens_since_fired=jnp.where(
-      dead, tcfg.dead_tokens, s.tokens_since_fired)))
+  mark = dead_marker(m, FLAGS.dead_fraction, tcfg.dead_tokens)
 
   def run():
-    s = mark(box[0]) if FLAGS.dead_fraction else box[0]
-    box[0], metrics = step(s, x)
-    jax.block_until_ready(metrics["loss"])
+    box[0], metrics = step(mark(box[0]) if FLAGS.dead_fraction else box[0], x)
+    return metrics["loss"]
 
-  for _ in range(3):
-    run()
-  t = time.perf_counter()
-  for _ in range(FLAGS.steps):
-    run()
-  step_ms = (time.perf_counter() - t) / FLAGS.steps * 1e3
+  step_ms = sum(call_seconds(run, FLAGS.steps)) / FLAGS.steps * 1e3
   dev = jax.devices()[0]
   common = {"tag": FLAGS.tag, "d": d, "m": m, "k": FLAGS.k, "n": n, "kernels": FLAGS.kernels,
             "compute_dtype": FLAGS.compute_dtype, "dead_fraction": FLAGS.dead_fraction,

@@ -13,8 +13,8 @@ directions recovered (a decoder row within cos 0.9) where they are known. Datase
                 on planted data (1024 directions, 16 active)
 
 and two held out from the choice of ``DATA_FIT_POWER`` (the default TopK init's encoder scale,
-chosen on the four above): ``toy_mid`` (the toy model's checkpoint at a quarter of its training) and ``planted_wide``
-(d_in 128, 512 directions, 8 active, 1024 latents, k 16).
+chosen on the four above): ``toy_mid`` (the toy model's checkpoint at a quarter of its
+training) and ``planted_wide`` (d_in 128, 512 directions, 8 active, 1024 latents, k 16).
 
 Prints JSON lines (also written to ``--workdir/quality.jsonl``), a summary line per dataset x
 schedule x system, and draws ``--workdir/quality.png``. The peers run in their own venv
@@ -64,6 +64,8 @@ flags.DEFINE_integer("eval_tokens", 65536,
 SHAPES = {"planted": (512, 8, 1024, 400, 1e-3), "toy_early": (512, 8, 1024, 300, 1e-3),
           "toy_final": (512, 8, 1024, 300, 1e-3), "paper_scaled": (4096, 32, 512, 120, 5e-4),
           "toy_mid": (512, 8, 1024, 300, 1e-3), "planted_wide": (1024, 16, 1024, 300, 1e-3)}
+
+
 def planted(seed: int, n: int, d: int, p: int, active: int, noise: float = 0.01):
   """n tokens, each a sum of ``active`` of ``p`` random unit directions (magnitudes 0.5-2)."""
   rng = np.random.default_rng(seed)
@@ -108,7 +110,7 @@ def dataset(name: str, workdir: Path) -> Path:
   d_sae, k, batch, steps, lr = SHAPES[name]
   steps = max(1, int(steps * FLAGS.scale))
   ev = FLAGS.eval_tokens
-  path = workdir / (f"{name}_{steps}.npz" if ev == 4096 else f"{name}_{steps}_eval{ev}.npz")
+  path = workdir / f"{name}_{steps}_eval{ev}.npz"
   if path.exists():
     return path
   n = steps * batch + ev
@@ -229,14 +231,15 @@ def plot(records: list[dict], path: Path) -> None:
   cols = [(s, m) for s in FLAGS.schedules for m in metrics]
   fig, axes = plt.subplots(len(datasets), len(cols), figsize=(2.6 * len(cols),
                            2.0 * len(datasets)), squeeze=False)
+  curves: dict[tuple, dict[str, dict[int, list]]] = {}  # (dataset, schedule) -> system -> tokens
+  for r in records:
+    if "tokens" in r:
+      curves.setdefault((r["dataset"], r["schedule"]), {}).setdefault(
+          r["system"], {}).setdefault(r["tokens"], []).append(r)
   for row, ds in enumerate(datasets):
     for c, (sched, (m, label)) in enumerate(cols):
       ax = axes[row, c]
-      curves: dict[str, dict[int, list]] = {}
-      for r in records:
-        if r.get("dataset") == ds and r.get("schedule") == sched and "tokens" in r:
-          curves.setdefault(r["system"], {}).setdefault(r["tokens"], []).append(r)
-      for system, pts in sorted(curves.items()):
+      for system, pts in sorted(curves.get((ds, sched), {}).items()):
         t = sorted(pts)
         ax.plot([x / 1e3 for x in t], [np.mean([r.get(m, np.nan) for r in pts[x]]) for x in t],
                 label=system)

@@ -19,7 +19,7 @@ import os
 import subprocess
 
 from absl import app, flags
-from timing import call_seconds, lower_quartile, lower_quartile_seconds
+from timing import call_seconds, dead_marker, lower_quartile, lower_quartile_seconds
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("d_in", 512, "activation width D")
@@ -99,11 +99,7 @@ def bench_shape(d: int, m: int, k: int, n: int, archs, dead_fraction: float, ste
       step = make_train_step(cfg, tcfg, mesh)
       box = [state]
       if dead:
-        # As the peer harness does, keep the same latents dead on every step (in a real run
-        # they would fire again and AuxK would switch off).
-        dead_mask = jnp.arange(m) < int(m * dead)
-        mark = jax.jit(lambda s: s.replace(tokens_since_fired=jnp.where(
-            dead_mask, tcfg.dead_tokens, s.tokens_since_fired)), donate_argnums=0)
+        mark = dead_marker(m, dead, tcfg.dead_tokens)
 
         def run():
           box[0], metrics = step(mark(box[0]), x)
@@ -119,8 +115,7 @@ def bench_shape(d: int, m: int, k: int, n: int, archs, dead_fraction: float, ste
       # Against the peers, the statistic their harness reports: the mean over the timed steps.
       results[name] = n / t_mean
       # The plan of a marked state (after a step, random-init "dead" latents have fired).
-      plan = step.aux_plan(box[0].replace(tokens_since_fired=jnp.where(
-          dead_mask, tcfg.dead_tokens, box[0].tokens_since_fired))) if dead else (0, 0)
+      plan = step.aux_plan(mark(box[0])) if dead else (0, 0)
       _emit({"name": name, **common, "kernels": kn, "dead_fraction": dead,
              "aux_columns": plan[0], "dense_auxk_capacity": plan[1], "step_s": round(t, 5),
              "step_mean_s": round(t_mean, 5), "tokens_per_s": round(n / t, 1),

@@ -1,4 +1,5 @@
-"""Timing shared by the benchmark scripts (imported as a sibling: scripts run from this folder)."""
+"""Timing and step set-up shared by the benchmark scripts (imported as a sibling: scripts run
+from this folder)."""
 
 import time
 
@@ -24,3 +25,14 @@ def lower_quartile(times: list[float]) -> float:
 def lower_quartile_seconds(fn, steps: int) -> float:
   """Lower-quartile seconds per call of ``fn``."""
   return lower_quartile(call_seconds(fn, steps))
+
+
+def dead_marker(m: int, fraction: float, dead_tokens: int):
+  """A jitted state -> state that keeps the first ``fraction`` of ``m`` latents dead (their
+  tokens_since_fired at ``dead_tokens``), as the peer harness keeps the same latents dead on
+  every step; in a real run they would fire again and AuxK would switch off. Donates the state."""
+  import jax
+  import jax.numpy as jnp
+  dead = jnp.arange(m) < int(m * fraction)
+  return jax.jit(lambda s: s.replace(tokens_since_fired=jnp.where(
+      dead, dead_tokens, s.tokens_since_fired)), donate_argnums=0)
